@@ -1,0 +1,43 @@
+"""Preallocated KV cache with O(1) rollback.
+
+One tensor per layer for keys and one for values, `[n_kv_heads, max_len, head_dim]`, indexed by
+absolute position. `length` counts the positions whose entries are valid; rollback only moves that
+integer, so entries at positions >= length are garbage by contract and are overwritten by the next
+forward pass that covers them. Nothing is allocated while decoding.
+"""
+from __future__ import annotations
+
+import torch
+
+from selfspec.errors import ContextOverflowError
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layers, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def check_room(self, start: int, n_tokens: int) -> None:
+        if start < 0 or start > self.length:
+            raise ValueError(f"cannot write at position {start}: the cache holds {self.length} positions")
+        if start + n_tokens > self.max_len:
+            raise ContextOverflowError(
+                f"{start + n_tokens} positions do not fit the KV cache of {self.max_len} (--ctx-size)"
+            )
+
+    def rollback(self, length: int) -> None:
+        """Forget every position >= `length`. O(1): no memory is touched."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: the cache holds {self.length} positions")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

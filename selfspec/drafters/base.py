@@ -1,0 +1,79 @@
+"""The one protocol every drafter follows (DESIGN.md, "Core interfaces")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+from selfspec.sampling import SamplingParams, greedy_tokens, presence_mask, probs_from_logits, sample
+
+if TYPE_CHECKING:
+    from selfspec.cache import KVCache
+    from selfspec.models.loading import Model
+
+EMPTY = torch.empty(0, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: torch.Tensor  # [k] proposed token ids
+    q_draft: torch.Tensor | None = None  # [k, vocab] draft probabilities; None = deterministic drafter
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may look at. `tokens` is the whole sequence (prompt + output); its last token
+    is pending: its KV is not in `cache` yet (cache.length == len(tokens) - 1)."""
+
+    model: "Model"
+    cache: "KVCache"
+    tokens: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator
+    extras: dict = field(default_factory=dict)
+
+    def choose(self, logits: torch.Tensor, drafts: list[int]) -> tuple[int, torch.Tensor | None]:
+        """Pick the next draft token from draft logits `[1, vocab]` with the same transform the
+        target uses (repetition penalty sees the earlier drafts of this round). Returns the token and,
+        under sampling, its distribution q `[vocab]`."""
+        params = self.sampling
+        presence = None
+        if params.repetition_penalty != 1.0:
+            hist = torch.tensor(self.tokens + drafts, dtype=torch.long)
+            presence = presence_mask(hist, EMPTY, logits.shape[-1])
+        if params.greedy:
+            return int(greedy_tokens(logits, params, presence)[0]), None
+        q = probs_from_logits(logits, params, presence)  # [1, vocab]
+        return int(sample(q, self.generator)[0]), q[0]
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
+        """Up to `max_tokens` draft tokens continuing `ctx.tokens`."""
+        ...
+
+    def update(self, accepted: int, proposed: int) -> None:
+        """Learn from the verify result of the last proposal."""
+        ...
+
+    def reset(self) -> None:
+        """Forget per-sequence state before a new sequence."""
+        ...
+
+    def extra_stats(self) -> dict:
+        """Drafter-specific numbers for SpecStats (e.g. the final gamma)."""
+        ...
+
+
+def stack_draft(tokens: list[int], q_rows: list[torch.Tensor | None]) -> Draft:
+    ids = torch.tensor(tokens, dtype=torch.long)
+    if not tokens or q_rows[0] is None:
+        return Draft(ids, None)
+    return Draft(ids, torch.stack(q_rows))

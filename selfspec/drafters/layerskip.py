@@ -1,0 +1,222 @@
+"""Self-speculative drafting (Draft & Verify, Zhang et al., ACL 2024): the draft model is the target
+itself with a set of attention/MLP sub-layers bypassed, and drafting stops early when the draft
+is unsure (adaptive draft-exiting).
+
+Draft KV entries go into the target's own cache; verification recomputes every layer at those
+positions and overwrites them, so rejected drafts are dropped by the usual rollback. No second
+copy of the weights exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from selfspec.drafters.base import Draft, DraftContext, stack_draft
+from selfspec.errors import InvalidParameterError, SkipConfigError
+from selfspec.models.transformer import SkipSet
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    """The skip-config JSON of CONVENTIONS.md."""
+
+    model: str
+    n_layers: int
+    attention: tuple[int, ...] = ()
+    mlp: tuple[int, ...] = ()
+    model_sha256: str = ""
+    draft_bits: int | None = None
+    found_by: str = "hand"
+    objective: dict = field(default_factory=dict)
+    baseline_tokens_per_s: float | None = None
+    search: dict = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def skip(self) -> SkipSet:
+        return SkipSet.of(self.attention, self.mlp)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "skip config") -> "SkipConfig":
+        if not isinstance(d, dict):
+            raise SkipConfigError(f"{source} must be a JSON object")
+        for key in ("model", "n_layers", "attention", "mlp"):
+            if key not in d:
+                raise SkipConfigError(f"{source} lacks the required key {key!r}")
+        n = d["n_layers"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SkipConfigError(f"{source}: n_layers must be a positive integer, got {n!r}")
+        for key in ("attention", "mlp"):
+            ids = d[key]
+            if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+                raise SkipConfigError(f"{source}: {key} must be a list of layer ids, got {ids!r}")
+            bad = [i for i in ids if not 0 <= i < n]
+            if bad:
+                raise SkipConfigError(f"{source}: {key} layer ids {bad} are outside 0..{n - 1}")
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["attention"] = tuple(sorted(set(d["attention"])))
+        kwargs["mlp"] = tuple(sorted(set(d["mlp"])))
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SkipConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            raise SkipConfigError(f"cannot read skip config {path}: {e.strerror}") from None
+        except ValueError as e:
+            raise SkipConfigError(f"skip config {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data, source=f"skip config {path}")
+
+    def check_model(self, model) -> None:
+        """Refuse a config made for another model (layer count, or name/hash when recorded)."""
+        if self.n_layers != model.config.n_layers:
+            raise SkipConfigError(
+                f"this skip config is for {self.model!r} with {self.n_layers} layers, but "
+                f"{model.name!r} has {model.config.n_layers}; run `selfspec search --model {model.name}`"
+            )
+        names = {model.name, model.path.name}
+        if self.model not in names and not (self.model_sha256 and self.model_sha256 == _sha_of(model)):
+            raise SkipConfigError(
+                f"this skip config is for model {self.model!r}, not {model.name!r}; "
+                f"run `selfspec search --model {model.name}`"
+            )
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["attention"], d["mlp"] = list(self.attention), list(self.mlp)
+        return json.dumps(d, indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)  # atomic: never a half-written config
+
+
+def _sha_of(model) -> str:
+    from selfspec.models.registry import REGISTRY
+
+    entry = REGISTRY.get(model.name)
+    if entry is not None:
+        return entry.sha256
+    h = hashlib.sha256()
+    with open(model.path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shipped_config(alias: str) -> SkipConfig | None:
+    """The skip config shipped as package data for a registry model, if any."""
+    res = resources.files("selfspec").joinpath("data", f"skip-{alias}.json")
+    if not res.is_file():
+        return None
+    return SkipConfig.from_dict(json.loads(res.read_text()), source=f"shipped skip config for {alias}")
+
+
+@dataclass
+class AdaptiveExit:
+    """Adaptive draft-exiting of Draft & Verify (Sec. 3.3): stop drafting when the draft's top
+    probability falls below gamma, and move gamma after each round towards a target acceptance
+    rate alpha:
+        AR~ <- beta1 AR~ + (1 - beta1) AR_e
+        gamma~ <- gamma + eps if AR~ <= alpha else gamma - eps
+        gamma <- beta2 gamma + (1 - beta2) gamma~
+    Defaults follow the Draft & Verify code (gamma0 0.8 there, 0.6 in its evaluations; beta1 0.5,
+    alpha 0.9, eps 0.01, beta2 0.9). gamma and AR~ carry over between requests, as in its evaluation.
+    """
+
+    gamma: float = 0.6
+    alpha: float = 0.9
+    epsilon: float = 0.01
+    beta1: float = 0.5
+    beta2: float = 0.9
+    adaptive: bool = True
+    smoothed_ar: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "alpha", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise InvalidParameterError(f"--{name} must be in [0, 1], got {v}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise InvalidParameterError(f"--epsilon must be in [0, 1], got {self.epsilon}")
+        if self.smoothed_ar is None:
+            self.smoothed_ar = self.alpha
+
+    def update(self, accepted: int, proposed: int, hit_max: bool) -> None:
+        if not self.adaptive or proposed == 0 or hit_max:
+            return
+        ar = accepted / proposed
+        self.smoothed_ar = self.beta1 * self.smoothed_ar + (1 - self.beta1) * ar
+        step = self.epsilon if self.smoothed_ar <= self.alpha else -self.epsilon
+        self.gamma = self.beta2 * self.gamma + (1 - self.beta2) * (self.gamma + step)
+
+
+class LayerSkipDrafter:
+    name = "layer-skip"
+
+    def __init__(self, config: SkipConfig, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:
+        if max_draft < 1:
+            raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        self.config = config
+        self.skip = config.skip
+        self.max_draft = max_draft
+        self.exit = exit or AdaptiveExit()
+        self._hit_max = False
+
+    @classmethod
+    def for_model(cls, model, skip_config: str | Path | SkipConfig | None = None, **kwargs) -> "LayerSkipDrafter":
+        if isinstance(skip_config, SkipConfig):
+            config = skip_config
+        elif skip_config is not None:
+            config = SkipConfig.load(skip_config)
+        else:
+            config = shipped_config(model.name)
+            if config is None:
+                raise SkipConfigError(
+                    f"no skip config ships for {model.name!r}; find one with "
+                    f"`selfspec search --model {model.name} --out skip.json` and pass --skip-config skip.json"
+                )
+        config.check_model(model)
+        return cls(config, **kwargs)
+
+    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
+        tr = ctx.model.transformer
+        limit = min(self.max_draft, max_tokens)
+        start = len(ctx.tokens) - 1
+        last = ctx.tokens[-1]
+        tokens: list[int] = []
+        q_rows: list[torch.Tensor | None] = []
+        stopped_early = False
+        for i in range(limit):
+            logits = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip)  # [1, vocab]
+            tok, q = ctx.choose(logits, tokens)
+            tokens.append(tok)
+            q_rows.append(q)
+            last = tok
+            top = float(q.max()) if q is not None else float(torch.softmax(logits[0], -1).max())
+            if top < self.exit.gamma:
+                stopped_early = True
+                break
+        self._hit_max = not stopped_early
+        return stack_draft(tokens, q_rows)
+
+    def update(self, accepted: int, proposed: int) -> None:
+        self.exit.update(accepted, proposed, self._hit_max)
+
+    def reset(self) -> None:
+        self._hit_max = False
+
+    def extra_stats(self) -> dict:
+        return {"gamma": self.exit.gamma, "skipped_attention": len(self.skip.attention),
+                "skipped_mlp": len(self.skip.mlp)}

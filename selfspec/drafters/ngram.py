@@ -1,0 +1,48 @@
+"""Prompt lookup (n-gram) drafting: find the most recent earlier occurrence of the sequence's last
+n tokens (n from ngram_max down to ngram_min) and propose the tokens that followed it. No model
+cost; pays on input-grounded tasks (summarise, extract, edit code) where output copies the input.
+Deterministic: verified as a one-hot q."""
+from __future__ import annotations
+
+import torch
+
+from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.errors import InvalidParameterError
+
+
+def lookup(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> torch.Tensor:
+    """Continuation `[<= max_tokens]` of the latest earlier match of the longest suffix n-gram."""
+    length = tokens.shape[0]
+    for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
+        suffix = tokens[length - n:]
+        windows = tokens[: length - 1].unfold(0, n, 1)  # [length - n, n]: excludes the suffix itself
+        hits = (windows == suffix).all(dim=1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return tokens[start: start + max_tokens]
+    return EMPTY
+
+
+class NgramDrafter:
+    name = "ngram"
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1, max_draft: int = 10) -> None:
+        if ngram_min < 1 or ngram_max < ngram_min:
+            raise InvalidParameterError(
+                f"need 1 <= --ngram-min <= --ngram-max, got ngram_min={ngram_min}, ngram_max={ngram_max}")
+        if max_draft < 1:
+            raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        self.ngram_max, self.ngram_min, self.max_draft = ngram_max, ngram_min, max_draft
+
+    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
+        tokens = torch.tensor(ctx.tokens, dtype=torch.long)
+        return Draft(lookup(tokens, self.ngram_max, self.ngram_min, min(self.max_draft, max_tokens)).clone())
+
+    def update(self, accepted: int, proposed: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def extra_stats(self) -> dict:
+        return {}

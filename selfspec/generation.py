@@ -1,0 +1,318 @@
+"""The decode loop (DESIGN.md, "The data path"): prefill, then rounds of propose -> verify all drafts
+in one forward pass -> accept -> roll back the cache -> stream. Plain decoding is the same loop
+with no drafter (every round proposes nothing).
+
+`stream(...)` is an iterator of `Chunk`s; when it is exhausted its `.result` holds the whole text,
+the token ids and the `SpecStats`. `generate(...)` runs it to the end. The library never prints.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter
+from selfspec.errors import ContextOverflowError, InvalidParameterError
+from selfspec.models.loading import Model
+from selfspec.sampling import (SamplingParams, greedy_tokens, make_generator, presence_mask,
+                               probs_from_logits)
+from selfspec.verify import verify_greedy, verify_sampled
+
+
+@dataclass
+class SpecStats:
+    """Numbers of one generation; the JSON keys of CONVENTIONS.md."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    load_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    drafter: str = "none"
+    dtype: str = "fp32"
+    kernel: str = "F.linear"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode only: no load, no prefill."""
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """tau: new tokens per verify round, the bonus/correction token included."""
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extras = d.pop("extras")
+        d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate,
+                 mean_accepted_tokens=self.mean_accepted_tokens, seconds=self.decode_seconds)
+        d.update(extras)
+        return d
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop token or string) | "length"
+    stats: SpecStats
+    prompt_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "stats": self.stats.to_dict()}
+
+
+# ----------------------------------------------------------------------------------- the loop
+def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | None,
+                  sampling: SamplingParams, max_new_tokens: int, stats: SpecStats,
+                  stop_ids: set[int] | None = None) -> Iterator[list[int]]:
+    """Yield the new token ids of each round. Ends at a stop token (not yielded) or after
+    `max_new_tokens`; sets stats.extras["finish_reason"]."""
+    check_request(model, prompt_ids, max_new_tokens)
+    stop_ids = model.eos_token_ids if stop_ids is None else stop_ids
+    tr = model.transformer
+    cache = model.cache()
+    generator = make_generator(sampling.seed)
+    tokens = list(prompt_ids)
+    vocab = model.config.vocab_size
+    if drafter is not None:
+        drafter.reset()
+    ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=sampling, generator=generator)
+
+    def choose(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Greedy target tokens `[k+1]`, or the target distribution p `[k+1, vocab]`."""
+        presence = None
+        if sampling.repetition_penalty != 1.0:
+            presence = presence_mask(torch.tensor(tokens, dtype=torch.long), drafts, vocab)
+        if sampling.greedy:
+            return greedy_tokens(logits, sampling, presence), None
+        return None, probs_from_logits(logits, sampling, presence)
+
+    t0 = time.perf_counter()
+    logits = tr.forward(torch.tensor(tokens, dtype=torch.long), 0, cache, last_only=True)
+    target, p_target = choose(logits, EMPTY)
+    first = int(target[0]) if target is not None else int(verify_sampled(EMPTY, None, p_target, generator).tokens[0])
+    stats.prefill_seconds = time.perf_counter() - t0
+    stats.rounds = 1
+    t_decode = time.perf_counter()
+    produced = 0
+    new = [first]
+    try:
+        while True:
+            # Emit this round's tokens, cut at a stop token or the length limit.
+            out = []
+            for tok in new:
+                if tok in stop_ids:
+                    stats.extras["finish_reason"] = "stop"
+                    break
+                out.append(tok)
+                if produced + len(out) >= max_new_tokens:
+                    stats.extras["finish_reason"] = "length"
+                    break
+            if not out:
+                stats.rounds -= 1  # a round that only produced the stop token emitted nothing
+            produced += len(out)
+            stats.new_tokens = produced
+            stats.decode_seconds = time.perf_counter() - t_decode
+            if out:
+                yield out
+            if "finish_reason" in stats.extras:
+                return
+            tokens.extend(new)  # the last one is pending: not in the cache yet
+            start = len(tokens) - 1
+
+            room = min(max_new_tokens - produced - 1, cache.max_len - len(tokens))
+            draft = Draft(EMPTY)
+            if drafter is not None and room > 0:
+                t = time.perf_counter()
+                draft = drafter.propose(ctx, room)
+                stats.draft_seconds += time.perf_counter() - t
+                cache.rollback(start)  # a drafter may leave draft KV beyond the pending token
+            t = time.perf_counter()
+            step = torch.cat((torch.tensor(tokens[-1:], dtype=torch.long), draft.tokens))
+            logits = tr.forward(step, start, cache)  # [k+1, vocab]
+            target, p_target = choose(logits, draft.tokens)
+            if target is not None:
+                verdict = verify_greedy(draft.tokens, target)
+            else:
+                verdict = verify_sampled(draft.tokens, draft.q_draft, p_target, generator)
+            cache.rollback(start + 1 + verdict.accepted)
+            stats.verify_seconds += time.perf_counter() - t
+            stats.rounds += 1
+            stats.drafted += len(draft)
+            stats.accepted += verdict.accepted
+            if drafter is not None:
+                drafter.update(verdict.accepted, len(draft))
+            new = verdict.tokens.tolist()
+    finally:
+        stats.decode_seconds = time.perf_counter() - t_decode
+        if drafter is not None:
+            stats.extras.update(drafter.extra_stats())
+
+
+def check_request(model: Model, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidParameterError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if len(prompt_ids) == 0:
+        raise InvalidParameterError("the prompt is empty; give at least one token of text")
+    if len(prompt_ids) + max_new_tokens > model.ctx_size:
+        raise ContextOverflowError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{len(prompt_ids) + max_new_tokens} exceeds the context of {model.ctx_size} tokens; "
+            f"shorten the prompt, lower --max-new-tokens or raise --ctx-size"
+        )
+    bad = [t for t in prompt_ids if not 0 <= int(t) < model.config.vocab_size]
+    if bad:
+        raise InvalidParameterError(f"prompt token ids {bad[:5]} are outside the vocabulary of {model.config.vocab_size}")
+
+
+# ------------------------------------------------------------------------------- text + stops
+class TextStream:
+    """Incremental detokenisation that never splits a multi-byte character (a token that ends
+    inside one decodes to U+FFFD: hold it back until the next token completes it), and stop
+    strings matched across token boundaries: text that could still become a stop string is held
+    back, and nothing after a stop is released."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # all text decoded so far
+        self.sent = 0  # characters of self.text released
+        self.stopped = False
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if decoded.endswith("\ufffd"):
+            decoded = decoded[: len(decoded.rstrip("\ufffd"))]
+        if len(decoded) > len(self.text):
+            self.text = decoded
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            final = True
+        end = len(self.text)
+        if not final:
+            for s in self.stop:  # hold back a tail that may grow into a stop string
+                for n in range(min(len(s) - 1, end - self.sent), 0, -1):
+                    if s.startswith(self.text[end - n:]):
+                        end = min(end, len(self.text) - n)
+                        break
+        out = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+class Generation:
+    """Iterator over `Chunk`s of one generation; `.result` is set when it is exhausted."""
+
+    def __init__(self, model: Model, prompt_ids: list[int], drafter: Drafter | None,
+                 sampling: SamplingParams, max_new_tokens: int, stop: Sequence[str]) -> None:
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.stats = SpecStats(prompt_tokens=len(prompt_ids), load_seconds=model.load_seconds,
+                               drafter=getattr(drafter, "name", "none") if drafter else "none",
+                               dtype=model.dtype, kernel=model.kernel)
+        self.result: GenerationResult | None = None
+        check_request(model, prompt_ids, max_new_tokens)
+        self._iter = self._run(drafter, sampling, max_new_tokens, stop)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._iter
+
+    def __next__(self) -> Chunk:
+        return next(self._iter)
+
+    def _run(self, drafter, sampling, max_new_tokens, stop) -> Iterator[Chunk]:
+        text = TextStream(self.model.tokenizer, stop)
+        ids: list[int] = []
+        finish = "length"
+        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats)
+        for new in rounds:
+            ids.extend(new)
+            delta = text.push(new)
+            if text.stopped:
+                finish = "stop"
+                ids = _ids_covering(self.model.tokenizer, ids, text.text)
+                rounds.close()
+                if delta:
+                    yield Chunk(delta, new)
+                break
+            if delta or new:
+                yield Chunk(delta, new)
+        else:
+            finish = self.stats.extras.get("finish_reason", "length")
+            tail = text.finish()
+            if tail:
+                yield Chunk(tail, [])
+        self.stats.extras.pop("finish_reason", None)
+        self.stats.new_tokens = len(ids)
+        self.result = GenerationResult(text=text.text[: text.sent] if text.stopped else text.text,
+                                       token_ids=ids, finish_reason=finish, stats=self.stats,
+                                       prompt_ids=self.prompt_ids)
+
+
+def _ids_covering(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The shortest prefix of `ids` whose text reaches the stop point: nothing after a stop."""
+    for n in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text):
+            return ids[:n]
+    return ids
+
+
+def _prompt_ids(model: Model, prompt, messages, chat, system) -> list[int]:
+    if messages is not None:
+        return model.encode_messages(messages)
+    if isinstance(prompt, str):
+        return model.encode(prompt, chat=chat, system=system)
+    if prompt is None:
+        raise InvalidParameterError("give a prompt (text or token ids) or messages")
+    return [int(t) for t in prompt]
+
+
+def stream(model: Model, prompt: str | Sequence[int] | None = None, *, messages: list[dict] | None = None,
+           drafter: Drafter | None = None, sampling: SamplingParams | None = None,
+           max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None,
+           system: str | None = None) -> Generation:
+    """Stream a generation. `prompt` is text (chat template applied when the model has one and
+    chat is not False) or a list of token ids (used as is)."""
+    ids = _prompt_ids(model, prompt, messages, chat, system)
+    return Generation(model, ids, drafter, sampling or SamplingParams(), max_new_tokens, stop)
+
+
+def generate(model: Model, prompt: str | Sequence[int] | None = None, **kwargs) -> GenerationResult:
+    """Generate to the end; same arguments as `stream`."""
+    gen = stream(model, prompt, **kwargs)
+    for _ in gen:
+        pass
+    return gen.result

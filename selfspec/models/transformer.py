@@ -1,0 +1,223 @@
+"""Our decoder: one file, read top to bottom.
+
+Llama (incl. Mistral), Qwen2 and Gemma-2/3 share this code; `ModelConfig` flags switch the few
+differences (qkv bias, qk-norm, sandwich norms, soft-capping, sliding windows, dual RoPE bases).
+Batch size is 1: `tokens` is a 1-D tensor of T new tokens at positions start..start+T-1.
+
+Self-speculation: `skip` names attention and MLP sub-layers to bypass. A skipped sub-layer passes
+the residual through unchanged and does not touch its layer's KV cache (Draft & Verify, Zhang et
+al., ACL 2024). The skip set is an argument, never state of the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from selfspec.cache import KVCache
+from selfspec.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SkipSet:
+    """Sub-layers bypassed by the draft pass (0-based layer ids)."""
+
+    attention: frozenset[int] = field(default_factory=frozenset)
+    mlp: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, attention=(), mlp=()) -> "SkipSet":
+        return cls(frozenset(int(i) for i in attention), frozenset(int(i) for i in mlp))
+
+    def __len__(self) -> int:
+        return len(self.attention) + len(self.mlp)
+
+
+NO_SKIP = SkipSet()
+
+
+class Linear:
+    """y = x W^T (+ b). The one place a matmul kernel is chosen, so kernels can change per dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight  # [out, in]
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    wqkv: Linear  # q, k and v projections fused: one matmul instead of three
+    wo: Linear
+    ffn_norm: torch.Tensor
+    w_gate_up: Linear  # gate and up fused
+    w_down: Linear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+
+
+def rope_tables(theta: float, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, `[max_len, head_dim]`, in the rotate-half layout of HF checkpoints."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, hd/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, hd]; cos/sin [T, 1, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[Layer],
+                 final_norm: torch.Tensor, lm_head: Linear, max_len: int) -> None:
+        self.config = config
+        self.embed = embed  # [vocab, hidden]
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.dtype = embed.dtype
+        c = config
+        self.q_size = c.n_heads * c.head_dim
+        self.kv_size = c.n_kv_heads * c.head_dim
+        self.group = c.n_heads // c.n_kv_heads
+        self.rope_max = max_len
+        cos, sin = rope_tables(c.rope_theta, c.head_dim, max_len)
+        self.rope_global = (cos.to(self.dtype), sin.to(self.dtype))
+        if c.rope_theta_local is not None:
+            cos, sin = rope_tables(c.rope_theta_local, c.head_dim, max_len)
+            self.rope_local = (cos.to(self.dtype), sin.to(self.dtype))
+        else:
+            self.rope_local = self.rope_global
+        self.embed_scale = torch.tensor(c.embed_scale, dtype=self.dtype)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, min(max_len, self.rope_max), self.dtype)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # RMSNorm in fp32 as both reference implementations do; Gemma's "1 + w" is folded into w at load.
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.config.rms_eps).to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
+                skip: SkipSet = NO_SKIP, last_only: bool = False) -> torch.Tensor:
+        """Logits `[T, vocab]` (fp32) for the T tokens at positions start..start+T-1, or `[1, vocab]`
+        for the last one if `last_only`. Writes their KV into `cache`; `cache.length` becomes
+        start + T (positions after that, e.g. rejected drafts, are dropped)."""
+        c = self.config
+        T = tokens.shape[0]
+        cache.check_room(start, T)
+        end = start + T
+        x = F.embedding(tokens, self.embed)  # [T, hidden]
+        if c.embed_scale != 1.0:
+            x = x * self.embed_scale
+        ropes = {
+            False: tuple(t[start:end].unsqueeze(1) for t in self.rope_global),
+            True: tuple(t[start:end].unsqueeze(1) for t in self.rope_local),
+        }
+        masks: dict[int, torch.Tensor | None] = {}
+        for i, layer in enumerate(self.layers):
+            window = c.sliding_window[i]
+            if i not in skip.attention:
+                if window not in masks:
+                    masks[window] = self._mask(start, T, window)
+                h = self._attention(i, layer, self._norm(x, layer.attn_norm), start, cache,
+                                    ropes[window > 0], window, masks[window])
+                if layer.post_attn_norm is not None:
+                    h = self._norm(h, layer.post_attn_norm)
+                x = x + h
+            if i not in skip.mlp:
+                h = self._mlp(layer, self._norm(x, layer.ffn_norm))
+                if layer.post_ffn_norm is not None:
+                    h = self._norm(h, layer.post_ffn_norm)
+                x = x + h
+        cache.length = end
+        if last_only:
+            x = x[-1:]
+        logits = self.lm_head(self._norm(x, self.final_norm)).float()
+        if c.final_softcap:
+            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+        return logits
+
+    def _first_key(self, start: int, window: int) -> int:
+        # Keys older than the window can never be attended to by the queries at >= start.
+        return max(0, start - window + 1) if window else 0
+
+    def _mask(self, start: int, T: int, window: int) -> torch.Tensor | None:
+        """Additive mask `[T, L]` over keys first_key..start+T-1, or None where nothing is masked."""
+        first = self._first_key(start, window)
+        if T == 1:
+            return None  # the single query sees all keys in range: causality and window hold by slicing
+        q_pos = torch.arange(start, start + T).unsqueeze(1)
+        k_pos = torch.arange(first, start + T).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if window:
+            allowed &= (q_pos - k_pos) < window
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+
+    def _attention(self, i: int, layer: Layer, x: torch.Tensor, start: int, cache: KVCache,
+                   rope: tuple[torch.Tensor, torch.Tensor], window: int,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        T = x.shape[0]
+        end = start + T
+        qkv = layer.wqkv(x)  # [T, q + 2 kv]
+        q = qkv[:, : self.q_size].view(T, c.n_heads, c.head_dim)
+        k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, c.n_kv_heads, c.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, c.n_kv_heads, c.head_dim)
+        if layer.q_norm is not None:
+            q = self._norm(q, layer.q_norm)
+            k = self._norm(k, layer.k_norm)
+        cos, sin = rope
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        cache.k[i, :, start:end] = k.transpose(0, 1)
+        cache.v[i, :, start:end] = v.transpose(0, 1)
+        first = self._first_key(start, window)
+        keys = cache.k[i, :, first:end]  # [kv, L, hd]
+        values = cache.v[i, :, first:end]
+        # Grouped-query attention without repeating K/V: the query heads sharing one KV head
+        # become extra rows of that head's query matrix.
+        q = q.view(T, c.n_kv_heads, self.group, c.head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(c.n_kv_heads, self.group * T, c.head_dim)
+        scores = torch.matmul(q, keys.transpose(1, 2)).float() * c.query_scale  # [kv, g*T, L]
+        if c.attn_softcap:
+            scores = torch.tanh(scores / c.attn_softcap) * c.attn_softcap
+        if mask is not None:
+            scores = (scores.view(c.n_kv_heads, self.group, T, -1) + mask).view_as(scores)
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # [kv, g*T, hd]
+        out = out.view(c.n_kv_heads, self.group, T, c.head_dim).permute(2, 0, 1, 3)
+        return layer.wo(out.reshape(T, self.q_size))
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        gate_up = layer.w_gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.config.activation == "silu":
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh")
+        return layer.w_down(gate * up)
+
+    @property
+    def nbytes(self) -> int:
+        total = self.embed.nbytes + self.final_norm.nbytes
+        if self.lm_head.weight.data_ptr() != self.embed.data_ptr():
+            total += self.lm_head.nbytes
+        for layer in self.layers:
+            total += sum(getattr(layer, n).nbytes for n in ("wqkv", "wo", "w_gate_up", "w_down"))
+        return total
