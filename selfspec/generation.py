@@ -237,7 +237,8 @@ class Generation:
     """Iterator over `Chunk`s of one generation; `.result` is set when it is exhausted."""
 
     def __init__(self, model: Model, prompt_ids: list[int], drafter: Drafter | None,
-                 sampling: SamplingParams, max_new_tokens: int, stop: Sequence[str]) -> None:
+                 sampling: SamplingParams, max_new_tokens: int, stop: Sequence[str],
+                 ignore_eos: bool = False) -> None:
         self.model = model
         self.prompt_ids = prompt_ids
         self.stats = SpecStats(prompt_tokens=len(prompt_ids), load_seconds=model.load_seconds,
@@ -245,7 +246,7 @@ class Generation:
                                dtype=model.dtype, kernel=model.kernel)
         self.result: GenerationResult | None = None
         check_request(model, prompt_ids, max_new_tokens)
-        self._iter = self._run(drafter, sampling, max_new_tokens, stop)
+        self._iter = self._run(drafter, sampling, max_new_tokens, stop, set() if ignore_eos else None)
 
     def __iter__(self) -> Iterator[Chunk]:
         return self._iter
@@ -253,11 +254,11 @@ class Generation:
     def __next__(self) -> Chunk:
         return next(self._iter)
 
-    def _run(self, drafter, sampling, max_new_tokens, stop) -> Iterator[Chunk]:
+    def _run(self, drafter, sampling, max_new_tokens, stop, stop_ids) -> Iterator[Chunk]:
         text = TextStream(self.model.tokenizer, stop)
         ids: list[int] = []
         finish = "length"
-        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats)
+        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats, stop_ids)
         for new in rounds:
             ids.extend(new)
             delta = text.push(new)
@@ -303,11 +304,12 @@ def _prompt_ids(model: Model, prompt, messages, chat, system) -> list[int]:
 def stream(model: Model, prompt: str | Sequence[int] | None = None, *, messages: list[dict] | None = None,
            drafter: Drafter | None = None, sampling: SamplingParams | None = None,
            max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None,
-           system: str | None = None) -> Generation:
+           system: str | None = None, ignore_eos: bool = False) -> Generation:
     """Stream a generation. `prompt` is text (chat template applied when the model has one and
-    chat is not False) or a list of token ids (used as is)."""
+    chat is not False) or a list of token ids (used as is). `ignore_eos` decodes past end-of-text
+    tokens (benchmarks of a fixed length)."""
     ids = _prompt_ids(model, prompt, messages, chat, system)
-    return Generation(model, ids, drafter, sampling or SamplingParams(), max_new_tokens, stop)
+    return Generation(model, ids, drafter, sampling or SamplingParams(), max_new_tokens, stop, ignore_eos)
 
 
 def generate(model: Model, prompt: str | Sequence[int] | None = None, **kwargs) -> GenerationResult:

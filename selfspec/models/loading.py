@@ -143,14 +143,18 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
         bqkv = torch.cat(biases) if c.qkv_bias else None
         gate, up = get(p + "w_gate"), get(p + "w_up")
         _check_shape(p + "w_gate", gate, (c.intermediate, c.hidden))
+        b_gate, b_up = get(p + "b_gate", required=False), get(p + "b_up", required=False)
+        if (b_gate is None) != (b_up is None):
+            raise ModelLoadError(f"layer {i} has a bias on only one of the gate and up projections")
+        b_gate_up = None if b_gate is None else torch.cat((b_gate, b_up))
         norms = {n: cast(get(p + n, required=False)) for n in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")}
         layers.append(Layer(
             attn_norm=get(p + "attn_norm").float(),
             wqkv=Linear(cast(torch.cat((wq, wk, wv))), cast(bqkv)),
-            wo=Linear(cast(get(p + "wo"))),
+            wo=Linear(cast(get(p + "wo")), cast(get(p + "bo", required=False))),
             ffn_norm=get(p + "ffn_norm").float(),
-            w_gate_up=Linear(cast(torch.cat((gate, up)))),
-            w_down=Linear(cast(get(p + "w_down"))),
+            w_gate_up=Linear(cast(torch.cat((gate, up))), cast(b_gate_up)),
+            w_down=Linear(cast(get(p + "w_down")), cast(get(p + "b_down", required=False))),
             q_norm=None if norms["q_norm"] is None else norms["q_norm"].float(),
             k_norm=None if norms["k_norm"] is None else norms["k_norm"].float(),
             post_attn_norm=None if norms["post_attn_norm"] is None else norms["post_attn_norm"].float(),
@@ -174,6 +178,13 @@ _GGUF_NAMES = {
     "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down",
     "post_ffw_norm": "post_ffn_norm",
 }
+
+
+# Bias of each linear weight. Qwen2 biases q/k/v; Llama checkpoints with attention_bias or
+# mlp_bias bias the output projection and the MLP too.
+_BIAS_NAMES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo", "w_gate": "b_gate", "w_up": "b_up",
+               "w_down": "b_down", "attn_norm": None, "ffn_norm": None, "q_norm": None, "k_norm": None,
+               "post_attn_norm": None, "post_ffn_norm": None}
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:
@@ -203,7 +214,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:
             if internal is None:
                 continue
             if kind == "bias":
-                internal = {"wq": "bq", "wk": "bk", "wv": "bv"}.get(internal)
+                internal = _BIAS_NAMES.get(internal)
                 if internal is None:
                     continue
             name = f"L{parts[1]}.{internal}"
@@ -225,7 +236,7 @@ def _gguf_loader(t, name: str, config: ModelConfig) -> Callable[[], torch.Tensor
         except Exception as e:
             raise ModelLoadError(f"cannot dequantise tensor {t.name} ({t.tensor_type.name}): {e}") from None
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(shape)  # own, writable memory
         if config.arch == "llama" and name.split(".")[-1] in ("wq", "wk", "bq", "bk"):
             # llama.cpp's converter permutes Q/K rows for interleaved RoPE; undo it to use the
             # rotate-half layout of HF checkpoints.
@@ -315,7 +326,7 @@ def _hf_internal_name(key: str, names: dict[str, str]) -> str | None:
         if internal is None:
             return None
         if kind == "bias":
-            internal = {"wq": "bq", "wk": "bk", "wv": "bv"}.get(internal)
+            internal = _BIAS_NAMES.get(internal)
             if internal is None:
                 return None
         return f"L{idx}.{internal}"

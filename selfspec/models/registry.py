@@ -33,6 +33,8 @@ class RegistryEntry:
     parts: tuple[tuple[str, str], ...]
     install_hint: str
     chat: bool
+    # The fastest lossless --draft method our benchmark recorded for this model (docs/benchmarks.md).
+    best_draft: str = "none"
 
     def part_paths(self) -> list[Path] | None:
         paths = []

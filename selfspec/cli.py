@@ -1,0 +1,224 @@
+"""`selfspec` command line. User mistakes print one line, `error: ...`, and exit 2; never a traceback.
+With --json, exactly one JSON object is printed on one line, the last line of stdout; streamed
+text, progress and logs then go to stderr."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from selfspec.errors import SelfspecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Lossless speculative decoding for local LLMs on CPU.")
+
+DRAFTS = ("none", "layer-skip", "ngram", "model")
+
+# Options shared by every command that generates (CONVENTIONS.md: same flags everywhere).
+Model_ = Annotated[str, typer.Option("--model", "-m", help="Registry alias (see `selfspec models`), .gguf file or HF folder.")]
+Temperature = Annotated[float, typer.Option(help="0 = greedy.")]
+TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 = off.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling, 0 < p <= 1.")]
+MinP = Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability; 0 = off.")]
+RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 0; 1 = off.")]
+Seed = Annotated[Optional[int], typer.Option(
+    help="Makes a run reproducible for a given drafter. Under sampling, different drafters may give "
+         "different (equally distributed) text for the same seed.")]
+Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16 (auto: bf16 only where the CPU has native bf16).")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's choice).")]
+CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", help="KV cache length (default min(model context, 4096)).")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """List the embedded models."""
+    from selfspec.models.registry import REGISTRY
+
+    rows = []
+    for e in REGISTRY.values():
+        parts = e.part_paths()
+        path = str(parts[0]) if parts and len(parts) == 1 else (f"{len(parts)} parts, assembled on first use" if parts else "-")
+        rows.append({"alias": e.alias, "arch": e.arch, "layers": e.n_layers, "params": e.params,
+                     "installed": parts is not None, "path": path,
+                     "install": None if parts else e.install_hint})
+    if as_json:
+        typer.echo(json.dumps({"models": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("alias", "arch", "layers", "params", "installed", "file")
+    for r in rows:
+        table.add_row(r["alias"], r["arch"], str(r["layers"]), r["params"], "yes" if r["installed"] else "no",
+                      r["path"] if r["installed"] else f"install: {r['install']}")
+    Console().print(table)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        _fail("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text()
+        except OSError as e:
+            _fail(f"cannot read --prompt-file {prompt_file}: {e.strerror}")
+    if prompt is not None:
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        _fail("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    return sys.stdin.read()
+
+
+def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
+                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=1,
+                  draft_model=None, dtype="auto", threads=None):
+    """The drafter that `--draft` names, or None for plain decoding."""
+    if draft == "none":
+        return None
+    if draft == "layer-skip":
+        from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
+
+        exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
+                             beta1=beta1, beta2=beta2, adaptive=adaptive)
+        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_,
+                                          **({} if max_draft is None else {"max_draft": max_draft}))
+    if draft == "ngram":
+        from selfspec.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min,
+                            **({} if max_draft is None else {"max_draft": max_draft}))
+    if draft == "model":
+        from selfspec.drafters.draft_model import DraftModelDrafter
+        from selfspec.models.loading import load_model
+
+        if not draft_model:
+            raise SelfspecError("--draft model needs --draft-model ALIAS_OR_PATH (a model with the same tokenizer)")
+        small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
+        return DraftModelDrafter(small, target=model, **({} if max_draft is None else {"max_draft": max_draft}))
+    raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+
+
+def default_draft(model_spec: str) -> str:
+    """The fastest lossless method that our benchmark recorded for a registry model, else none."""
+    from selfspec.models.registry import REGISTRY
+
+    entry = REGISTRY.get(model_spec)
+    return entry.best_draft if entry is not None else "none"
+
+
+@app.command()
+def generate(
+    model: Model_ = "smollm2-135m",
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (else --prompt-file or stdin).")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from a file.")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the model's chat template (default: when it has one).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeat for several.")] = None,
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    ctx_size: CtxSize = None,
+    draft: Annotated[Optional[str], typer.Option(help="none|layer-skip|ngram|model (default: the best recorded for the model).")] = None,
+    skip_config: Annotated[Optional[Path], typer.Option(help="Skip-config JSON for --draft layer-skip (default: the shipped one).")] = None,
+    max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="Initial draft-exit threshold (layer-skip).")] = None,
+    alpha: Annotated[float, typer.Option(help="Target acceptance rate of the adaptive exit.")] = 0.9,
+    epsilon: Annotated[float, typer.Option(help="Step of the adaptive exit.")] = 0.01,
+    beta1: Annotated[float, typer.Option(help="Smoothing of the acceptance rate.")] = 0.5,
+    beta2: Annotated[float, typer.Option(help="Smoothing of gamma.")] = 0.9,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--no-adaptive", help="Adapt gamma to the acceptance rate.")] = True,
+    ngram_max: Annotated[int, typer.Option(help="Longest n-gram looked up (ngram).")] = 3,
+    ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 1,
+    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
+    compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
+) -> None:
+    """Generate text, streaming it as it is decoded."""
+    try:
+        _generate(**locals())
+    except SelfspecError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+
+
+def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p,
+              min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
+              max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
+              draft_model, compare, as_json) -> None:
+    from selfspec.generation import stream
+    from selfspec.models.loading import load_model
+    from selfspec.sampling import SamplingParams
+
+    text = _read_prompt(prompt, prompt_file)
+    if not text.strip():
+        raise SelfspecError("the prompt is empty; give some text")
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    draft = draft or default_draft(model)
+    if draft not in DRAFTS:
+        raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+    out = sys.stderr if as_json else sys.stdout
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+    drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
+                            epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
+                            ngram_min=ngram_min, draft_model=draft_model, dtype=dtype, threads=threads)
+    kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
+    gen = stream(m, text, drafter=drafter, **kwargs)
+    for chunk in gen:
+        out.write(chunk.text)
+        out.flush()
+    out.write("\n")
+    result = gen.result
+    report = result.to_dict()
+    line = _summary(result.stats)
+    if compare:
+        plain = stream(m, text, drafter=None, **kwargs)
+        for _ in plain:
+            pass
+        base = plain.result
+        speedup = result.stats.tokens_per_s / base.stats.tokens_per_s if base.stats.tokens_per_s else 0.0
+        same = base.token_ids == result.token_ids
+        report["compare"] = {"plain_tokens_per_s": base.stats.tokens_per_s, "speedup": speedup,
+                             "same_as_plain": same}
+        line += f" | plain {base.stats.tokens_per_s:.1f} tok/s -> speedup {speedup:.2f}x, " + (
+            "output identical to plain decoding" if same else "OUTPUT DIFFERS from plain decoding")
+    print(line, file=sys.stderr)
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+
+
+def _summary(s) -> str:
+    parts = [f"{s.new_tokens} tokens", f"{s.tokens_per_s:.1f} tok/s (decode)", f"prefill {s.prefill_seconds:.2f}s",
+             f"load {s.load_seconds:.1f}s", f"draft {s.drafter}", f"dtype {s.dtype}"]
+    if s.drafter != "none":
+        parts += [f"tau {s.mean_accepted_tokens:.2f}", f"accepted {100 * s.acceptance_rate:.0f}%"]
+    return "[" + ", ".join(parts) + "]"
+
+
+def main() -> None:
+    try:
+        app()
+    except SelfspecError as e:  # errors raised outside a command body
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

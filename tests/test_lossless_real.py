@@ -1,0 +1,43 @@
+"""Every drafter's greedy output equals plain greedy decoding on the real embedded models."""
+from __future__ import annotations
+
+import pytest
+
+from lossless import assert_lossless, truncated_copy
+from prompts import PROMPTS
+from selfspec.drafters.draft_model import DraftModelDrafter
+from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig, shipped_config
+from selfspec.drafters.ngram import NgramDrafter
+from selfspec.generation import generate
+
+N_NEW = 24
+
+
+def drafters(model):
+    yield NgramDrafter()
+    yield LayerSkipDrafter.for_model(model)  # the shipped config
+    n = model.config.n_layers
+    yield LayerSkipDrafter(SkipConfig(model=model.name, n_layers=n, attention=tuple(range(2, n - 1, 2)),
+                                      mlp=tuple(range(3, n - 1, 3))), max_draft=4)
+    yield DraftModelDrafter(truncated_copy(model, n // 2), max_draft=3, target=model)
+
+
+def check_model(model, prompts, n_new=N_NEW):
+    for prompt in prompts:
+        plain = generate(model, prompt, max_new_tokens=n_new)
+        for d in drafters(model):
+            spec = generate(model, prompt, max_new_tokens=n_new, drafter=d)
+            assert_lossless(model, plain.prompt_ids, plain.token_ids, spec.token_ids, f"{d.name} on {prompt[:30]!r}")
+            assert spec.text == plain.text or spec.token_ids != plain.token_ids
+            s = spec.stats
+            assert s.new_tokens == len(spec.token_ids) and s.accepted <= s.drafted
+
+
+def test_smollm_every_drafter_lossless(smollm):
+    assert shipped_config("smollm2-135m") is not None
+    check_model(smollm, PROMPTS)
+
+
+@pytest.mark.slow
+def test_gemma_every_drafter_lossless(gemma):
+    check_model(gemma, PROMPTS)

@@ -1,0 +1,279 @@
+"""The speculative loop on tiny random models: adversarial drafters, stop tokens inside drafts,
+cache state after accepts/rejects, the adaptive exit rule, and distributional losslessness."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from lossless import truncated_copy
+from selfspec.drafters.base import Draft, DraftContext
+from selfspec.drafters.draft_model import DraftModelDrafter
+from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
+from selfspec.drafters.ngram import NgramDrafter, lookup
+from selfspec.errors import DrafterError, SkipConfigError
+from selfspec.generation import generate
+from selfspec.sampling import SamplingParams, make_generator, probs_from_logits
+from tiny import one_thread, tiny_model
+
+PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 8]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.mktemp("llama"), ctx_size=128)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return tiny_model("gemma3", tmp_path_factory.mktemp("gemma3"), ctx_size=128)
+
+
+class ScriptedDrafter:
+    """Proposes from a fixed continuation: right tokens (oracle), or wrong ones (garbage)."""
+
+    name = "scripted"
+
+    def __init__(self, prompt_len: int, script: list[int], k: int, corrupt: bool = False, vocab: int = 160):
+        self.prompt_len, self.script, self.k, self.corrupt, self.vocab = prompt_len, script, k, corrupt, vocab
+        self.rounds = 0
+
+    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
+        self.rounds += 1
+        done = len(ctx.tokens) - self.prompt_len
+        toks = self.script[done: done + min(self.k, max_tokens)]
+        if self.corrupt or (self.corrupt is None and self.rounds % 2):
+            toks = [(t + 1) % self.vocab for t in toks]
+        return Draft(torch.tensor(toks, dtype=torch.long))
+
+    def update(self, accepted, proposed):
+        pass
+
+    def reset(self):
+        self.rounds = 0
+
+    def extra_stats(self):
+        return {}
+
+
+@pytest.mark.parametrize("fixture", ["llama", "gemma3"])
+def test_adversarial_drafters_are_lossless(fixture, request):
+    model = request.getfixturevalue(fixture)
+    plain = generate(model, PROMPT, max_new_tokens=30)
+    assert plain.stats.rounds == 30 and plain.stats.mean_accepted_tokens == 1.0
+    oracle = generate(model, PROMPT, max_new_tokens=30, drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 4))
+    assert oracle.token_ids == plain.token_ids
+    assert oracle.stats.acceptance_rate == 1.0 and oracle.stats.mean_accepted_tokens > 4.0
+    garbage = generate(model, PROMPT, max_new_tokens=30,
+                       drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 4, corrupt=True))
+    assert garbage.token_ids == plain.token_ids
+    assert garbage.stats.accepted == 0 and garbage.stats.drafted > 0
+    mixed = generate(model, PROMPT, max_new_tokens=30,
+                     drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 3, corrupt=None))
+    assert mixed.token_ids == plain.token_ids
+    assert 0 < mixed.stats.accepted < mixed.stats.drafted
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_max_new_tokens_is_exact_with_long_drafts(llama, n):
+    plain = generate(llama, PROMPT, max_new_tokens=12)
+    spec = generate(llama, PROMPT, max_new_tokens=n, drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 6))
+    assert spec.token_ids == plain.token_ids[:n] and spec.finish_reason == "length"
+
+
+def test_stop_token_inside_an_accepted_draft(llama):
+    plain = generate(llama, PROMPT, max_new_tokens=20)
+    j = 6
+    stop_tok = plain.token_ids[j]
+    first = plain.token_ids.index(stop_tok)  # the stop token may occur earlier too
+    stopping = dataclasses.replace(llama, config=dataclasses.replace(llama.config, eos_token_ids=(stop_tok,)))
+    spec = generate(stopping, PROMPT, max_new_tokens=20, drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 8))
+    assert spec.token_ids == plain.token_ids[:first]  # nothing at or after the stop token
+    assert spec.finish_reason == "stop"
+    assert spec.stats.drafted >= first  # the stop token really was inside a draft
+
+
+def test_cache_after_accepts_and_rejects_equals_plain(llama):
+    plain = generate(llama, PROMPT, max_new_tokens=25)
+    length = len(PROMPT) + 24  # every emitted token but the last is in the cache
+    k_plain = llama._cache.k[:, :, :length].clone()
+    v_plain = llama._cache.v[:, :, :length].clone()
+    spec = generate(llama, PROMPT, max_new_tokens=25,
+                    drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 3, corrupt=None))
+    assert spec.token_ids == plain.token_ids
+    cache = llama._cache
+    assert cache.length >= length
+    # Batched verification and one-token steps may differ in the last bits only.
+    torch.testing.assert_close(cache.k[:, :, :length], k_plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v[:, :, :length], v_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_layerskip_and_ngram_and_draft_model_lossless_on_tiny(gemma3):
+    plain = generate(gemma3, PROMPT, max_new_tokens=30)
+    n = gemma3.config.n_layers
+    drafters = [
+        LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n, attention=(1,), mlp=(2,)), max_draft=4),
+        LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n), max_draft=3),  # skip nothing: all accepted
+        NgramDrafter(ngram_max=2),
+        DraftModelDrafter(truncated_copy(gemma3, 2), max_draft=3, target=gemma3),
+    ]
+    for d in drafters:
+        spec = generate(gemma3, PROMPT, max_new_tokens=30, drafter=d)
+        assert spec.token_ids == plain.token_ids, d.name
+    # The drafter that skips nothing is the target itself: every draft must be accepted.
+    full = generate(gemma3, PROMPT, max_new_tokens=30, drafter=drafters[1])
+    assert full.stats.drafted > 0 and full.stats.acceptance_rate == 1.0
+
+
+def test_ngram_lookup_finds_latest_longest_match():
+    t = torch.tensor([1, 2, 3, 9, 1, 2, 3, 7, 8, 4, 2, 3])
+    assert lookup(t, 3, 1, 3).tolist() == [7, 8, 4]  # "2 3" matched, latest occurrence
+    assert lookup(torch.tensor([5, 6, 7]), 3, 1, 4).tolist() == []
+    assert lookup(torch.tensor([1, 2, 1]), 2, 1, 4).tolist() == [2, 1]
+
+
+def test_adaptive_exit_update_hand_computed():
+    ex = AdaptiveExit(gamma=0.6, alpha=0.9, epsilon=0.01, beta1=0.5, beta2=0.9)
+    ex.update(accepted=1, proposed=4, hit_max=False)
+    # AR~ = 0.5*0.9 + 0.5*0.25 = 0.575 <= 0.9 -> gamma~ = 0.61; gamma = 0.9*0.6 + 0.1*0.61 = 0.601
+    assert ex.smoothed_ar == pytest.approx(0.575)
+    assert ex.gamma == pytest.approx(0.601)
+    ex.update(accepted=4, proposed=4, hit_max=True)  # stopped at max length: gamma left alone
+    assert ex.gamma == pytest.approx(0.601) and ex.smoothed_ar == pytest.approx(0.575)
+    ex.smoothed_ar = 0.95
+    ex.update(accepted=4, proposed=4, hit_max=False)
+    # AR~ = 0.5*0.95 + 0.5*1.0 = 0.975 > 0.9 -> gamma~ = 0.591; gamma = 0.9*0.601 + 0.1*0.591 = 0.600
+    assert ex.smoothed_ar == pytest.approx(0.975)
+    assert ex.gamma == pytest.approx(0.6)
+    frozen = AdaptiveExit(gamma=0.5, adaptive=False)
+    frozen.update(0, 4, False)
+    assert frozen.gamma == 0.5
+
+
+def test_skip_config_validation(tmp_path, llama):
+    good = SkipConfig(model=llama.name, n_layers=llama.config.n_layers, attention=(1,), mlp=(2,))
+    path = tmp_path / "skip.json"
+    good.save(path)
+    assert SkipConfig.load(path) == good
+    LayerSkipDrafter.for_model(llama, path)
+    other = SkipConfig(model="smollm2-135m", n_layers=30, attention=(3,))
+    with pytest.raises(SkipConfigError, match="30 layers"):
+        other.check_model(llama)
+    with pytest.raises(SkipConfigError, match="not 'llama'"):
+        SkipConfig(model="another", n_layers=llama.config.n_layers).check_model(llama)
+    bad = tmp_path / "bad.json"
+    for text, needle in [("{", "not valid JSON"), (json.dumps({"model": "x"}), "n_layers"),
+                         (json.dumps({"model": "llama", "n_layers": 4, "attention": [9], "mlp": []}), "outside"),
+                         (json.dumps({"model": "llama", "n_layers": 4, "attention": "1", "mlp": []}), "list")]:
+        bad.write_text(text)
+        with pytest.raises(SkipConfigError, match=needle):
+            SkipConfig.load(bad)
+    with pytest.raises(SkipConfigError, match="cannot read"):
+        SkipConfig.load(tmp_path / "missing.json")
+
+
+def test_draft_model_with_other_vocabulary_is_refused(llama, tmp_path):
+    other = tiny_model("qwen2", tmp_path)
+    small_vocab = dataclasses.replace(other, tokenizer=type(other.tokenizer)(100))
+    with pytest.raises(DrafterError, match="different tokenizer"):
+        DraftModelDrafter(small_vocab, target=llama)
+
+
+# ------------------------------------------------------------------ sampling: distributional check
+def exact_second_token(model, prompt, params):
+    """P(second generated token) = sum_t1 P(t1) P(t2 | t1), computed exactly (vocab is tiny)."""
+    tr = model.transformer
+    cache = tr.new_cache(64)
+    p1 = probs_from_logits(tr.forward(torch.tensor(prompt), 0, cache, last_only=True), params)[0]
+    total = torch.zeros_like(p1)
+    for t1 in torch.nonzero(p1 > 0).flatten().tolist():
+        cache.rollback(len(prompt))
+        p2 = probs_from_logits(tr.forward(torch.tensor([t1]), len(prompt), cache), params)[0]
+        total += p1[t1] * p2
+    return total
+
+
+def second_token_samples(model, prompt, params, drafter, n):
+    gen_params = dataclasses.replace(params, seed=None)
+    out = torch.zeros(model.config.vocab_size)
+    g = make_generator(1234)
+    for i in range(n):
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        r = generate(model, prompt, max_new_tokens=3, drafter=drafter,
+                     sampling=dataclasses.replace(gen_params, seed=seed))
+        out[r.token_ids[1]] += 1
+    return out
+
+
+def total_variation(counts, p):
+    return 0.5 * float((counts / counts.sum() - p).abs().sum())
+
+
+SAMPLING_CASES = {
+    "temperature-1": SamplingParams(temperature=1.0),
+    "top-k": SamplingParams(temperature=0.8, top_k=20),
+    "top-p": SamplingParams(temperature=1.0, top_p=0.8),
+}
+N_SAMPLES = 2000
+
+
+@pytest.fixture(scope="module")
+def peaky(tmp_path_factory):
+    """The tiny Llama: ~13 effective next tokens at temperature 1. With attention 1 skipped, its
+    draft differs from the target by TV ~0.7 per position, and resampling from p instead of the
+    residual moves the second token's distribution by TV ~0.1 (computed exactly), far above the
+    noise floor of 2000 samples (~0.03)."""
+    return tiny_model("llama", tmp_path_factory.mktemp("peaky"), ctx_size=64)
+
+
+def _skip_drafter(model):
+    return LayerSkipDrafter(SkipConfig(model=model.name, n_layers=model.config.n_layers, attention=(1,)),
+                            max_draft=2, exit=AdaptiveExit(gamma=0.0, adaptive=False))
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_speculative_sampling_matches_target_distribution(peaky, case):
+    params = SAMPLING_CASES[case]
+    prompt = PROMPT[:5]
+    p = exact_second_token(peaky, prompt, params)
+    # Noise floor: E[TV] of n multinomial draws is about sum_i sqrt(p_i (1 - p_i) / (2 pi n)).
+    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
+    counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES)
+    tv = total_variation(counts, p)
+    assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
+
+
+def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
+    """The same statistic must fail when rejection resamples from p instead of norm(max(0, p-q))."""
+    import selfspec.generation as generation
+    from selfspec.sampling import sample
+    from selfspec.verify import Verdict
+
+    def broken(draft_tokens, q_draft, p_target, generator):
+        k = draft_tokens.numel()
+        u = torch.rand(k, generator=generator).tolist()
+        acc = 0
+        for i in range(k):
+            q = float(q_draft[i, draft_tokens[i]]) if q_draft is not None else 1.0
+            if u[i] * q < float(p_target[i, draft_tokens[i]]):
+                acc += 1
+            else:
+                break
+        new = sample(p_target[acc: acc + 1], generator)  # bug: should be the residual
+        return Verdict(acc, torch.cat((draft_tokens[:acc], new)))
+
+    monkeypatch.setattr(generation, "verify_sampled", broken)
+    params = SAMPLING_CASES["temperature-1"]
+    prompt = PROMPT[:5]
+    p = exact_second_token(peaky, prompt, params)
+    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
+    counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES)
+    tv = total_variation(counts, p)
+    assert tv > 1.6 * floor + 0.01, f"a broken verifier went unnoticed: TV {tv:.4f}, floor {floor:.4f}"
