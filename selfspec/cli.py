@@ -78,7 +78,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
-                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=1,
+                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
                   draft_model=None, dtype="auto", threads=None):
     """The drafter that `--draft` names, or None for plain decoding."""
     if draft == "none":
@@ -142,7 +142,7 @@ def generate(
     beta2: Annotated[float, typer.Option(help="Smoothing of gamma.")] = 0.9,
     adaptive: Annotated[bool, typer.Option("--adaptive/--no-adaptive", help="Adapt gamma to the acceptance rate.")] = True,
     ngram_max: Annotated[int, typer.Option(help="Longest n-gram looked up (ngram).")] = 3,
-    ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 1,
+    ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 2,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,

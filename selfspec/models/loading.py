@@ -17,7 +17,7 @@ from selfspec.errors import ModelLoadError, SelfspecError
 from selfspec.machine import resolve_dtype
 from selfspec.models.config import ModelConfig
 from selfspec.models.registry import REGISTRY, cache_dir
-from selfspec.models.transformer import Layer, Linear, Transformer
+from selfspec.models.transformer import Layer, Transformer, make_linear
 
 DEFAULT_CTX = 4096
 
@@ -97,7 +97,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     tokenizer = _load_hf_tokenizer(path) if path.is_dir() else _load_gguf_tokenizer(path)
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
-                 load_seconds=time.perf_counter() - t0)
+                 load_seconds=time.perf_counter() - t0, kernel=transformer.kernel)
 
 
 def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None) -> Transformer:
@@ -150,11 +150,11 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
         norms = {n: cast(get(p + n, required=False)) for n in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")}
         layers.append(Layer(
             attn_norm=get(p + "attn_norm").float(),
-            wqkv=Linear(cast(torch.cat((wq, wk, wv))), cast(bqkv)),
-            wo=Linear(cast(get(p + "wo")), cast(get(p + "bo", required=False))),
+            wqkv=make_linear(cast(torch.cat((wq, wk, wv))), cast(bqkv)),
+            wo=make_linear(cast(get(p + "wo")), cast(get(p + "bo", required=False))),
             ffn_norm=get(p + "ffn_norm").float(),
-            w_gate_up=Linear(cast(torch.cat((gate, up))), cast(b_gate_up)),
-            w_down=Linear(cast(get(p + "w_down")), cast(get(p + "b_down", required=False))),
+            w_gate_up=make_linear(cast(torch.cat((gate, up))), cast(b_gate_up)),
+            w_down=make_linear(cast(get(p + "w_down")), cast(get(p + "b_down", required=False))),
             q_norm=None if norms["q_norm"] is None else norms["q_norm"].float(),
             k_norm=None if norms["k_norm"] is None else norms["k_norm"].float(),
             post_attn_norm=None if norms["post_attn_norm"] is None else norms["post_attn_norm"].float(),
@@ -162,7 +162,7 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
         ))
     embed = cast(embed)
     head = get("lm_head", required=False)
-    lm_head = Linear(embed) if head is None else Linear(cast(head))
+    lm_head = make_linear(embed, keep_weight=True) if head is None else make_linear(cast(head))
     return Transformer(config, embed, layers, get("final_norm").float(), lm_head, max_len)
 
 
