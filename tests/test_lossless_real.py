@@ -10,7 +10,7 @@ from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig, shipped_co
 from selfspec.drafters.ngram import NgramDrafter
 from selfspec.generation import generate
 
-N_NEW = 24
+N_NEW = 20
 
 
 def drafters(model):
@@ -35,9 +35,9 @@ def check_model(model, prompts, n_new=N_NEW):
 
 def test_smollm_every_drafter_lossless(smollm):
     assert shipped_config("smollm2-135m") is not None
-    check_model(smollm, PROMPTS)
+    check_model(smollm, PROMPTS[:10])
 
 
 @pytest.mark.slow
 def test_gemma_every_drafter_lossless(gemma):
-    check_model(gemma, PROMPTS)
+    check_model(gemma, PROMPTS, n_new=40)
