@@ -7,7 +7,8 @@ Everything in one process and one run, so ratios compare like with like:
 Decode time excludes prefill for both engines (transformers: time of N tokens minus time of 1).
 
     python scripts/bench_engine.py engine --dtype fp32 --new 128
-    python scripts/bench_engine.py drafters --new 128
+    python scripts/bench_engine.py drafters --new 128 --methods none,ngram,layer-skip,layer-skip:int8
+    python scripts/bench_engine.py memory --methods none,layer-skip,ngram
 Prints a Markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -96,7 +97,8 @@ def drafters(args) -> None:
         ids = m.encode(prompt)
         plain = None
         for meth in methods:
-            d = build_drafter(meth, m, skip_config=args.skip_config)
+            kind, _, skip = meth.partition(":")  # e.g. layer-skip:int8 -> a shipped skip variant
+            d = build_drafter(kind, m, skip_config=skip or args.skip_config)
             r = generate(m, ids, max_new_tokens=args.new, drafter=d, ignore_eos=True)
             if meth == "none":
                 plain = r
@@ -129,9 +131,43 @@ def drafters(args) -> None:
               f"per verify round {1000 * verify_s:.1f} ms ({verify_s / step:.2f} of a plain step)")
 
 
+def one_method_rss(args) -> None:
+    """Child process of `memory`: one generation, then print the peak RSS in MB."""
+    import resource
+
+    from selfspec.cli import build_drafter
+    from selfspec.generation import generate
+    from selfspec.models.loading import load_model
+
+    torch.set_num_threads(args.threads)
+    m = load_model(args.model, dtype=args.dtype, ctx_size=1024)
+    d = build_drafter(args.methods, m, skip_config=args.skip_config)
+    generate(m, m.encode(PROMPTS[3][1]), max_new_tokens=args.new, drafter=d, ignore_eos=True)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def memory(args) -> None:
+    """Peak RSS per method, each in a fresh process (ru_maxrss never goes down)."""
+    import subprocess
+
+    rows = []
+    for spec in args.methods.split(","):
+        meth, _, skip = spec.partition(":")
+        cmd = [sys.executable, __file__, "_rss", "--model", args.model, "--dtype", args.dtype,
+               "--threads", str(args.threads), "--new", str(args.new), "--methods", meth]
+        if skip:
+            cmd += ["--skip-config", skip]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append((spec, float(out.strip().splitlines()[-1])))
+    base = rows[0][1]
+    print("\n| method | peak RSS MB | vs first |\n|---|---|---|")
+    for spec, mb in rows:
+        print(f"| {spec} | {mb:.0f} | {100 * (mb / base - 1):+.1f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("engine", "drafters"))
+    ap.add_argument("what", choices=("engine", "drafters", "memory", "_rss"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=2)
@@ -139,7 +175,7 @@ def main() -> None:
     ap.add_argument("--methods", default="none,ngram,layer-skip")
     ap.add_argument("--skip-config", default=None)
     args = ap.parse_args()
-    engine(args) if args.what == "engine" else drafters(args)
+    {"engine": engine, "drafters": drafters, "memory": memory, "_rss": one_method_rss}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,13 @@ def test_generate_json_and_over_long_prompt(tmp_path):
     proc = run("generate", "--model", "smollm2-135m", "--prompt-file", str(long_prompt), "--ctx-size", "128",
                "-n", "8")
     assert_user_error(proc, "exceeds the context")
+
+
+def test_skip_config_for_another_model_is_refused(tmp_path):
+    from selfspec.drafters.layerskip import shipped_config
+
+    other = tmp_path / "gemma-skip.json"
+    shipped_config("gemma3-270m").save(other)
+    proc = run("generate", "--model", "smollm2-135m", "--prompt", "hi", "-n", "4", "--draft", "layer-skip",
+               "--skip-config", str(other))
+    assert_user_error(proc, "18 layers", "selfspec search")

@@ -20,6 +20,7 @@ def drafters(model):
     yield LayerSkipDrafter(SkipConfig(model=model.name, n_layers=n, attention=tuple(range(2, n - 1, 2)),
                                       mlp=tuple(range(3, n - 1, 3))), max_draft=4)
     yield DraftModelDrafter(truncated_copy(model, n // 2), max_draft=3, target=model)
+    yield LayerSkipDrafter(SkipConfig(model=model.name, n_layers=n, attention=(n // 2,), draft_bits=8), max_draft=6)
 
 
 def check_model(model, prompts, n_new=N_NEW):
@@ -41,3 +42,13 @@ def test_smollm_every_drafter_lossless(smollm):
 @pytest.mark.slow
 def test_gemma_every_drafter_lossless(gemma):
     check_model(gemma, PROMPTS, n_new=40)
+
+
+def test_shipped_int8_variant_by_name(smollm):
+    drafter = LayerSkipDrafter.for_model(smollm, "int8")
+    assert drafter.config.draft_bits == 8 and len(drafter.skip) == 0
+    prompt = PROMPTS[2]
+    plain = generate(smollm, prompt, max_new_tokens=24)
+    spec = generate(smollm, prompt, max_new_tokens=24, drafter=drafter)
+    assert_lossless(smollm, plain.prompt_ids, plain.token_ids, spec.token_ids, "layer-skip:int8")
+    assert spec.stats.acceptance_rate > 0.8  # int8 weights agree with fp32 almost everywhere

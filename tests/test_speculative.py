@@ -122,6 +122,7 @@ def test_layerskip_and_ngram_and_draft_model_lossless_on_tiny(gemma3):
         LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n, attention=(1,), mlp=(2,)), max_draft=4),
         LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n), max_draft=3),  # skip nothing: all accepted
         NgramDrafter(ngram_max=2),
+        LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n, attention=(2,), draft_bits=8), max_draft=4),
         DraftModelDrafter(truncated_copy(gemma3, 2), max_draft=3, target=gemma3),
     ]
     for d in drafters:
@@ -130,6 +131,8 @@ def test_layerskip_and_ngram_and_draft_model_lossless_on_tiny(gemma3):
     # The drafter that skips nothing is the target itself: every draft must be accepted.
     full = generate(gemma3, PROMPT, max_new_tokens=30, drafter=drafters[1])
     assert full.stats.drafted > 0 and full.stats.acceptance_rate == 1.0
+    with pytest.raises(SkipConfigError, match="draft_bits 4"):
+        LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n, draft_bits=4))
 
 
 def test_ngram_lookup_finds_latest_longest_match():

