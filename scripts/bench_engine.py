@@ -83,8 +83,17 @@ def engine(args) -> None:
     print(f"| **median** | **{o:.1f}** | **{t:.1f}** | **{o / t:.2f}x** |")
 
 
-def drafters(args) -> None:
+def drafter_of(spec: str, model, args):
+    """METHOD[:SKIP][@VOCAB], e.g. layer-skip:int8 (a shipped skip variant) or layer-skip@16384
+    (draft head over the context's tokens + 16384 frequent ones)."""
     from selfspec.cli import build_drafter
+
+    spec, _, vocab = spec.partition("@")
+    kind, _, skip = spec.partition(":")
+    return build_drafter(kind, model, skip_config=skip or args.skip_config, draft_vocab=int(vocab) if vocab else None)
+
+
+def drafters(args) -> None:
     from selfspec.generation import generate
     from selfspec.models.loading import load_model
 
@@ -97,8 +106,7 @@ def drafters(args) -> None:
         ids = m.encode(prompt)
         plain = None
         for meth in methods:
-            kind, _, skip = meth.partition(":")  # e.g. layer-skip:int8 -> a shipped skip variant
-            d = build_drafter(kind, m, skip_config=skip or args.skip_config)
+            d = drafter_of(meth, m, args)
             r = generate(m, ids, max_new_tokens=args.new, drafter=d, ignore_eos=True)
             if meth == "none":
                 plain = r
@@ -135,13 +143,12 @@ def one_method_rss(args) -> None:
     """Child process of `memory`: one generation, then print the peak RSS in MB."""
     import resource
 
-    from selfspec.cli import build_drafter
     from selfspec.generation import generate
     from selfspec.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     m = load_model(args.model, dtype=args.dtype, ctx_size=1024)
-    d = build_drafter(args.methods, m, skip_config=args.skip_config)
+    d = drafter_of(args.methods, m, args)
     generate(m, m.encode(PROMPTS[3][1]), max_new_tokens=args.new, drafter=d, ignore_eos=True)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -152,11 +159,8 @@ def memory(args) -> None:
 
     rows = []
     for spec in args.methods.split(","):
-        meth, _, skip = spec.partition(":")
         cmd = [sys.executable, __file__, "_rss", "--model", args.model, "--dtype", args.dtype,
-               "--threads", str(args.threads), "--new", str(args.new), "--methods", meth]
-        if skip:
-            cmd += ["--skip-config", skip]
+               "--threads", str(args.threads), "--new", str(args.new), "--methods", spec]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append((spec, float(out.strip().splitlines()[-1])))
     base = rows[0][1]

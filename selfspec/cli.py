@@ -79,7 +79,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
-                  draft_model=None, dtype="auto", threads=None):
+                  draft_model=None, draft_vocab=None, dtype="auto", threads=None):
     """The drafter that `--draft` names, or None for plain decoding."""
     if draft == "none":
         return None
@@ -88,7 +88,7 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
 
         exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
                              beta1=beta1, beta2=beta2, adaptive=adaptive)
-        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_,
+        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_, draft_vocab=draft_vocab,
                                           **({} if max_draft is None else {"max_draft": max_draft}))
     if draft == "ngram":
         from selfspec.drafters.ngram import NgramDrafter
@@ -144,6 +144,7 @@ def generate(
     ngram_max: Annotated[int, typer.Option(help="Longest n-gram looked up (ngram).")] = 3,
     ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 2,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
 ) -> None:
@@ -160,7 +161,7 @@ def generate(
 def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p,
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
-              draft_model, compare, as_json) -> None:
+              draft_model, draft_vocab, compare, as_json) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -178,7 +179,8 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
-                            ngram_min=ngram_min, draft_model=draft_model, dtype=dtype, threads=threads)
+                            ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
+                            dtype=dtype, threads=threads)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
         for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from lossless import truncated_copy
-from selfspec.drafters.base import Draft, DraftContext
+from selfspec.drafters.base import EMPTY, Draft, DraftContext
 from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
 from selfspec.drafters.ngram import NgramDrafter, lookup
 from selfspec.errors import DrafterError, SkipConfigError
 from selfspec.generation import generate
-from selfspec.sampling import SamplingParams, make_generator, probs_from_logits
+from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
 from tiny import one_thread, tiny_model
 
 PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 8]
@@ -193,12 +193,15 @@ def test_draft_model_with_other_vocabulary_is_refused(llama, tmp_path):
 def exact_second_token(model, prompt, params):
     """P(second generated token) = sum_t1 P(t1) P(t2 | t1), computed exactly (vocab is tiny)."""
     tr = model.transformer
+    vocab = model.config.vocab_size
     cache = tr.new_cache(64)
-    p1 = probs_from_logits(tr.forward(torch.tensor(prompt), 0, cache, last_only=True), params)[0]
+    seen = presence_mask(torch.tensor(prompt), EMPTY, vocab)
+    p1 = probs_from_logits(tr.forward(torch.tensor(prompt), 0, cache, last_only=True), params, seen)[0]
     total = torch.zeros_like(p1)
     for t1 in torch.nonzero(p1 > 0).flatten().tolist():
         cache.rollback(len(prompt))
-        p2 = probs_from_logits(tr.forward(torch.tensor([t1]), len(prompt), cache), params)[0]
+        seen2 = presence_mask(torch.tensor(prompt + [t1]), EMPTY, vocab)
+        p2 = probs_from_logits(tr.forward(torch.tensor([t1]), len(prompt), cache), params, seen2)[0]
         total += p1[t1] * p2
     return total
 
@@ -223,6 +226,10 @@ SAMPLING_CASES = {
     "temperature-1": SamplingParams(temperature=1.0),
     "top-k": SamplingParams(temperature=0.8, top_k=20),
     "top-p": SamplingParams(temperature=1.0, top_p=0.8),
+    "min-p": SamplingParams(temperature=1.0, min_p=0.1),
+    # The penalty at each drafted position must see the earlier drafts of the same round; the
+    # prompt repeats tokens 5 and 17, so the penalty changes the distribution.
+    "repetition-penalty": SamplingParams(temperature=1.0, repetition_penalty=1.5),
 }
 N_SAMPLES = 2000
 
@@ -280,3 +287,50 @@ def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
     counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES)
     tv = total_variation(counts, p)
     assert tv > 1.6 * floor + 0.01, f"a broken verifier went unnoticed: TV {tv:.4f}, floor {floor:.4f}"
+
+
+# ----------------------------------------------------------------- draft head over a vocab subset
+@pytest.fixture
+def fixed_ranking(monkeypatch):
+    import selfspec.drafters.vocab as vocab
+
+    monkeypatch.setattr(vocab, "frequency_ranking", lambda model: list(range(0, 160, 3)))
+
+
+def test_subset_draft_head_lossless_and_restricted(gemma3, fixed_ranking):
+    plain = generate(gemma3, PROMPT, max_new_tokens=30)
+    d = LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=gemma3.config.n_layers, attention=(1,)),
+                         max_draft=4, draft_vocab=20)
+    spec = generate(gemma3, PROMPT, max_new_tokens=30, drafter=d)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.extras["draft_vocab"] <= 20 + len(set(PROMPT)) + 1
+    # Drafts come from the subset only, under sampling too, and q is zero outside it.
+    proposals = []
+    orig = d.propose
+
+    def spy(ctx, max_tokens):
+        draft = orig(ctx, max_tokens)
+        proposals.append(draft)
+        return draft
+
+    d.propose = spy
+    generate(gemma3, PROMPT, max_new_tokens=20, drafter=d, sampling=SamplingParams(temperature=1.0, seed=3))
+    ids = d._head.ids if d._head is not None else None
+    assert proposals and ids is not None
+    for draft in proposals:
+        assert set(draft.tokens.tolist()) <= set(ids.tolist())
+        outside = torch.ones(160, dtype=torch.bool)
+        outside[ids] = False
+        assert float(draft.q_draft[:, outside].abs().sum()) == 0.0
+
+
+def test_subset_draft_head_keeps_sampling_lossless(peaky, fixed_ranking):
+    params = SAMPLING_CASES["temperature-1"]
+    prompt = PROMPT[:5]
+    p = exact_second_token(peaky, prompt, params)
+    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
+    drafter = LayerSkipDrafter(SkipConfig(model=peaky.name, n_layers=peaky.config.n_layers, attention=(1,)),
+                               max_draft=2, exit=AdaptiveExit(gamma=0.0, adaptive=False), draft_vocab=30)
+    counts = second_token_samples(peaky, prompt, params, drafter, N_SAMPLES)
+    tv = total_variation(counts, p)
+    assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"

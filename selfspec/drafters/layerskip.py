@@ -167,9 +167,16 @@ class AdaptiveExit:
 class LayerSkipDrafter:
     name = "layer-skip"
 
-    def __init__(self, config: SkipConfig, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:
+    def __init__(self, config: SkipConfig, max_draft: int = 8, exit: AdaptiveExit | None = None,
+                 draft_vocab: int | None = None) -> None:
+        """`draft_vocab`: draft from the context's tokens plus this many frequent tokens only
+        (a cheaper draft LM head, see drafters/vocab.py); None or 0 = the whole vocabulary."""
         if max_draft < 1:
             raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        if draft_vocab is not None and draft_vocab < 0:
+            raise InvalidParameterError(f"--draft-vocab must be >= 0, got {draft_vocab}")
+        self.draft_vocab = draft_vocab or None
+        self._head = None  # SubsetHead of the current sequence
         if config.draft_bits not in (None, 8):
             raise SkipConfigError(f"draft_bits {config.draft_bits} is not supported; use null (full precision) or 8")
         self.config = config
@@ -215,8 +222,16 @@ class LayerSkipDrafter:
         tokens: list[int] = []
         q_rows: list[torch.Tensor | None] = []
         stopped_early = False
+        if self.draft_vocab and self._head is None:
+            from selfspec.drafters.vocab import SubsetHead, subset_ids
+
+            self._head = SubsetHead(tr, subset_ids(ctx.model, ctx.tokens, self.draft_vocab))
         for i in range(limit):
-            logits = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip)  # [1, vocab]
+            if self._head is not None:
+                sub = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip, head=self._head.linear)
+                logits = self._head.to_full(sub)  # [1, vocab], -inf outside the subset
+            else:
+                logits = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip)  # [1, vocab]
             tok, q = ctx.choose(logits, tokens)
             tokens.append(tok)
             q_rows.append(q)
@@ -233,7 +248,11 @@ class LayerSkipDrafter:
 
     def reset(self) -> None:
         self._hit_max = False
+        self._head = None  # the subset includes the context's tokens: rebuilt per sequence
 
     def extra_stats(self) -> dict:
-        return {"gamma": self.exit.gamma, "skipped_attention": len(self.skip.attention),
-                "skipped_mlp": len(self.skip.mlp)}
+        stats = {"gamma": self.exit.gamma, "skipped_attention": len(self.skip.attention),
+                 "skipped_mlp": len(self.skip.mlp)}
+        if self._head is not None:
+            stats["draft_vocab"] = int(self._head.ids.numel())
+        return stats

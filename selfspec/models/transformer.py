@@ -140,10 +140,11 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
-                skip: SkipSet = NO_SKIP, last_only: bool = False) -> torch.Tensor:
+                skip: SkipSet = NO_SKIP, last_only: bool = False, head: Linear | None = None) -> torch.Tensor:
         """Logits `[T, vocab]` (fp32) for the T tokens at positions start..start+T-1, or `[1, vocab]`
         for the last one if `last_only`. Writes their KV into `cache`; `cache.length` becomes
-        start + T (positions after that, e.g. rejected drafts, are dropped)."""
+        start + T (positions after that, e.g. rejected drafts, are dropped). `head` replaces the LM
+        head (a drafter's head over part of the vocabulary: its logits are over that part)."""
         c = self.config
         T = tokens.shape[0]
         cache.check_room(start, T)
@@ -174,7 +175,7 @@ class Transformer:
         cache.length = end
         if last_only:
             x = x[-1:]
-        logits = self.lm_head(self._norm(x, self.final_norm)).float()
+        logits = (head or self.lm_head)(self._norm(x, self.final_norm)).float()
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits
