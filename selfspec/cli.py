@@ -144,7 +144,7 @@ def generate(
     ngram_max: Annotated[int, typer.Option(help="Longest n-gram looked up (ngram).")] = 3,
     ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 2,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
-    draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all.")] = None,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
 ) -> None:

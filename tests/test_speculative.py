@@ -334,3 +334,22 @@ def test_subset_draft_head_keeps_sampling_lossless(peaky, fixed_ranking):
     counts = second_token_samples(peaky, prompt, params, drafter, N_SAMPLES)
     tv = total_variation(counts, p)
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
+
+
+def test_int8_linear_round_trips_through_dense_weight():
+    from selfspec.models.quant import Int8Linear, dense_weight
+
+    w = torch.randn(24, 16)
+    lin = Int8Linear(w)
+    again = Int8Linear(dense_weight(lin))
+    assert torch.equal(again.q, lin.q) and torch.equal(again.scale, lin.scale)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lin(x), x @ w.T, atol=0.1, rtol=0.05)  # int8 is close, not equal
+
+
+def test_subset_head_with_int8_draft(gemma3, fixed_ranking):
+    plain = generate(gemma3, PROMPT, max_new_tokens=20)
+    d = LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=gemma3.config.n_layers, draft_bits=8),
+                         max_draft=4, draft_vocab=20)
+    spec = generate(gemma3, PROMPT, max_new_tokens=20, drafter=d)
+    assert spec.token_ids == plain.token_ids and "draft_vocab" in spec.stats.extras

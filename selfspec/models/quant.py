@@ -13,9 +13,12 @@ from selfspec.models.transformer import Linear, Transformer
 
 
 def dense_weight(linear: Linear) -> torch.Tensor:
-    """The plain `[out, in]` weight of any of our linears (prepacked ones included)."""
+    """The plain `[out, in]` weight of any of our linears (prepacked and int8 ones included; an
+    int8 weight comes back dequantised, and quantising it again gives the same int8 values)."""
     if linear.weight is not None:
         return linear.weight
+    if isinstance(linear, Int8Linear):
+        return linear.q.float() * linear.scale.float()[:, None]
     return linear.packed.to_dense()
 
 
