@@ -353,3 +353,23 @@ def test_subset_head_with_int8_draft(gemma3, fixed_ranking):
                          max_draft=4, draft_vocab=20)
     spec = generate(gemma3, PROMPT, max_new_tokens=20, drafter=d)
     assert spec.token_ids == plain.token_ids and "draft_vocab" in spec.stats.extras
+
+
+def test_stop_string_across_token_and_draft_boundaries(llama):
+    from selfspec.generation import stream
+
+    plain = generate(llama, PROMPT, max_new_tokens=20)
+    j = 7
+    words = plain.text.split(" ")  # FakeTokenizer: token i is the word "t{i}"
+    stop = " ".join(words[j - 1: j + 1])[1:]  # spans two tokens, starts mid-word
+    cut = plain.text.find(stop)
+    assert cut > 0
+    gen = stream(llama, PROMPT, max_new_tokens=20, stop=[stop],
+                 drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 5))
+    chunks = [c.text for c in gen]
+    result = gen.result
+    assert result.finish_reason == "stop"
+    assert result.text == plain.text[:cut] == "".join(chunks)
+    assert stop not in "".join(chunks)
+    assert result.token_ids == plain.token_ids[: len(result.token_ids)]
+    assert len(result.token_ids) <= j + 1  # nothing generated after the stop is returned
