@@ -194,10 +194,13 @@ class LayerSkipDrafter:
 
     @classmethod
     def for_model(cls, model, skip_config: str | Path | SkipConfig | None = None, **kwargs) -> "LayerSkipDrafter":
+        variant = None
+        if isinstance(skip_config, (str, Path)) and not Path(skip_config).exists():
+            variant = shipped_config(model.name, str(skip_config))  # a shipped variant by name, e.g. "int8"
         if isinstance(skip_config, SkipConfig):
             config = skip_config
-        elif skip_config is not None and not Path(skip_config).exists() and shipped_config(model.name, str(skip_config)):
-            config = shipped_config(model.name, str(skip_config))  # a shipped variant by name, e.g. "int8"
+        elif variant is not None:
+            config = variant
         elif skip_config is not None:
             config = SkipConfig.load(skip_config)
         else:
@@ -240,12 +243,14 @@ class LayerSkipDrafter:
                 sub = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip, head=self._head.linear)
                 logits = self._head.to_full(sub)  # [1, vocab], -inf outside the subset
             else:
-                logits = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip)  # [1, vocab]
+                sub = logits = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip)  # [1, vocab]
             tok, q = ctx.choose(logits, tokens)
             tokens.append(tok)
             q_rows.append(q)
             last = tok
-            top = float(q.max()) if q is not None else float(torch.softmax(logits[0], -1).max())
+            # Greedy: the draft's own top probability (over the subset it drafts from: the same
+            # value as over the full row, without a softmax over 262k entries for Gemma).
+            top = float(q.max()) if q is not None else float(torch.softmax(sub[0], -1).max())
             if top < self.exit.gamma:
                 stopped_early = True
                 break
