@@ -171,6 +171,8 @@ def test_skip_config_validation(tmp_path, llama):
         other.check_model(llama)
     with pytest.raises(SkipConfigError, match="not 'llama'"):
         SkipConfig(model="another", n_layers=llama.config.n_layers).check_model(llama)
+    with pytest.raises(SkipConfigError, match="not 'llama'"):  # a recorded hash cannot match a folder
+        SkipConfig(model="another", n_layers=llama.config.n_layers, model_sha256="ab" * 32).check_model(llama)
     bad = tmp_path / "bad.json"
     for text, needle in [("{", "not valid JSON"), (json.dumps({"model": "x"}), "n_layers"),
                          (json.dumps({"model": "llama", "n_layers": 4, "attention": [9], "mlp": []}), "outside"),

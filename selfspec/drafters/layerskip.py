@@ -8,7 +8,6 @@ copy of the weights exists.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -103,16 +102,13 @@ class SkipConfig:
 
 
 def _sha_of(model) -> str:
-    from selfspec.models.registry import REGISTRY
+    from selfspec.models.registry import REGISTRY, sha256_file
 
     entry = REGISTRY.get(model.name)
     if entry is not None:
         return entry.sha256
-    h = hashlib.sha256()
-    with open(model.path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    path = Path(model.path)
+    return sha256_file(path) if path.is_file() else ""  # an HF folder has no single file to hash
 
 
 def shipped_config(alias: str, variant: str | None = None) -> SkipConfig | None:

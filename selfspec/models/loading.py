@@ -183,8 +183,7 @@ _GGUF_NAMES = {
 # Bias of each linear weight. Qwen2 biases q/k/v; Llama checkpoints with attention_bias or
 # mlp_bias bias the output projection and the MLP too.
 _BIAS_NAMES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo", "w_gate": "b_gate", "w_up": "b_up",
-               "w_down": "b_down", "attn_norm": None, "ffn_norm": None, "q_norm": None, "k_norm": None,
-               "post_attn_norm": None, "post_ffn_norm": None}
+               "w_down": "b_down"}
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:

@@ -78,7 +78,7 @@ def _assemble(parts: list[Path], target: Path) -> None:
     tmp.replace(target)  # atomic: a crash never leaves a half-written model behind
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 22):
@@ -97,7 +97,7 @@ def verify_sha256(path: Path, expected: str) -> None:
         known = {}
     if known.get(key) == expected:
         return
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise ModelLoadError(f"{path} has SHA-256 {actual}, expected {expected}; reinstall the model package")
     known[key] = expected
