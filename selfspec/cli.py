@@ -11,11 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.errors import SelfspecError
+from selfspec.methods import DRAFTS, build_drafter, default_draft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless speculative decoding for local LLMs on CPU.")
 
-DRAFTS = ("none", "layer-skip", "ngram", "model")
 
 # Options shared by every command that generates (CONVENTIONS.md: same flags everywhere).
 Model_ = Annotated[str, typer.Option("--model", "-m", help="Registry alias (see `selfspec models`), .gguf file or HF folder.")]
@@ -75,43 +75,6 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         _fail("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
     return sys.stdin.read()
-
-
-def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
-                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
-                  draft_model=None, draft_vocab=None, dtype="auto", threads=None):
-    """The drafter that `--draft` names, or None for plain decoding."""
-    if draft == "none":
-        return None
-    if draft == "layer-skip":
-        from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
-
-        exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
-                             beta1=beta1, beta2=beta2, adaptive=adaptive)
-        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_, draft_vocab=draft_vocab,
-                                          **({} if max_draft is None else {"max_draft": max_draft}))
-    if draft == "ngram":
-        from selfspec.drafters.ngram import NgramDrafter
-
-        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min,
-                            **({} if max_draft is None else {"max_draft": max_draft}))
-    if draft == "model":
-        from selfspec.drafters.draft_model import DraftModelDrafter
-        from selfspec.models.loading import load_model
-
-        if not draft_model:
-            raise SelfspecError("--draft model needs --draft-model ALIAS_OR_PATH (a model with the same tokenizer)")
-        small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
-        return DraftModelDrafter(small, target=model, **({} if max_draft is None else {"max_draft": max_draft}))
-    raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
-
-
-def default_draft(model_spec: str) -> str:
-    """The fastest lossless method that our benchmark recorded for a registry model, else none."""
-    from selfspec.models.registry import REGISTRY
-
-    entry = REGISTRY.get(model_spec)
-    return entry.best_draft if entry is not None else "none"
 
 
 @app.command()

@@ -1,0 +1,117 @@
+"""Names of decoding methods and how to build their drafters, shared by `generate`, `bench`,
+`search` and `serve` (CONVENTIONS.md, "Benchmark" and "CLI").
+
+A method spec is `kind[:key=value[,key=value...]]`, e.g. `layer-skip:skip=my.json`,
+`model:draft=qwen2.5-coder-0.5b`, `none:dtype=bf16`. Kinds are the `--draft` values plus other
+engines (`hf`, `hf-lookup`, `llama-cpp`, `llama-cpp-lookup`) that only `bench` runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from selfspec.errors import InvalidParameterError, SelfspecError
+
+DRAFTS = ("none", "layer-skip", "ngram", "model")
+ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
+ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
+# Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
+OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
+               "max_draft": "max_draft", "gamma": "gamma"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    text: str  # as the user wrote it; the run's label
+    kind: str  # canonical: a DRAFTS or ENGINES value
+    options: dict = field(default_factory=dict)  # keyword -> value, keys from OPTION_KEYS values
+
+    @property
+    def is_engine(self) -> bool:
+        return self.kind in ENGINES
+
+
+def parse_method(text: str) -> MethodSpec:
+    """`layer-skip:skip=F,vocab=0` -> MethodSpec; a clear error for anything unknown."""
+    text = text.strip()
+    kind, _, rest = text.partition(":")
+    kind = ALIASES.get(kind, kind)
+    if kind not in DRAFTS + ENGINES:
+        known = ", ".join(DRAFTS + ENGINES + tuple(ALIASES))
+        raise InvalidParameterError(f"unknown method {text!r}; known: {known}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in OPTION_KEYS:
+            raise InvalidParameterError(
+                f"bad option {item!r} in method {text!r}; options are key=value with key in "
+                f"{', '.join(OPTION_KEYS)}")
+        name = OPTION_KEYS[key]
+        if name in ("draft_vocab", "max_draft"):
+            value = _number(text, key, value, int)
+        elif name == "gamma":
+            value = _number(text, key, value, float)
+        options[name] = value
+    return MethodSpec(text=text, kind=kind, options=options)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """`ar,layer-skip:skip=F,vocab=0,ngram`: a comma starts a new method unless what follows is
+    `key=value` (another option of the method before)."""
+    specs, current = [], ""
+    for piece in text.split(","):
+        if current and "=" in piece and piece.split("=", 1)[0].strip() in OPTION_KEYS:
+            current += "," + piece
+        else:
+            if current.strip():
+                specs.append(parse_method(current))
+            current = piece
+    if current.strip():
+        specs.append(parse_method(current))
+    if not specs:
+        raise InvalidParameterError("no methods given")
+    return specs
+
+
+def _number(text: str, key: str, value: str, kind):
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidParameterError(f"option {key} of method {text!r} must be a number, got {value!r}") from None
+
+
+def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
+                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
+                  draft_model=None, draft_vocab=None, dtype="auto", threads=None):
+    """The drafter that `--draft` names, or None for plain decoding."""
+    draft = ALIASES.get(draft, draft)
+    if draft == "none":
+        return None
+    if draft == "layer-skip":
+        from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
+
+        exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
+                             beta1=beta1, beta2=beta2, adaptive=adaptive)
+        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_, draft_vocab=draft_vocab,
+                                          **({} if max_draft is None else {"max_draft": max_draft}))
+    if draft == "ngram":
+        from selfspec.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min,
+                            **({} if max_draft is None else {"max_draft": max_draft}))
+    if draft == "model":
+        from selfspec.drafters.draft_model import DraftModelDrafter
+        from selfspec.models.loading import load_model
+
+        if not draft_model:
+            raise SelfspecError("--draft model needs --draft-model ALIAS_OR_PATH (a model with the same tokenizer)")
+        small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
+        return DraftModelDrafter(small, target=model, **({} if max_draft is None else {"max_draft": max_draft}))
+    raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+
+
+def default_draft(model_spec: str) -> str:
+    """The fastest lossless method that our benchmark recorded for a registry model, else none."""
+    from selfspec.models.registry import REGISTRY
+
+    entry = REGISTRY.get(model_spec)
+    return entry.best_draft if entry is not None else "none"
