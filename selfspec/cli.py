@@ -180,6 +180,75 @@ def _summary(s) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
+    model: Model_ = "smollm2-135m",
+    suite: Annotated[str, typer.Option(help="quick | full | a JSONL file of {id, category, prompt|turns}.")] = "quick",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), layer-skip, ngram, draft-model "
+                                              "(= model), hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
+                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = "ar,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+    repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
+    threads: Threads = None,
+    dtype: Dtype = "auto",
+    ctx_size: CtxSize = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object (last line of stdout).")] = False,
+) -> None:
+    """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
+    from selfspec.bench import BenchSettings, run_bench
+    from selfspec.bench_report import ALL, summarise
+    from selfspec.methods import parse_methods
+
+    try:
+        specs = parse_methods(methods)
+        settings = BenchSettings(model=model, suite=suite, methods=[s.text for s in specs],
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, repeats=repeats,
+                                 threads=threads, dtype=dtype, ctx_size=ctx_size, chat=chat)
+        _check_model_spec(model)
+        results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
+    except SelfspecError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+    s = summarise(results)
+    status = {m["method"]: m for m in results["methods"]}
+    lines = []
+    for m in s["methods"]:
+        row = s["table"].get(m, {}).get(ALL)
+        if row is None:
+            lines.append(f"{m:24s} {status[m]['status']}: {status[m]['reason']}")
+            continue
+        flag = {True: "same as plain", False: "OUTPUT DIFFERS FROM PLAIN", None: ""}[row["same"]]
+        lines.append(f"{m:24s} {row['tokens_per_s']:7.1f} tok/s  {row['speedup']:.2f}x  {flag}")
+    print("\n".join(lines) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        sys.stdout.write(json.dumps({"out": str(out), "summary": {m: s["table"][m].get(ALL) for m in s["methods"]
+                                                                  if s["table"].get(m)},
+                                     "methods": results["methods"]}) + "\n")
+
+
+def _check_model_spec(model: str) -> None:
+    """Fail before starting workers when the model can be neither found nor installed."""
+    from selfspec.errors import ModelLoadError
+    from selfspec.models.registry import REGISTRY
+
+    if model in REGISTRY:
+        if REGISTRY[model].part_paths() is None:
+            raise ModelLoadError(f"model {model!r} is not installed; install: {REGISTRY[model].install_hint}")
+    elif not Path(model).expanduser().exists():
+        raise ModelLoadError(f"model {model!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
+
+
 def main() -> None:
     try:
         app()

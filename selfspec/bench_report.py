@@ -1,0 +1,157 @@
+"""Tables and charts of a `selfspec bench` run (results.json -> report.md, speedup.png, tau.png).
+
+Per method and category the rate is total new tokens / total decode seconds over the category's
+prompts (each prompt's decode time is the median over repeats), so long answers weigh more than
+short ones, as they do for a user. Speedup is that rate over our plain decoding's in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ALL = "all"
+
+
+def summarise(results: dict) -> dict:
+    """{method: {category: {tokens_per_s, speedup, tau, acceptance, same, mismatches, prompts}}},
+    plus the category "all"; methods and categories in run order."""
+    runs = results["runs"]
+    methods = [m["method"] for m in results["methods"]]
+    categories = list(dict.fromkeys(r["category"] for r in runs))
+    per_prompt: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        per_prompt[(r["method"], r["prompt_id"])].append(r)
+    table: dict[str, dict[str, dict]] = {}
+    for method in methods:
+        rows = {}
+        for cat in categories + [ALL]:
+            prompts = [(pid, rs) for (m, pid), rs in per_prompt.items()
+                       if m == method and (cat == ALL or rs[0]["category"] == cat)]
+            if not prompts:
+                continue
+            new = sum(rs[0]["new_tokens"] for _, rs in prompts)
+            secs = sum(statistics.median(r["decode_seconds"] for r in rs) for _, rs in prompts)
+            rounds = sum(rs[0].get("rounds") or 0 for _, rs in prompts)
+            drafted = sum(rs[0].get("drafted") or 0 for _, rs in prompts)
+            accepted = sum(rs[0].get("accepted") or 0 for _, rs in prompts)
+            same = [r.get("same_as_plain") for _, rs in prompts for r in rs]
+            rows[cat] = {
+                "tokens_per_s": new / secs if secs > 0 else 0.0,
+                "tau": new / rounds if rounds else None,
+                "acceptance": accepted / drafted if drafted else None,
+                "same": None if any(s is None for s in same) else all(same),
+                "mismatches": sorted({pid for pid, rs in prompts if any(r.get("same_as_plain") is False for r in rs)}),
+                "prefill_seconds": statistics.mean(r["prefill_seconds"] for _, rs in prompts for r in rs),
+                "prompts": len(prompts),
+            }
+        table[method] = rows
+    base = table.get(methods[0], {}) if methods else {}
+    for rows in table.values():
+        for cat, row in rows.items():
+            b = base.get(cat, {}).get("tokens_per_s")
+            row["speedup"] = row["tokens_per_s"] / b if b else None
+    return {"methods": methods, "categories": categories, "table": table}
+
+
+def _fmt(x, spec: str, none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def write_report(results: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    s = summarise(results)
+    methods, cats, table = s["methods"], s["categories"], s["table"]
+    st, mach = results["settings"], results["machine"]
+    status = {m["method"]: m for m in results["methods"]}
+    plain = methods[0] if methods else "none"
+    ours = {m for m in methods if status[m]["kind"] not in ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")}
+    lines = [f"# selfspec bench: {st['model']}, suite `{st['suite']}`", ""]
+    if results.get("command"):
+        lines += ["```", results["command"], "```", ""]
+    sampling = "greedy" if st["temperature"] == 0 else (
+        f"temperature {st['temperature']}, top-k {st['top_k']}, top-p {st['top_p']}, min-p {st['min_p']}, seed {st['seed']}")
+    lines += [f"Machine: {mach.get('cpu')} ({', '.join(mach.get('flags', [])) or 'no SIMD flags read'}), "
+              f"{mach.get('threads')} threads, torch {mach.get('torch')}. Settings: {st['prompts']} prompts, "
+              f"max {st['max_new_tokens']} new tokens per turn, {st['repeats']} repeat(s) (median), {sampling}, "
+              f"dtype {st['dtype']}. Decode tokens/s exclude prefill; speedup is against `{plain}` "
+              f"(our plain decoding) in this run.", ""]
+    bad = [(m, table[m][ALL]["mismatches"]) for m in methods if table.get(m, {}).get(ALL, {}).get("mismatches")]
+    for m, pids in bad:
+        if m in ours:
+            lines += [f"> **MISMATCH: `{m}` produced different greedy output from plain decoding** on "
+                      f"{len(pids)} prompt(s): {', '.join(pids)}. A lossless method must not; this is a bug.", ""]
+        else:
+            lines += [f"> Note: `{m}` (another engine, different numerics) differs from our plain decoding on "
+                      f"{len(pids)} prompt(s); reported, not a failure.", ""]
+    shown = [m for m in methods if table.get(m)]
+    lines += ["## Speedup over plain decoding", "",
+              "| method | " + " | ".join(cats) + " | **all** |", "|---|" + "---|" * (len(cats) + 1)]
+    for m in shown:
+        cells = [_fmt(table[m].get(c, {}).get("speedup"), ".2f") + ("x" if table[m].get(c) else "") for c in cats + [ALL]]
+        cells[-1] = f"**{cells[-1]}**"
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    lines += ["", "## Per category and method", "",
+              "| category | method | tokens/s | speedup | τ | acceptance | same as plain |", "|---|---|---|---|---|---|---|"]
+    for c in cats + [ALL]:
+        for m in shown:
+            row = table[m].get(c)
+            if row is None:
+                continue
+            same = {True: "yes", False: "**NO: " + ", ".join(row["mismatches"]) + "**", None: "n/a"}[row["same"]]
+            lines.append(f"| {c} | `{m}` | {row['tokens_per_s']:.1f} | {_fmt(row['speedup'], '.2f')}x | "
+                         f"{_fmt(row['tau'], '.2f')} | {_fmt(row['acceptance'], '.0%')} | {same} |")
+    base_rss = status.get(plain, {}).get("peak_rss_mb")
+    lines += ["", "## Methods", "", "| method | status | load s | mean prefill s | peak RSS MB | RSS vs plain |",
+              "|---|---|---|---|---|---|"]
+    for m in methods:
+        info, row = status[m], table.get(m, {}).get(ALL)
+        rss = info.get("peak_rss_mb")
+        ratio = f"{rss / base_rss - 1:+.1%}" if rss and base_rss else "–"
+        state = info["status"] + (f": {info['reason']}" if info.get("reason") else "")
+        lines.append(f"| `{m}` | {state} | {_fmt(info.get('load_seconds'), '.1f')} | "
+                     f"{_fmt(row and row['prefill_seconds'], '.3f')} | {_fmt(rss, '.0f')} | {ratio} |")
+    charts = _charts(s, results, out_dir)
+    if charts:
+        lines += [""] + [f"![{name}]({name})" for name in charts]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _charts(s: dict, results: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in s["methods"][1:] if s["table"].get(m)]
+    cats = s["categories"] + [ALL]
+    names = []
+    if methods:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats)), 4))
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            ys = [s["table"][m].get(c, {}).get("speedup") or 0 for c in cats]
+            ax.bar([j + i * width for j in range(len(cats))], ys, width, label=m)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
+        ax.set_ylabel("speedup over plain decoding")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "speedup.png", dpi=100)
+        plt.close(fig)
+        names.append("speedup.png")
+    taus = {m: [r["mean_accepted_tokens"] for r in results["runs"]
+                if r["method"] == m and r.get("mean_accepted_tokens")] for m in s["methods"]}
+    taus = {m: v for m, v in taus.items() if v}
+    if taus:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(taus)), 3.5))
+        ax.boxplot(list(taus.values()))
+        ax.set_xticks(range(1, len(taus) + 1), list(taus), rotation=20, ha="right")
+        ax.set_ylabel("τ per prompt (tokens per verify round)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "tau.png", dpi=100)
+        plt.close(fig)
+        names.append("tau.png")
+    return names
