@@ -102,6 +102,7 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         from selfspec.drafters.draft_model import DraftModelDrafter
         from selfspec.models.loading import load_model
 
+        draft_model = draft_model or default_draft_model(model.name)
         if not draft_model:
             raise SelfspecError("--draft model needs --draft-model ALIAS_OR_PATH (a model with the same tokenizer)")
         small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
@@ -115,3 +116,11 @@ def default_draft(model_spec: str) -> str:
 
     entry = REGISTRY.get(model_spec)
     return entry.best_draft if entry is not None else "none"
+
+
+def default_draft_model(model_spec: str) -> str | None:
+    """The registry's same-tokenizer draft partner of a model (e.g. the 0.5B for the 1.5B), if any."""
+    from selfspec.models.registry import REGISTRY
+
+    entry = REGISTRY.get(model_spec)
+    return getattr(entry, "draft_model", None) if entry is not None else None
