@@ -181,6 +181,58 @@ def _summary(s) -> str:
 
 
 @app.command()
+def serve(
+    model: Model_ = "smollm2-135m",
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="SELFSPEC_API_KEY", show_envvar=True,
+                                                   help="Require 'Authorization: Bearer KEY' under /v1 (/health and /metrics stay open).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the one generation worker; more get 429.")] = 8,
+    request_timeout: Annotated[float, typer.Option(help="Seconds from arrival to the last token, queueing included; then 504 (or an error event mid-stream).")] = 300.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; more gets 413.")] = 1 << 20,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    ctx_size: CtxSize = None,
+    draft: Annotated[Optional[str], typer.Option(help="none|layer-skip|ngram|model|auto (default and auto: the best recorded for the model, until the cost-aware auto lands).")] = None,
+    skip_config: Annotated[Optional[str], typer.Option(help="Skip-config JSON for --draft layer-skip (default: the shipped one; `int8`: the shipped precision self-draft).")] = None,
+    max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
+    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
+    try:
+        from selfspec.sampling import SamplingParams
+        from selfspec.server import ServerSettings, run, warm_up
+
+        defaults = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        draft = default_draft(model) if draft in (None, "auto") else draft
+        if draft not in DRAFTS:
+            raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)} or auto, got {draft!r}")
+        settings = ServerSettings(model_id=model, api_key=api_key or None, max_queue=max_queue,
+                                  request_timeout=request_timeout, max_body=max_body, defaults=defaults)
+        print(f"loading {model} ...", file=sys.stderr, flush=True)
+        from dataclasses import replace
+
+        from selfspec.models.loading import load_model
+
+        m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+        settings = replace(settings, model_id=m.name)  # what clients pass as "model"
+        drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, draft_model=draft_model,
+                                dtype=dtype, threads=threads)
+        warm_up(m, drafter)
+        run(m, drafter, settings, host=host, port=port)
+    except SelfspecError as e:
+        _fail(str(e))
+
+
+@app.command()
 def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model: Model_ = "smollm2-135m",

@@ -1,0 +1,405 @@
+"""OpenAI-compatible HTTP server (`selfspec serve`): /v1/models, /v1/completions,
+/v1/chat/completions (streamed as server-sent events when asked), /health and /metrics.
+
+One worker thread runs every generation in arrival order: the model and its KV cache are not
+thread-safe, and on a CPU two generations at once would only share the same cores. It is fed by a
+bounded queue; a full queue answers 429 with Retry-After. Handlers parse, validate and tokenise
+before queueing, so a bad request is refused at once, never after waiting its turn; the worker
+only decodes. A client that disconnects, or a request older than --request-timeout, sets its job's
+cancel flag and the worker drops that generation at the end of the current round.
+
+The wire format (schemas, bodies, error object) is in `server_api.py`; status codes follow
+CONVENTIONS.md ("Server").
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.generation import Generation, GenerationResult, stream
+from selfspec.sampling import SamplingParams
+from selfspec.server_api import ApiError, ChatRequest, CompletionRequest, Reply, parse_request, usage_of
+from selfspec.server_worker import POLL_SECONDS, Job, Metrics, Worker
+
+log = logging.getLogger("selfspec.server")
+
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_id: str  # the name clients pass as "model"
+    api_key: str | None = None
+    max_queue: int = 8  # requests waiting for the worker (the one decoding is not counted)
+    request_timeout: float = 300.0  # seconds from arrival to the last token, queueing included
+    max_body: int = 1 << 20
+    defaults: SamplingParams = field(default_factory=SamplingParams)  # for parameters a request omits
+    completion_max_tokens: int = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise InvalidParameterError(f"--max-queue must be >= 1, got {self.max_queue}")
+        if not self.request_timeout > 0:
+            raise InvalidParameterError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.max_body < 1:
+            raise InvalidParameterError(f"--max-body must be >= 1 byte, got {self.max_body}")
+
+
+# ---------------------------------------------------------------------------------------- the app
+class Server:
+    """Routes and their state: the model, the shared drafter, the worker and the metrics.
+
+    One drafter serves every request: each drafter's `reset()` (called by the decode loop at the
+    start of every generation) clears its per-sequence state; what carries over is adaptive state
+    meant to carry over (layer-skip's draft-exit threshold, as in Draft & Verify's evaluation) and
+    what is expensive to rebuild (a draft model and its cache, layer-skip's int8 weights)."""
+
+    def __init__(self, model, drafter, settings: ServerSettings) -> None:
+        self.model = model
+        self.drafter = drafter
+        self.settings = settings
+        self.metrics = Metrics(lambda: self.worker.jobs.qsize())
+        self.worker = Worker(settings.max_queue, self.metrics)
+        self.started = int(time.time())
+
+    # ----------------------------------------------------------------- request -> generation
+    async def read_body(self, request: Request) -> object:
+        limit = self.settings.max_body
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _too_large(limit)
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > limit:
+                raise _too_large(limit)
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.settings.model_id!r} (see /v1/models)", param="model", code="model_not_found")
+
+    def prepare(self, req, chat: bool) -> Generation:
+        """Tokenise and check a validated request (runs in a thread pool: tokenising is CPU work)."""
+        model, settings = self.model, self.settings
+        param = "messages" if chat else "prompt"
+        try:
+            sampling = req.sampling(settings.defaults)
+            if chat:
+                if not model.has_chat_template:
+                    raise ApiError(400, f"model {settings.model_id!r} has no chat template; use /v1/completions",
+                                   param="messages")
+                ids = model.encode_messages([m.as_template_dict() for m in req.messages])
+            else:
+                prompt = req.text_or_ids()
+                ids = model.encode(prompt, chat=False) if isinstance(prompt, str) else prompt
+        except ApiError:
+            raise
+        except SelfspecError as e:
+            raise ApiError(400, str(e), param=_param_of(str(e), param)) from None
+        except Exception as e:  # a chat template that refuses the conversation (e.g. roles out of order)
+            raise ApiError(400, f"cannot apply the model's chat template: {e}", param=param) from None
+        if not ids:
+            raise ApiError(400, f"the {param} is empty; give at least one token of text", param=param)
+        room = model.ctx_size - len(ids)
+        wanted = req.requested_tokens
+        if wanted is None:
+            wanted = settings.completion_max_tokens if not chat else room
+        if room < 1 or wanted > room:
+            raise ApiError(400, f"this request needs {len(ids)} prompt tokens + max_tokens {wanted} = "
+                                f"{len(ids) + wanted} tokens, but the model's context is {model.ctx_size} "
+                                f"tokens; shorten the {param} or lower max_tokens",
+                           param=param if room < 1 else "max_tokens", code="context_length_exceeded")
+        try:
+            return stream(model, ids, drafter=self.drafter, sampling=sampling, max_new_tokens=wanted,
+                          stop=req.stops, ignore_eos=req.ignore_eos)
+        except SelfspecError as e:
+            raise ApiError(400, str(e), param=_param_of(str(e), param)) from None
+
+    # ----------------------------------------------------------------------- the two endpoints
+    async def generate(self, request: Request, chat: bool) -> Response:
+        deadline = time.monotonic() + self.settings.request_timeout
+        req = parse_request(ChatRequest if chat else CompletionRequest, await self.read_body(request))
+        self.check_model(req.model)
+        gen = await run_in_threadpool(self.prepare, req, chat)
+        job = Job(gen, asyncio.get_running_loop(), self.metrics)
+        self.worker.submit(job)
+        reply = Reply(chat, self.settings.model_id)
+        try:  # errors before the first token are real HTTP errors, also when streaming
+            first = await self._next_event(job, request, deadline)
+        except _ClientGone:
+            return Response(status_code=499)
+        except BaseException:
+            job.cancel("timeout" if time.monotonic() > deadline else "disconnect")
+            raise
+        if first[0] == "error":
+            job.finished = True
+            raise first[1]
+        if req.stream:
+            return StreamingResponse(self._sse(job, request, reply, req, first, deadline),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        event = first
+        try:
+            while event[0] == "text":
+                event = await self._next_event(job, request, deadline)
+        except _ClientGone:
+            return Response(status_code=499)
+        job.finished = True
+        if event[0] == "error":
+            raise event[1]
+        result: GenerationResult = event[1]
+        stats = self._stats(job, result, request)
+        return JSONResponse(reply.full(result.text, result.finish_reason, _usage(result), stats))
+
+    async def _sse(self, job: Job, request: Request, reply: Reply, req, first, deadline: float):
+        event = first
+        try:
+            if reply.chat:
+                yield _sse(reply.chunk("", first=True))
+            while True:
+                kind, payload = event
+                if kind == "text":
+                    yield _sse(reply.chunk(payload))
+                elif kind == "error":
+                    job.finished = True
+                    yield _sse(payload.body())
+                    break
+                else:
+                    job.finished = True
+                    chunk = reply.chunk(None if reply.chat else "", payload.finish_reason)
+                    chunk["selfspec"] = self._stats(job, payload, request)
+                    if req.include_usage:
+                        chunk["usage"] = None
+                    yield _sse(chunk)
+                    if req.include_usage:
+                        yield _sse(reply.usage_chunk(_usage(payload)))
+                    break
+                try:  # disconnects: Starlette cancels this generator (the finally below)
+                    event = await self._next_event(job, None, deadline)
+                except ApiError as e:  # timed out mid-stream: the status line is long gone
+                    event = ("error", e)
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel("disconnect")  # a no-op once finished
+
+    async def _next_event(self, job: Job, request: Request | None, deadline: float):
+        """The job's next event; on the way, every POLL_SECONDS, whether its client is still there
+        (`request`; None while streaming, where Starlette notices) and within its deadline."""
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                job.cancel("timeout")
+                raise ApiError(504, f"the request did not finish within the server's --request-timeout of "
+                                    f"{self.settings.request_timeout:g} s", type="timeout_error",
+                               code="request_timeout")
+            if request is not None and now >= job.next_check:
+                job.next_check = now + POLL_SECONDS
+                if await request.is_disconnected():
+                    job.cancel("disconnect")
+                    raise _ClientGone
+            try:
+                return await asyncio.wait_for(job.events.get(), min(POLL_SECONDS, deadline - now))
+            except asyncio.TimeoutError:
+                pass
+
+    def _stats(self, job: Job, result: GenerationResult, request: Request) -> dict:
+        stats = result.stats.to_dict()
+        stats["queue_seconds"] = round((job.started or job.created) - job.created, 4)
+        request.state.selfspec = stats  # for the request's log line
+        return stats
+
+    # -------------------------------------------------------------------------------- the app
+    def app(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(_app):
+            self.worker.start()
+            try:
+                yield
+            finally:
+                self.worker.stop()
+
+        app = FastAPI(title="selfspec", lifespan=lifespan, docs_url=None, redoc_url=None)
+        v1 = APIRouter(prefix="/v1", dependencies=[Depends(self.authorize)])
+
+        @v1.get("/models")
+        async def list_models():
+            return {"object": "list", "data": [self._model_card()]}
+
+        @v1.get("/models/{model_id:path}")
+        async def get_model(model_id: str):
+            self.check_model(model_id)
+            return self._model_card()
+
+        @v1.post("/completions")
+        async def completions(request: Request):
+            return await self.generate(request, chat=False)
+
+        @v1.post("/chat/completions")
+        async def chat_completions(request: Request):
+            return await self.generate(request, chat=True)
+
+        @app.get("/health")
+        async def health():
+            ok = self.worker.alive
+            body = {"status": "ok" if ok else "worker stopped", "model": self.settings.model_id,
+                    "queue_depth": self.worker.jobs.qsize(), "busy": self.worker.current is not None}
+            return JSONResponse(body, status_code=200 if ok else 503)
+
+        @app.get("/metrics")
+        async def metrics():
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        app.include_router(v1)
+        app.add_exception_handler(ApiError, _api_error)
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(StarletteHTTPException, _http_error)
+        app.add_exception_handler(Exception, _internal_error)
+        app.add_middleware(RequestLog, metrics=self.metrics)
+        return app
+
+    def authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
+                                "with the key the server was started with", code="invalid_api_key")
+
+    def _model_card(self) -> dict:
+        return {"id": self.settings.model_id, "object": "model", "created": self.started, "owned_by": "selfspec",
+                "context_length": self.model.ctx_size, "draft": getattr(self.drafter, "name", "none")}
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited or ran."""
+
+
+class RequestLog:
+    """ASGI middleware: per-request metrics and one log line (with speculation stats when a
+    generation finished), written when the response is complete, streamed ones included."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - t0
+            path = scope["path"]
+            endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(seconds)
+            if endpoint not in ("/health", "/metrics"):
+                stats = scope.get("state", {}).get("selfspec")
+                log.info("%s %s %d %.2fs%s", scope["method"], path, status[0], seconds, _stats_line(stats))
+
+
+def _stats_line(s: dict | None) -> str:
+    if not s:
+        return ""
+    line = (f" prompt={s['prompt_tokens']} new={s['new_tokens']} {s['tokens_per_s']:.1f} tok/s "
+            f"prefill={s['prefill_seconds']:.2f}s queued={s['queue_seconds']:.2f}s draft={s['drafter']}")
+    if s["drafter"] != "none":
+        line += (f" tau={s['mean_accepted_tokens']:.2f} accepted={s['accepted']}/{s['drafted']}"
+                 f" ({100 * s['acceptance_rate']:.0f}%)")
+    return line
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(result: GenerationResult) -> dict:
+    return usage_of(len(result.prompt_ids), len(result.token_ids))
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than the server's --max-body of {limit} bytes",
+                    code="request_too_large")
+
+
+def _param_of(message: str, default: str) -> str:
+    """The parameter a library error message names (they start with it), else `default`."""
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens"):
+        if message.startswith(name):
+            return "max_tokens" if name == "max_new_tokens" else name
+    return default
+
+
+async def _api_error(_request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _validation_error(_request, e: RequestValidationError):
+    err = (e.errors() or [{}])[0]
+    param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+    return await _api_error(None, ApiError(400, f"invalid request: {err.get('msg', e)}", param=param))
+
+
+async def _http_error(request, e: StarletteHTTPException):
+    where = f"{request.method} {request.url.path}"
+    message = {404: f"no such endpoint: {where}", 405: f"method not allowed: {where}"}.get(e.status_code, str(e.detail))
+    return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+async def _internal_error(_request, e: Exception):
+    # Starlette re-raises the exception after this answer, so uvicorn logs the traceback.
+    return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}", type="server_error").body(),
+                        status_code=500)
+
+
+def create_app(model, drafter=None, settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI app serving `model` (a loaded `Model`), drafting with `drafter` (None: plain
+    decoding). Run it with uvicorn; the worker thread starts and stops with the app's lifespan."""
+    return Server(model, drafter, settings or ServerSettings(model_id=model.name)).app()
+
+
+def warm_up(model, drafter) -> None:
+    """The first forward passes pay one-off kernel set-up; pay it before the first client does."""
+    prompt = model.encode("Hello", chat=False) or [0]
+    for _ in stream(model, prompt, drafter=drafter, max_new_tokens=min(4, model.ctx_size - len(prompt))):
+        pass
+
+
+def run(model, drafter, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(model, drafter, settings)
+    log.info("serving %s (draft %s, ctx %d) on http://%s:%d/v1%s", settings.model_id,
+             getattr(drafter, "name", "none"), model.ctx_size, host, port,
+             " (API key required)" if settings.api_key else "")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=5)
