@@ -180,6 +180,7 @@ class Server:
                     yield _sse(reply.chunk(payload))
                 elif kind == "error":
                     job.finished = True
+                    request.state.selfspec_error = payload.message
                     yield _sse(payload.body())
                     break
                 else:
@@ -321,8 +322,10 @@ class RequestLog:
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
             if endpoint not in ("/health", "/metrics"):
-                stats = scope.get("state", {}).get("selfspec")
-                log.info("%s %s %d %.2fs%s", scope["method"], path, status[0], seconds, _stats_line(stats))
+                state = scope.get("state", {})
+                error = f" error: {state['selfspec_error']}" if "selfspec_error" in state else ""
+                log.info("%s %s %d %.2fs%s%s", scope["method"], path, status[0], seconds,
+                         _stats_line(state.get("selfspec")), error)
 
 
 def _stats_line(s: dict | None) -> str:
@@ -357,14 +360,16 @@ def _param_of(message: str, default: str) -> str:
     return default
 
 
-async def _api_error(_request, e: ApiError):
+async def _api_error(request, e: ApiError):
+    if request is not None:
+        request.state.selfspec_error = e.message  # for the request's log line
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def _validation_error(_request, e: RequestValidationError):
     err = (e.errors() or [{}])[0]
     param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
-    return await _api_error(None, ApiError(400, f"invalid request: {err.get('msg', e)}", param=param))
+    return await _api_error(_request, ApiError(400, f"invalid request: {err.get('msg', e)}", param=param))
 
 
 async def _http_error(request, e: StarletteHTTPException):
