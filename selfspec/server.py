@@ -407,4 +407,6 @@ def run(model, drafter, settings: ServerSettings, host: str = "127.0.0.1", port:
     log.info("serving %s (draft %s, ctx %d) on http://%s:%d/v1%s", settings.model_id,
              getattr(drafter, "name", "none"), model.ctx_size, host, port,
              " (API key required)" if settings.api_key else "")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=5)

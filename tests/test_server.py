@@ -392,6 +392,19 @@ def test_metrics_report_requests_tokens_and_speculation(live):
     assert re.search(r"POST /v1/chat/completions 200 .* tok/s .* draft=ngram tau=", log), log[-2000:]
 
 
+@pytest.mark.parametrize("args, needle", [(["--max-queue", "0"], "--max-queue"), (["--draft", "magic"], "magic"),
+                                          (["--temperature", "-1"], "temperature")])
+def test_serve_bad_flags_fail_before_loading(args, needle):
+    from typer.testing import CliRunner
+
+    from selfspec.cli import app
+
+    result = CliRunner().invoke(app, ["serve", *args])  # in-process: no interpreter start-up to pay
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "loading" not in result.output
+
+
 # ---------------------------------------------------------------------------------- README
 def _readme_blocks(lang: str) -> list[str]:
     text = (ROOT / "README.md").read_text()
