@@ -114,8 +114,9 @@ class Server:
             raise
         except SelfspecError as e:
             raise ApiError(400, str(e), param=_param_of(str(e), param)) from None
-        except Exception as e:  # a chat template that refuses the conversation (e.g. roles out of order)
-            raise ApiError(400, f"cannot apply the model's chat template: {e}", param=param) from None
+        except Exception as e:  # e.g. a chat template that refuses the conversation (roles out of order)
+            what = "apply the model's chat template" if chat else "tokenise the prompt"
+            raise ApiError(400, f"cannot {what}: {type(e).__name__}: {e}", param=param) from None
         if not ids:
             raise ApiError(400, f"the {param} is empty; give at least one token of text", param=param)
         room = model.ctx_size - len(ids)
@@ -142,26 +143,20 @@ class Server:
         job = Job(gen, asyncio.get_running_loop(), self.metrics)
         self.worker.submit(job)
         reply = Reply(chat, self.settings.model_id)
-        try:  # errors before the first token are real HTTP errors, also when streaming
-            first = await self._next_event(job, request, deadline)
-        except _ClientGone:
-            return Response(status_code=499)
-        except BaseException:
-            job.cancel("timeout" if time.monotonic() > deadline else "disconnect")
-            raise
-        if first[0] == "error":
-            job.finished = True
-            raise first[1]
-        if req.stream:
-            return StreamingResponse(self._sse(job, request, reply, req, first, deadline),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        event = first
         try:
+            # Errors before the first token are real HTTP errors, also when streaming.
+            event = await self._next_event(job, request, deadline)
+            if req.stream and event[0] != "error":
+                return StreamingResponse(self._sse(job, request, reply, req, event, deadline),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             while event[0] == "text":
                 event = await self._next_event(job, request, deadline)
         except _ClientGone:
-            return Response(status_code=499)
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except BaseException:  # timeout (already cancelled), or the server is stopping
+            job.cancel("shutdown")
+            raise
         job.finished = True
         if event[0] == "error":
             raise event[1]
