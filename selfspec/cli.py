@@ -95,7 +95,7 @@ def generate(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
-    draft: Annotated[Optional[str], typer.Option(help="none|layer-skip|ngram|model (default: the best recorded for the model).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
     skip_config: Annotated[Optional[str], typer.Option(help="Skip-config JSON for --draft layer-skip (default: the shipped one; `int8`: the shipped precision self-draft).")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Initial draft-exit threshold (layer-skip).")] = None,

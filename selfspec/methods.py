@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 
-DRAFTS = ("none", "layer-skip", "ngram", "model")
+DRAFTS = ("none", "auto", "layer-skip", "ngram", "model")
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
@@ -86,6 +86,17 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
     draft = ALIASES.get(draft, draft)
     if draft == "none":
         return None
+    if draft == "auto":
+        from selfspec.drafters.auto import AutoDrafter
+        from selfspec.drafters.layerskip import AdaptiveExit
+
+        small = None
+        if draft_model:
+            small = build_drafter("model", model, draft_model=draft_model, dtype=dtype, threads=threads)
+        exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
+                             beta1=beta1, beta2=beta2, adaptive=adaptive)
+        return AutoDrafter.for_model(model, skip_config, draft_model=small, exit=exit_, draft_vocab=draft_vocab,
+                                     **({} if max_draft is None else {"max_draft": max_draft}))
     if draft == "layer-skip":
         from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
 
@@ -111,11 +122,8 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
 
 
 def default_draft(model_spec: str) -> str:
-    """The fastest lossless method that our benchmark recorded for a registry model, else none."""
-    from selfspec.models.registry import REGISTRY
-
-    entry = REGISTRY.get(model_spec)
-    return entry.best_draft if entry is not None else "none"
+    """`auto` (cost-aware: never meant to be slower than plain decoding) for every model."""
+    return "auto"
 
 
 def default_draft_model(model_spec: str) -> str | None:

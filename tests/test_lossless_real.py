@@ -5,6 +5,7 @@ import pytest
 
 from lossless import assert_lossless, truncated_copy
 from prompts import PROMPTS
+from selfspec.drafters.auto import AutoDrafter
 from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig, shipped_config
 from selfspec.drafters.ngram import NgramDrafter
@@ -14,6 +15,7 @@ N_NEW = 20
 
 
 def drafters(model):
+    yield AutoDrafter.for_model(model)  # calibrated on this machine
     yield NgramDrafter()
     yield LayerSkipDrafter.for_model(model)  # the shipped config
     n = model.config.n_layers

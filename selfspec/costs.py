@@ -1,0 +1,112 @@
+"""What a forward pass costs on this machine, measured (DESIGN.md, "Performance model").
+
+`CostModel.verify[k]` is the time of one forward over 1 + k tokens (k drafts plus the pending
+token), so `verify[0]` is one plain decode step. It is calibrated at load with a few forward passes
+(cached per machine + model + dtype + kernel + threads under the cache folder) and refined online
+from the verify rounds the generation loop actually runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MAX_K = 8
+EMA = 0.1  # weight of one online observation
+
+
+@dataclass
+class CostModel:
+    verify: list[float]  # seconds of a forward over 1 + k tokens, k = 0..MAX_K
+    source: str = "calibrated"
+    observed: list[int] = field(default_factory=list)
+    path: Path | None = None  # where calibrate() cached it; save() writes refined costs back
+
+    def __post_init__(self) -> None:
+        if len(self.verify) < 2 or any(not (c > 0) for c in self.verify):
+            raise ValueError(f"a cost model needs positive costs for k = 0..K, got {self.verify}")
+        self.verify = [float(c) for c in self.verify]
+        self.observed = self.observed or [0] * len(self.verify)
+
+    @property
+    def step(self) -> float:
+        return self.verify[0]
+
+    @property
+    def max_k(self) -> int:
+        return len(self.verify) - 1
+
+    def observe(self, k: int, seconds: float) -> None:
+        """Refine verify[k] with a measured round; a wildly slow one (another process stole the
+        CPU, a page fault) moves the estimate by at most a bounded amount."""
+        if not 0 <= k <= self.max_k or seconds <= 0:
+            return
+        old = self.verify[k]
+        seconds = min(seconds, 3 * old)
+        self.verify[k] = old + EMA * (seconds - old)
+        self.observed[k] += 1
+
+    def ratios(self) -> list[float]:
+        return [c / self.step for c in self.verify]
+
+    def save(self) -> None:
+        """Write the (refined) costs to the cache entry, so the next run starts from them: a
+        calibration taken while another process loaded the CPU does not stick."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"verify": self.verify}))
+        os.replace(tmp, self.path)
+
+
+def _key(model, threads: int) -> str:
+    from selfspec.machine import cpu_info
+    from selfspec.models.loading import _file_key
+
+    info = cpu_info()
+    parts = [info["cpu"], ",".join(info["flags"]), info["torch"], _file_key(Path(model.path)),
+             model.dtype, model.kernel, str(threads), str(model.ctx_size)]
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = True) -> CostModel:
+    """Median time of forwards over 1..max_k+1 tokens after a short context; cached on disk."""
+    from selfspec.models.registry import cache_dir
+
+    threads = torch.get_num_threads()
+    path = cache_dir() / "costs" / f"{_key(model, threads)}.json"
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if len(data["verify"]) == max_k + 1:
+                return CostModel(data["verify"], source="cached", path=path)
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged entry is measured again
+    tr = model.transformer
+    cache = model.cache()
+    context = min(32, max(1, cache.max_len - max_k - 2))
+    vocab = model.config.vocab_size
+    ids = torch.arange(context + max_k + 1, dtype=torch.long) % vocab
+    with torch.inference_mode():
+        tr.forward(ids[:context], 0, cache, last_only=True)
+        times: list[list[float]] = [[] for _ in range(max_k + 1)]
+        for rep in range(repeats + 1):
+            for k in range(max_k + 1):
+                t = time.perf_counter()
+                tr.forward(ids[context: context + k + 1], context, cache)
+                dt = time.perf_counter() - t
+                cache.rollback(context)
+                if rep:  # the first sweep warms kernels and allocator
+                    times[k].append(dt)
+    cache.reset()
+    costs = CostModel([statistics.median(t) for t in times], path=path if use_cache else None)
+    costs.save()
+    return costs

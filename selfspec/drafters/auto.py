@@ -1,0 +1,200 @@
+"""Cost-aware speculation (`--draft auto`): per round, pick the drafter and draft length k that
+maximise expected tokens per second on this machine, and fall back to plain decoding (k = 0)
+whenever no drafter is expected to pay.
+
+For a drafter whose drafts are accepted token by token with probability a, a round with k drafts
+yields E(k) = 1 + a + ... + a^k tokens (the bonus or correction token included) and costs
+T(k) = k * c_draft + c_verify(k). Plain decoding yields 1 token per c_verify(0) = c_step. We take
+argmax_k E(k) / T(k) over k = 0..K with the costs of `selfspec.costs` (calibrated at load, refined
+from every round the loop runs: the time between a proposal and its verdict is that round's
+verify) and a per drafter estimate of a that forgets old rounds, so a change of task moves it
+within a few rounds. A drafter whose best k is 0 is switched off and re-probed with a short draft
+after `probe_every` rounds, the interval doubling while it keeps losing (bounded cost).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from selfspec.costs import MAX_K, CostModel
+from selfspec.drafters.base import EMPTY, Draft, DraftContext
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """1 + a + ... + a^k: tokens of a round with k drafts, each accepted with probability a."""
+    return float(sum(a ** i for i in range(k + 1)))
+
+
+def best_k(a: float, c_draft: float, costs: CostModel, k_max: int) -> tuple[int, float]:
+    """The draft length with the most expected tokens per second, and its predicted speedup over
+    plain decoding (1.0 for k = 0)."""
+    best, best_rate = 0, 1.0 / costs.step
+    for k in range(1, min(k_max, costs.max_k) + 1):
+        rate = expected_tokens(a, k) / (k * c_draft + costs.verify[k])
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = k, rate
+    return best, best_rate * costs.step
+
+
+@dataclass
+class Acceptance:
+    """Per-token acceptance probability from recent rounds: accepted drafts over accepted drafts
+    plus rejections (a round ending at a rejection counts one), both forgetting by `decay` per
+    round. The prior (a = 0.6, worth about two rounds) lets a new drafter be tried."""
+
+    decay: float = 0.7
+    accepted: float = 1.2
+    rejected: float = 0.8
+
+    def update(self, accepted: int, proposed: int) -> None:
+        if proposed <= 0:
+            return
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1.0 if accepted < proposed else 0.0)
+
+    @property
+    def rate(self) -> float:
+        return min(0.99, self.accepted / (self.accepted + self.rejected))
+
+
+@dataclass
+class Arm:
+    """One drafter under the policy."""
+
+    drafter: object
+    c_draft: float  # seconds per drafted token (EMA)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    idle: int = 0  # rounds since it last drafted
+    probe_interval: int = 16
+    rounds: int = 0
+    probes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.drafter.name
+
+
+class AutoDrafter:
+    """Chooses among `drafters` (cheapest first) and k each round; see the module docstring."""
+
+    name = "auto"
+
+    def __init__(self, drafters: list, costs: CostModel, max_draft: int = 8, probe_every: int = 16,
+                 probe_max: int = 256, probe_k: int = 2, draft_cost_guess: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if not drafters:
+            raise ValueError("auto needs at least one drafter")
+        guess = draft_cost_guess or {}
+        self.arms = [Arm(d, guess.get(d.name, 0.5 * costs.step), probe_interval=probe_every) for d in drafters]
+        self.costs = costs
+        self.max_draft = max_draft
+        self.probe_every, self.probe_max, self.probe_k = probe_every, probe_max, probe_k
+        self.clock = clock
+        self._reset_round()
+        self.k_hist: dict[int, int] = {}
+        self.drafter_rounds: dict[str, int] = {}
+        self.predicted_tokens = self.predicted_seconds = 0.0
+        self.real_tokens = 0
+        self.real_seconds = 0.0
+
+    def _reset_round(self) -> None:
+        self._arm: Arm | None = None
+        self._t_proposed: float | None = None
+        self._t_start: float | None = None
+        self._probing = False
+
+    # ------------------------------------------------------------------------- Drafter protocol
+    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
+        t_start = self.clock()
+        k_cap = min(self.max_draft, max_tokens)
+        chosen, draft, predicted = None, Draft(EMPTY), (1.0, self.costs.step)
+        for arm in self.arms:
+            k, _ = best_k(arm.acceptance.rate, arm.c_draft, self.costs, k_cap)
+            probing = False
+            if k == 0:
+                arm.idle += 1
+                if arm.idle < arm.probe_interval or k_cap < 1:
+                    continue
+                k, probing = min(self.probe_k, k_cap), True
+            t = self.clock()
+            d = arm.drafter.propose(ctx, k)
+            spent = self.clock() - t
+            if len(d) == 0:  # e.g. no n-gram match: nothing drafted, try the next drafter
+                continue
+            arm.c_draft += 0.3 * (spent / len(d) - arm.c_draft)
+            chosen, draft, self._probing = arm, d, probing
+            a = arm.acceptance.rate
+            predicted = (expected_tokens(a, len(d)), len(d) * arm.c_draft + self.costs.verify[min(len(d), self.costs.max_k)])
+            break
+        self._arm = chosen
+        self._t_start = t_start
+        self._t_proposed = self.clock()
+        self.predicted_tokens += predicted[0]
+        self.predicted_seconds += predicted[1]
+        return draft
+
+    def update(self, accepted: int, proposed: int) -> None:
+        now = self.clock()
+        if self._t_proposed is not None:
+            self.costs.observe(proposed, now - self._t_proposed)
+            self.real_seconds += now - self._t_start
+        self.real_tokens += accepted + 1
+        self.k_hist[proposed] = self.k_hist.get(proposed, 0) + 1
+        arm = self._arm
+        name = arm.name if arm is not None and proposed else "none"
+        self.drafter_rounds[name] = self.drafter_rounds.get(name, 0) + 1
+        if arm is not None and proposed:
+            arm.acceptance.update(accepted, proposed)
+            arm.drafter.update(accepted, proposed)
+            arm.idle, arm.rounds = 0, arm.rounds + 1
+            if self._probing:
+                arm.probes += 1
+                still_off = best_k(arm.acceptance.rate, arm.c_draft, self.costs, self.max_draft)[0] == 0
+                arm.probe_interval = min(self.probe_max, arm.probe_interval * 2) if still_off else self.probe_every
+        self._reset_round()
+
+    def reset(self) -> None:
+        if sum(self.costs.observed) >= 32:  # refined by a whole generation: keep it for next time
+            self.costs.save()
+        for arm in self.arms:
+            arm.drafter.reset()
+        self._reset_round()
+
+    def extra_stats(self) -> dict:
+        step = self.costs.step
+        stats = {
+            "auto_k_rounds": {str(k): n for k, n in sorted(self.k_hist.items())},
+            "auto_drafter_rounds": dict(self.drafter_rounds),
+            "auto_probes": {a.name: a.probes for a in self.arms},
+            "auto_acceptance": {a.name: round(a.acceptance.rate, 3) for a in self.arms},
+            "predicted_speedup": (self.predicted_tokens / self.predicted_seconds * step) if self.predicted_seconds else None,
+            "realised_speedup": (self.real_tokens / self.real_seconds * step) if self.real_seconds else None,
+            "cost_verify_ratios": [round(r, 3) for r in self.costs.ratios()],
+            "cost_source": self.costs.source,
+        }
+        for arm in self.arms:
+            stats.update({f"{arm.name}_{k}": v for k, v in arm.drafter.extra_stats().items()})
+        return stats
+
+    @classmethod
+    def for_model(cls, model, skip_config=None, draft_model=None, max_draft: int = 8, costs: CostModel | None = None,
+                  **layer_skip_kwargs) -> "AutoDrafter":
+        """n-gram lookup (free to draft), then the model's layer-skip config (given or shipped) and
+        a draft model when one is named."""
+        from selfspec.costs import calibrate
+        from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
+        from selfspec.drafters.ngram import NgramDrafter
+
+        costs = costs or calibrate(model, max_k=max(MAX_K, max_draft))
+        drafters = [NgramDrafter(max_draft=max_draft, adaptive=False)]
+        guess = {"ngram": 0.002 * costs.step}
+        if skip_config is not None or shipped_config(model.name) is not None:
+            ls = LayerSkipDrafter.for_model(model, skip_config, max_draft=max_draft, **layer_skip_kwargs)
+            drafters.append(ls)
+            n = 2 * model.config.n_layers
+            kept = 1 - (len(ls.skip.attention) + len(ls.skip.mlp)) / n
+            guess["layer-skip"] = max(0.05, kept) * costs.step
+        if draft_model is not None:
+            drafters.append(draft_model)
+        return cls(drafters, costs, max_draft=max_draft, draft_cost_guess=guess)

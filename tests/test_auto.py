@@ -1,0 +1,211 @@
+"""Cost-aware speculation: the draft-length policy under synthetic cost models, switching off and
+re-probing, calibration, and losslessness of `--draft auto`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfspec.costs import CostModel, calibrate
+from selfspec.drafters.auto import Acceptance, AutoDrafter, best_k, expected_tokens
+from selfspec.drafters.base import Draft
+from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig
+from selfspec.drafters.ngram import NgramDrafter
+from selfspec.generation import generate
+from selfspec.sampling import SamplingParams
+from tiny import one_thread, tiny_model
+
+STEP = 0.05
+PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 8, 5, 17, 33]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+def free_verify(k_max: int = 8) -> CostModel:
+    return CostModel([STEP] * (k_max + 1), source="synthetic")
+
+
+def linear_verify(k_max: int = 8) -> CostModel:
+    return CostModel([STEP * (k + 1) for k in range(k_max + 1)], source="synthetic")
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize("a", [0.3, 0.6, 0.9, 0.99])
+def test_free_verification_means_long_drafts(a):
+    k, gain = best_k(a, c_draft=0.0, costs=free_verify(), k_max=8)
+    assert k == 8 and gain == pytest.approx(expected_tokens(a, 8), rel=1e-9)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.5, 0.9, 0.99])
+def test_verify_costing_k_steps_means_never_draft(a):
+    k, gain = best_k(a, c_draft=0.01 * STEP, costs=linear_verify(), k_max=8)
+    assert k == 0 and gain == 1.0
+
+
+def test_cheap_verify_and_moderate_acceptance_picks_a_middle_length():
+    costs = CostModel([STEP * (1 + 0.04 * k) for k in range(9)])  # verify 8 = 1.32 steps
+    k_low, _ = best_k(0.5, 0.3 * STEP, costs, 8)
+    k_high, _ = best_k(0.9, 0.3 * STEP, costs, 8)
+    assert 1 <= k_low < k_high  # better acceptance, longer drafts
+    assert best_k(0.2, 0.3 * STEP, costs, 8)[0] == 0  # a weak draft is not worth its cost
+
+
+def test_acceptance_estimate_forgets():
+    acc = Acceptance()
+    for _ in range(10):
+        acc.update(4, 4)
+    assert acc.rate > 0.9
+    for _ in range(10):
+        acc.update(0, 4)
+    assert acc.rate < 0.2
+    before = acc.rate
+    acc.update(0, 0)  # rounds without drafts change nothing
+    assert acc.rate == before
+
+
+class Scripted:
+    """Proposes k tokens; whether they will be accepted is decided by the simulation."""
+
+    name = "scripted"
+
+    def __init__(self, clock, c_draft):
+        self.proposed, self.clock, self.c_draft = [], clock, c_draft
+
+    def propose(self, ctx, max_tokens):
+        self.proposed.append(max_tokens)
+        self.clock.t += self.c_draft * max_tokens
+        return Draft(torch.zeros(max_tokens, dtype=torch.long))
+
+    def update(self, accepted, proposed):
+        pass
+
+    def reset(self):
+        pass
+
+    def extra_stats(self):
+        return {}
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def simulate(auto, clock, costs_true, good, rounds):
+    """Rounds of propose -> verify with a known truth: drafts all accepted when `good(r)`, else none.
+    Returns the k of each round."""
+    ks = []
+    for r in range(rounds):
+        k = len(auto.propose(None, 8))
+        clock.t += costs_true.verify[k]
+        auto.update(k if good(r) else 0, k)
+        ks.append(k)
+    return ks
+
+
+def test_drafting_stops_when_acceptance_falls_and_resumes_after_reprobing():
+    clock = Clock()
+    drafter = Scripted(clock, 0.2 * STEP)
+    truth = CostModel([STEP * (1 + 0.03 * k) for k in range(9)])
+    auto = AutoDrafter([drafter], CostModel(list(truth.verify)), probe_every=8, probe_max=64, clock=clock)
+    ks = simulate(auto, clock, truth, good=lambda r: r < 30 or r >= 130, rounds=200)
+    assert min(ks[5:30]) >= 4  # accepted drafts: long drafts
+    assert sum(ks[30:45]) < sum(ks[15:30]) / 2  # drafts shrink within a few failed rounds
+    bad = ks[45:130]
+    assert sum(k > 0 for k in bad) <= 6  # switched off: only occasional short probes
+    assert max(bad) <= 2
+    assert max(ks[170:]) >= 4  # acceptance came back: a probe found it, long drafts again
+    stats = auto.extra_stats()
+    assert stats["auto_drafter_rounds"]["none"] > 50 and stats["auto_probes"]["scripted"] >= 2
+
+
+def test_probe_interval_backs_off_and_costs_little():
+    clock = Clock()
+    drafter = Scripted(clock, 0.5 * STEP)
+    truth = CostModel([STEP * (1 + 0.03 * k) for k in range(9)])
+    auto = AutoDrafter([drafter], CostModel(list(truth.verify)), probe_every=8, probe_max=64, clock=clock)
+    ks = simulate(auto, clock, truth, good=lambda r: False, rounds=400)
+    drafted_rounds = sum(k > 0 for k in ks)
+    assert drafted_rounds <= 12  # 8, 16, 32, 64, 64, ... rounds apart
+    # Tokens per unit time stays within 3% of plain decoding despite the probes.
+    assert 400 / clock.t >= 0.97 / STEP
+
+
+def test_realised_and_predicted_speedup_are_reported():
+    clock = Clock()
+    drafter = Scripted(clock, 0.1 * STEP)
+    truth = CostModel([STEP * (1 + 0.03 * k) for k in range(9)])
+    auto = AutoDrafter([drafter], CostModel(list(truth.verify)), clock=clock)
+    simulate(auto, clock, truth, good=lambda r: True, rounds=50)
+    s = auto.extra_stats()
+    assert s["realised_speedup"] > 3 and s["predicted_speedup"] > 2
+    assert s["auto_k_rounds"]["8"] > 40
+
+
+def test_online_refinement_moves_costs_towards_observations():
+    costs = CostModel([STEP] * 9)
+    for _ in range(60):
+        costs.observe(4, 2 * STEP)
+    assert costs.verify[4] == pytest.approx(2 * STEP, rel=0.01) and costs.verify[3] == STEP
+    costs.observe(4, 1000.0)  # an outlier moves it by a bounded amount
+    assert costs.verify[4] < 2.5 * STEP
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.mktemp("llama"), ctx_size=128)
+
+
+def test_calibration_measures_and_caches(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    costs = calibrate(llama, max_k=4)
+    assert costs.source == "calibrated" and len(costs.verify) == 5 and all(c > 0 for c in costs.verify)
+    again = calibrate(llama, max_k=4)
+    assert again.source == "cached" and again.verify == costs.verify
+    assert llama.cache().length == 0  # calibration leaves the model's cache empty
+
+
+def _auto(model, costs):
+    n = model.config.n_layers
+    ls = LayerSkipDrafter(SkipConfig(model=model.name, n_layers=n, attention=(1,), mlp=(2,)), max_draft=6)
+    return AutoDrafter([NgramDrafter(adaptive=False), ls], costs, draft_cost_guess={"ngram": 0.0, "layer-skip": 0.0})
+
+
+@pytest.mark.parametrize("costs", [free_verify, linear_verify], ids=["drafting", "never-drafting"])
+def test_auto_is_lossless_greedy(llama, costs):
+    plain = generate(llama, PROMPT, max_new_tokens=40)
+    auto = _auto(llama, costs())
+    spec = generate(llama, PROMPT, max_new_tokens=40, drafter=auto)
+    assert spec.token_ids == plain.token_ids
+    rounds = spec.stats.extras["auto_drafter_rounds"]
+    if costs is free_verify:
+        assert spec.stats.drafted > 0 and rounds.get("layer-skip", 0) > 0
+    else:
+        assert spec.stats.drafted <= 2 * 3  # only the bounded probes
+
+
+def test_auto_sampled_matches_target_distribution(llama):
+    """The second generated token (drafted and verified by auto's drafters) has the target's exact
+    distribution, within the noise floor of the sample count (the statistic of test_speculative)."""
+    from test_speculative import exact_second_token, second_token_samples, total_variation
+
+    params = SamplingParams(temperature=1.0)
+    prompt = PROMPT[:5]
+    p = exact_second_token(llama, prompt, params)
+    n = 1000
+    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * n)).sum())
+    auto = _auto(llama, free_verify())
+    counts = second_token_samples(llama, prompt, params, auto, n)
+    assert auto.extra_stats()["auto_drafter_rounds"].get("layer-skip", 0) > 0
+    tv = total_variation(counts, p)
+    assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
