@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from selfspec.errors import InvalidParameterError, SelfspecError
-from selfspec.methods import MethodSpec, parse_method
+from selfspec.methods import BENCH_DEFAULT, MethodSpec, parse_method
 
 EVENT = "@@selfspec-bench "  # prefix of worker event lines (anything else on stdout is ignored)
 SUITES = ("quick", "full")
 SUITE_DIR = Path(__file__).parent / "data" / "suites"
 WARMUP_PROMPT = "Say hello."
-DEFAULT_METHODS = "ar,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
 
 
 # ----------------------------------------------------------------------------------------- suites
@@ -96,7 +95,7 @@ def _prompt(line: str, where: str) -> Prompt:
 class BenchSettings:
     model: str = "smollm2-135m"
     suite: str = "quick"
-    methods: list[str] = field(default_factory=lambda: DEFAULT_METHODS.split(","))
+    methods: list[str] = field(default_factory=lambda: BENCH_DEFAULT.split(","))
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0

@@ -13,6 +13,7 @@ from selfspec.errors import InvalidParameterError, SelfspecError
 
 DRAFTS = ("none", "auto", "layer-skip", "ngram", "model")
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
+BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
