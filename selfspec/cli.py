@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.errors import SelfspecError
-from selfspec.methods import BENCH_DEFAULT, DRAFTS, build_drafter, default_draft
+from selfspec.methods import DRAFTS, build_drafter, default_draft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless speculative decoding for local LLMs on CPU.")
@@ -237,9 +237,9 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model: Model_ = "smollm2-135m",
     suite: Annotated[str, typer.Option(help="quick | full | a JSONL file of {id, category, prompt|turns}.")] = "quick",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), layer-skip, ngram, draft-model "
                                               "(= model), hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
-                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = BENCH_DEFAULT,
+                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = "ar,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -299,6 +299,142 @@ def _check_model_spec(model: str) -> None:
             raise ModelLoadError(f"model {model!r} is not installed; install: {REGISTRY[model].install_hint}")
     elif not Path(model).expanduser().exists():
         raise ModelLoadError(f"model {model!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
+
+
+@app.command()
+def search(
+    model: Model_ = "smollm2-135m",
+    out: Annotated[Optional[Path], typer.Option(help="Write the skip-config JSON here (atomically).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Calibration prompts, JSONL with a \"prompt\" per line (default: the shipped calibration set).")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="Use the bench suite NAME as calibration prompts instead.")] = None,
+    trials: Annotated[int, typer.Option(help="Finished trials wanted in the study, counting those of earlier runs and other workers.")] = 40,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many minutes.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna RDB URL (default sqlite:///<cache>/studies.db). SQLite for one machine; a postgresql:// or mysql:// URL lets workers on many machines share a study.")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Default: derived from the model, objective and settings, so the same command resumes.")] = None,
+    objective: Annotated[str, typer.Option(help="tokens_per_s (measured self-speculative decoding) | match_rate (SWIFT proxy: draft top-1 == full model's, at a fixed skip fraction).")] = "tokens_per_s",
+    sampler: Annotated[str, typer.Option(help="gp | tpe.")] = "gp",
+    keep_first: Annotated[int, typer.Option(help="Never skip sub-layers of the first N layers.")] = 1,
+    keep_last: Annotated[int, typer.Option(help="Never skip sub-layers of the last N layers.")] = 1,
+    max_skip_fraction: Annotated[float, typer.Option(help="Most sub-layers a set may skip, as a fraction of all of them.")] = 0.5,
+    skip_fraction: Annotated[float, typer.Option(help="match_rate: the fraction every set skips (at least); also the size of the seeded starting sets.")] = 0.25,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="New tokens per calibration prompt and trial.")] = 32,
+    max_draft: Annotated[int, typer.Option(help="Most draft tokens per round.")] = 8,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="As in generate: draft head over the context's tokens plus N frequent ones.")] = None,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    ctx_size: CtxSize = None,
+    report: Annotated[bool, typer.Option("--report", help="Print the study's best trials and write PNG charts; no search.")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option(help="Folder for the --report charts (default: next to --out, else the current folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
+) -> None:
+    """Find the skip set of self-speculative decoding for a model (Bayesian search), resumable and
+    shareable between worker processes; writes the skip-config JSON for --draft layer-skip."""
+    try:
+        _search(**locals())
+    except SelfspecError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: finished trials are kept in the study; run the same command again to resume",
+                   err=True)
+        raise typer.Exit(130)
+
+
+def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name, objective, sampler,
+            keep_first, keep_last, max_skip_fraction, skip_fraction, max_new_tokens, max_draft, draft_vocab,
+            temperature, top_k, top_p, min_p, repetition_penalty, seed, dtype, threads, ctx_size, report,
+            report_dir, as_json) -> None:
+    import optuna
+
+    from selfspec import search as ss
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or ss.default_storage()
+    if report:
+        return _search_report(url, study_name, out, report_dir, as_json)
+    from selfspec.models.loading import load_model
+    from selfspec.sampling import SamplingParams
+
+    settings = ss.SearchSettings(trials=trials, objective=objective, sampler=sampler, keep_first=keep_first,
+                                 keep_last=keep_last, max_skip_fraction=max_skip_fraction,
+                                 skip_fraction=skip_fraction, seed=seed or 0, max_new_tokens=max_new_tokens,
+                                 max_draft=max_draft, draft_vocab=draft_vocab, timeout_minutes=timeout)
+    settings.check()
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    if out is None:
+        raise SelfspecError("give --out FILE.json, where the skip config will be written")
+    _check_model_spec(model)
+    ss.check_out(out)
+    texts, source = ss.calibration_prompts(prompts, suite)
+    ss.check_spec_study(ss.open_storage(url), study_name, model)  # before minutes of loading
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+    print(f"measuring plain decoding on {len(texts)} calibration prompts ({source}) ...", file=sys.stderr, flush=True)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("best {task.fields[best]}"), TextColumn("skip {task.fields[skip]}"),
+                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    task = None
+
+    def on_progress(p) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("search", total=p.total, best="-", skip="-", note="")
+        fields = {"best": "-" if p.best is None else f"{p.best:.4g}"}
+        if p.skip_fraction is not None:
+            fields["skip"] = f"{100 * p.skip_fraction:.0f}%"
+        fields["note"] = "waiting for other workers" if p.event == "wait" else ""
+        bar.update(task, completed=p.done, **fields)
+
+    try:
+        result = ss.run_search(m, texts, settings, sampling, out=out, storage=url, study_name=study_name,
+                               prompts_source=source, on_progress=on_progress)
+    finally:
+        bar.stop()
+    c = result.config
+    line = (f"best of {result.trials} trials ({result.ran} run now), study {result.study_name!r}: {objective} "
+            f"{c.objective['value']:.4g}; skips {len(c.attention)} attention + {len(c.mlp)} MLP sub-layers; "
+            f"{result.tokens_per_s:.1f} tok/s vs plain {result.baseline_tokens_per_s:.1f} "
+            f"({c.search['speedup']:.2f}x, tau {c.search['tau']:.2f}); wrote {out}")
+    print(line, file=sys.stderr)
+    if as_json:
+        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out)}) + "\n")
+
+
+def _search_report(url, study_name, out, report_dir, as_json) -> None:
+    from selfspec.search_report import best_rows, load_study, write_charts
+
+    study = load_study(url, study_name)
+    rows = best_rows(study)
+    folder = report_dir or (out.parent if out is not None else Path("."))
+    charts = write_charts(study, folder)
+    if as_json:
+        sys.stdout.write(json.dumps({"study": study.study_name, "best": rows, "charts": [str(p) for p in charts]}) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    objective = study.user_attrs.get("objective", "value")
+    table = Table("trial", objective, "skip", "tau", "accepted", "attention", "mlp",
+                  title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(study.trials)} trials)")
+    for r in rows:
+        table.add_row(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
+                      "-" if r["tau"] is None else f"{r['tau']:.2f}",
+                      "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%",
+                      " ".join(map(str, r["attention"])), " ".join(map(str, r["mlp"])))
+    Console().print(table)
+    for p in charts:
+        print(f"wrote {p}", file=sys.stderr)
 
 
 def main() -> None:
