@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.errors import SelfspecError
-from selfspec.methods import DRAFTS, build_drafter, default_draft
+from selfspec.methods import BENCH_DEFAULT, DRAFTS, build_drafter, default_draft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless speculative decoding for local LLMs on CPU.")
@@ -237,9 +237,9 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model: Model_ = "smollm2-135m",
     suite: Annotated[str, typer.Option(help="quick | full | a JSONL file of {id, category, prompt|turns}.")] = "quick",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), layer-skip, ngram, draft-model "
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
                                               "(= model), hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
-                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = "ar,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup",
+                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = BENCH_DEFAULT,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
