@@ -199,10 +199,10 @@ def serve(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
-    draft: Annotated[Optional[str], typer.Option(help="none|layer-skip|ngram|model|auto (default and auto: the best recorded for the model, until the cost-aware auto lands).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
     skip_config: Annotated[Optional[str], typer.Option(help="Skip-config JSON for --draft layer-skip (default: the shipped one; `int8`: the shipped precision self-draft).")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
-    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
+    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model or auto (same tokenizer).")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
@@ -212,9 +212,9 @@ def serve(
 
         defaults = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        draft = default_draft(model) if draft in (None, "auto") else draft
+        draft = draft or default_draft(model)
         if draft not in DRAFTS:
-            raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)} or auto, got {draft!r}")
+            raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
         settings = ServerSettings(model_id=model, api_key=api_key or None, max_queue=max_queue,
                                   request_timeout=request_timeout, max_body=max_body, defaults=defaults)
         print(f"loading {model} ...", file=sys.stderr, flush=True)
