@@ -162,6 +162,7 @@ class TurnResult:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    extras: dict = field(default_factory=dict)
 
 
 class Runner:
@@ -194,7 +195,13 @@ class Runner:
                 "rounds": rounds, "drafted": drafted, "accepted": accepted,
                 "mean_accepted_tokens": new / rounds if rounds else None,
                 "acceptance_rate": accepted / drafted if drafted else None,
-                "token_ids": ids}
+                "token_ids": ids, **_mean_extras([t for _, t in turns])}
+
+
+def _mean_extras(turns: list[TurnResult]) -> dict:
+    """Drafter numbers worth a column (auto's predicted and realised speedup), averaged over turns."""
+    keys = {k for t in turns for k, v in t.extras.items() if v is not None}
+    return {k: statistics.mean(t.extras[k] for t in turns if t.extras.get(k) is not None) for k in sorted(keys)}
 
 
 class OursRunner(Runner):
@@ -220,7 +227,9 @@ class OursRunner(Runner):
         r = generate(self.model, prompt_ids, drafter=self.drafter, sampling=settings.sampling(),
                      max_new_tokens=settings.max_new_tokens)
         s = r.stats
-        return TurnResult(r.token_ids, r.text, s.prefill_seconds, s.decode_seconds, s.rounds, s.drafted, s.accepted)
+        extras = {k: v for k, v in s.extras.items() if k in ("predicted_speedup", "realised_speedup")}
+        return TurnResult(r.token_ids, r.text, s.prefill_seconds, s.decode_seconds, s.rounds, s.drafted,
+                          s.accepted, extras)
 
 
 def _model_path(spec: str) -> Path:

@@ -101,6 +101,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
             same = {True: "yes", False: "**NO: " + ", ".join(row["mismatches"]) + "**", None: "n/a"}[row["same"]]
             lines.append(f"| {c} | `{m}` | {row['tokens_per_s']:.1f} | {_fmt(row['speedup'], '.2f')}x | "
                          f"{_fmt(row['tau'], '.2f')} | {_fmt(row['acceptance'], '.0%')} | {same} |")
+    lines += _cost_model_table(results, table, cats)
     base_rss = status.get(plain, {}).get("peak_rss_mb")
     lines += ["", "## Methods", "", "| method | status | load s | mean prefill s | peak RSS MB | RSS vs plain |",
               "|---|---|---|---|---|---|"]
@@ -117,6 +118,27 @@ def write_report(results: dict, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _cost_model_table(results: dict, table: dict, cats: list[str]) -> list[str]:
+    """For cost-aware methods: the speedup their cost model predicted, the one it saw (its own
+    tokens per second over its estimate of a plain step), and the speedup measured against the
+    plain run."""
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"] if r.get("predicted_speedup") is not None))
+    if not methods:
+        return []
+    out = ["", "## Cost model: predicted vs realised speedup", "",
+           "| category | method | predicted | realised (own estimate) | measured vs plain |", "|---|---|---|---|---|"]
+    for c in cats + [ALL]:
+        for m in methods:
+            rs = [r for r in results["runs"] if r["method"] == m and (c == ALL or r["category"] == c)
+                  and r.get("predicted_speedup") is not None]
+            if not rs:
+                continue
+            pred = statistics.mean(r["predicted_speedup"] for r in rs)
+            real = statistics.mean(r["realised_speedup"] for r in rs if r.get("realised_speedup") is not None)
+            out.append(f"| {c} | `{m}` | {pred:.2f}x | {real:.2f}x | {_fmt(table[m].get(c, {}).get('speedup'), '.2f')}x |")
+    return out
 
 
 def _charts(s: dict, results: dict, out_dir: Path) -> list[str]:

@@ -52,7 +52,7 @@ class Broken(OursRunner):
 
 
 def test_harness_writes_results_report_and_flags_a_lossy_method(tiny_chat, suite, tmp_path):
-    settings = BenchSettings(model=str(tiny_chat), suite=str(suite), methods=["ar", "ngram", "broken"],
+    settings = BenchSettings(model=str(tiny_chat), suite=str(suite), methods=["ar", "ngram", "auto", "broken"],
                              max_new_tokens=6, repeats=2, threads=1)
     out = tmp_path / "out"
     results = run_bench(settings, out, isolate=False, progress=False,
@@ -62,7 +62,7 @@ def test_harness_writes_results_report_and_flags_a_lossy_method(tiny_chat, suite
     assert {"cpu", "flags", "threads", "torch"} <= set(on_disk["machine"])
     assert on_disk["settings"]["max_new_tokens"] == 6
     runs = on_disk["runs"]
-    assert len(runs) == 3 * len(SUITE) * 2  # methods x prompts x repeats
+    assert len(runs) == 4 * len(SUITE) * 2  # methods x prompts x repeats
     for r in runs:
         assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
         assert r["new_tokens"] == len(r["token_ids"]) > 0
@@ -70,12 +70,14 @@ def test_harness_writes_results_report_and_flags_a_lossy_method(tiny_chat, suite
     two = [r for r in runs if r["prompt_id"] == "two" and r["method"] == "ar"]
     assert all(r["new_tokens"] == 12 for r in two)  # both turns generated, 6 tokens each
     by = {(r["method"], r["prompt_id"], r["repeat"]): r for r in runs}
-    assert all(by[("ngram", p["id"], k)]["same_as_plain"] is True for p in SUITE for k in (0, 1))
+    assert all(by[(m, p["id"], k)]["same_as_plain"] is True for m in ("ngram", "auto") for p in SUITE for k in (0, 1))
+    assert all(by[("auto", p["id"], 0)]["predicted_speedup"] > 0 for p in SUITE)
     assert all(by[("broken", p["id"], k)]["same_as_plain"] is False for p in SUITE for k in (0, 1))
     assert all(by[("ngram", p["id"], 0)]["mean_accepted_tokens"] >= 1 for p in SUITE)
     report = (out / "report.md").read_text()
     assert "MISMATCH: `broken`" in report
-    assert "MISMATCH: `ngram`" not in report
+    assert "MISMATCH: `ngram`" not in report and "MISMATCH: `auto`" not in report
+    assert "predicted vs realised" in report
     for name in ("speedup.png", "tau.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 

@@ -92,11 +92,17 @@ class AutoDrafter:
         self.probe_every, self.probe_max, self.probe_k = probe_every, probe_max, probe_k
         self.clock = clock
         self._reset_round()
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        """Per-generation statistics (what was learnt, costs and acceptance, carries over)."""
         self.k_hist: dict[int, int] = {}
         self.drafter_rounds: dict[str, int] = {}
         self.predicted_tokens = self.predicted_seconds = 0.0
         self.real_tokens = 0
         self.real_seconds = 0.0
+        for arm in self.arms:
+            arm.probes = 0
 
     def _reset_round(self) -> None:
         self._arm: Arm | None = None
@@ -160,6 +166,7 @@ class AutoDrafter:
         for arm in self.arms:
             arm.drafter.reset()
         self._reset_round()
+        self._reset_counts()
 
     def extra_stats(self) -> dict:
         step = self.costs.step
