@@ -205,7 +205,8 @@ def test_draft_model_pair_is_lossless_greedy(qwen_large, qwen_small):
 def test_draft_model_pair_sampling_keeps_the_target_distribution(qwen_large, qwen_small):
     """Speculative sampling on the real pair at one position: drafts drawn from the 0.5B's q, each
     verified against the 1.5B's p, must yield tokens distributed as p (TV near the noise floor),
-    though q itself is far from p. Then one end-to-end sampled generation runs cleanly."""
+    not as q (the two differ at this open-ended position). Then one end-to-end sampled generation
+    runs cleanly."""
     from selfspec.drafters.draft_model import DraftModelDrafter
     from selfspec.generation import generate
     from selfspec.sampling import SamplingParams, make_generator, probs_from_logits, sample
@@ -224,7 +225,7 @@ def test_draft_model_pair_sampling_keeps_the_target_distribution(qwen_large, qwe
     p, q = p_target[:, support], q_draft[:, support]
     p_next = torch.cat([p, p])  # the bonus row after an accepted draft: any distribution will do
     g = make_generator(0)
-    n = 4000
+    n = 10_000
     counts = torch.zeros(len(support))
     for _ in range(n):
         d = sample(q, g)
@@ -233,6 +234,7 @@ def test_draft_model_pair_sampling_keeps_the_target_distribution(qwen_large, qwe
     floor = float(torch.sqrt(p[0] * (1 - p[0]) / (2 * torch.pi * n)).sum())
     tv_pq = 0.5 * float((p - q).abs().sum())
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f} (TV(p, q) = {tv_pq:.3f})"
+    assert tv_pq > 3 * (1.6 * floor + 0.01), f"TV(p, q) = {tv_pq:.3f}: too close to tell p from q"
 
     drafter = DraftModelDrafter(qwen_small, max_draft=4, target=qwen_large)
     spec = generate(qwen_large, PROMPTS[0], max_new_tokens=24, drafter=drafter,
