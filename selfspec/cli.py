@@ -257,7 +257,7 @@ def bench(
     """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
     from selfspec.bench import BenchSettings, run_bench
     from selfspec.bench_report import ALL, summarise
-    from selfspec.methods import parse_methods
+    from selfspec.methods import ENGINES, parse_methods
 
     try:
         specs = parse_methods(methods)
@@ -280,7 +280,9 @@ def bench(
         if row is None:
             lines.append(f"{m:24s} {status[m]['status']}: {status[m]['reason']}")
             continue
-        flag = {True: "same as plain", False: "OUTPUT DIFFERS FROM PLAIN", None: ""}[row["same"]]
+        engine = status[m]["kind"] in ENGINES
+        flag = {True: "same as plain", None: "",
+                False: "differs from plain (another engine's numerics)" if engine else "OUTPUT DIFFERS FROM PLAIN"}[row["same"]]
         lines.append(f"{m:24s} {row['tokens_per_s']:7.1f} tok/s  {row['speedup']:.2f}x  {flag}")
     print("\n".join(lines) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)
     if as_json:
