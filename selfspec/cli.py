@@ -439,6 +439,47 @@ def _search_report(url, study_name, out, report_dir, as_json) -> None:
         print(f"wrote {p}", file=sys.stderr)
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="List or clear the cache folder (SELFSPEC_CACHE, default ~/.cache/selfspec).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """What the cache folder holds, by kind."""
+    from selfspec.cachedir import entries
+    from selfspec.models.registry import cache_dir
+
+    rows = entries()
+    if as_json:
+        typer.echo(json.dumps({"cache_dir": str(cache_dir()), "kinds": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kind", "size", "entries", "what", title=str(cache_dir()))
+    for r in rows:
+        table.add_row(r["kind"], f"{r['bytes'] / 2**20:.1f} MiB", str(r["entries"]), r["what"])
+    Console().print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    kinds: Annotated[Optional[list[str]], typer.Argument(help="Kinds to delete (see `selfspec cache list`); all when none given.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete cached files; each kind is rebuilt on next use."""
+    from selfspec.cachedir import KINDS, clear
+
+    kinds = kinds or []
+    for k in kinds:
+        if k not in KINDS:
+            _fail(f"unknown cache kind {k!r}; kinds: {', '.join(KINDS)}")
+    if not yes and not typer.confirm(f"delete {', '.join(kinds) or 'everything'} from the cache?", err=True):
+        raise typer.Exit(1)
+    freed = clear(kinds)
+    typer.echo(f"freed {freed / 2**20:.1f} MiB")
+
+
 def main() -> None:
     try:
         app()
