@@ -40,12 +40,14 @@ def _fail(message: str) -> None:
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
     """List the embedded models."""
-    from selfspec.models.registry import REGISTRY
+    from selfspec.models.registry import REGISTRY, cache_dir
 
     rows = []
     for e in REGISTRY.values():
         parts = e.part_paths()
-        path = str(parts[0]) if parts and len(parts) == 1 else (f"{len(parts)} parts, assembled on first use" if parts else "-")
+        assembled = cache_dir() / "models" / e.file_name
+        path = (str(parts[0]) if len(parts) == 1 else str(assembled) if assembled.is_file()
+                else f"{len(parts)} parts, assembled on first use") if parts else "-"
         rows.append({"alias": e.alias, "arch": e.arch, "layers": e.n_layers, "params": e.params,
                      "installed": parts is not None, "path": path,
                      "install": None if parts else e.install_hint})
