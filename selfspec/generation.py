@@ -98,6 +98,12 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
     if drafter is not None:
         drafter.reset()
     ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=sampling, generator=generator)
+    # The sequence's ids as a tensor too, written in place: a round's forward input is a slice of
+    # it (pending token + drafts), never a freshly built tensor.
+    ids = torch.empty(cache.max_len + 1, dtype=torch.long)
+    ids[: len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+    # Plain greedy decoding needs no verdict: the next token is the argmax of the one row.
+    fast_greedy = sampling.greedy and sampling.repetition_penalty == 1.0
 
     def choose(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy target tokens `[k+1]`, or the target distribution p `[k+1, vocab]`."""
@@ -109,14 +115,14 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
         return None, probs_from_logits(logits, sampling, presence)
 
     t0 = time.perf_counter()
-    logits = tr.forward(torch.tensor(tokens, dtype=torch.long), 0, cache, last_only=True)
+    logits = tr.forward(ids[: len(tokens)], 0, cache, last_only=True)
     target, p_target = choose(logits, EMPTY)
     first = int(target[0]) if target is not None else int(verify_sampled(EMPTY, None, p_target, generator).tokens[0])
     stats.prefill_seconds = time.perf_counter() - t0
     stats.rounds = 1
     t_decode = time.perf_counter()
     produced = 0
-    new = [first]
+    new, new_ids = [first], None
     try:
         while True:
             # Emit this round's tokens, cut at a stop token or the length limit.
@@ -138,6 +144,10 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
                 yield out
             if "finish_reason" in stats.extras:
                 return
+            if new_ids is None:  # one token: the first, or a plain decoding step
+                ids[len(tokens)] = new[0]
+            else:
+                ids[len(tokens): len(tokens) + len(new)] = new_ids
             tokens.extend(new)  # the last one is pending: not in the cache yet
             start = len(tokens) - 1
 
@@ -149,8 +159,18 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
                 stats.draft_seconds += time.perf_counter() - t
                 cache.rollback(start)  # a drafter may leave draft KV beyond the pending token
             t = time.perf_counter()
-            step = torch.cat((torch.tensor(tokens[-1:], dtype=torch.long), draft.tokens))
-            logits = tr.forward(step, start, cache)  # [k+1, vocab]
+            k = len(draft)
+            if k == 0 and fast_greedy:
+                logits = tr.forward(ids[start: start + 1], start, cache)  # [1, vocab]
+                tok = int(logits[0].argmax())
+                stats.verify_seconds += time.perf_counter() - t
+                stats.rounds += 1
+                if drafter is not None:
+                    drafter.update(0, 0)
+                new, new_ids = [tok], None
+                continue
+            ids[start + 1: start + 1 + k] = draft.tokens
+            logits = tr.forward(ids[start: start + 1 + k], start, cache)  # [k+1, vocab]
             target, p_target = choose(logits, draft.tokens)
             if target is not None:
                 verdict = verify_greedy(draft.tokens, target)
@@ -163,11 +183,13 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             stats.accepted += verdict.accepted
             if drafter is not None:
                 drafter.update(verdict.accepted, len(draft))
-            new = verdict.tokens.tolist()
+            new, new_ids = verdict.tokens.tolist(), verdict.tokens
     finally:
         stats.decode_seconds = time.perf_counter() - t_decode
         if drafter is not None:
             stats.extras.update(drafter.extra_stats())
+        if hasattr(tr, "compile_status"):  # --compile: what happened, and what it cost so far
+            stats.extras.update(compile=tr.compile_status, compile_seconds=tr.compile_seconds)
 
 
 def check_request(model: Model, prompt_ids: Sequence[int], max_new_tokens: int) -> None:

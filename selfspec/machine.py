@@ -10,6 +10,9 @@ import torch
 from selfspec.errors import InvalidParameterError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Weight-only quantised dtypes: the linears' weights in int8/int4, everything else (embeddings,
+# norms, attention, KV cache) in fp32 (selfspec/models/quant.py).
+WEIGHT_BITS = {"int8": 8, "int4": 4}
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4")
 
 
@@ -36,14 +39,17 @@ def native_bf16() -> bool:
 
 
 def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
-    """`auto` is bf16 only where the CPU computes bf16 natively. Without it (AVX2), bf16 matmuls are
+    """The float dtype the decoder computes in, and the dtype's name as reported in stats.
+
+    `auto` is bf16 only where the CPU computes bf16 natively. Without it (AVX2), bf16 matmuls are
     emulated: one token decodes ~1.5x faster than fp32, but verifying 8 tokens costs 5-7 decode
     steps instead of ~2 (measured with ../shared/tools/cpu_kernels.py), which makes speculation
-    lose. fp32 keeps verification cheap there."""
+    lose. fp32 keeps verification cheap there. `int8`/`int4` compute in fp32 around weight-only
+    quantised linears (see `WEIGHT_BITS`)."""
     if name == "auto":
         name = "bf16" if native_bf16() else "fp32"
-    if name in ("int8", "int4"):
-        raise InvalidParameterError(f"--dtype {name} is not implemented yet; available: auto, fp32, bf16")
+    if name in WEIGHT_BITS:
+        return torch.float32, name
     if name not in DTYPES:
         raise InvalidParameterError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     return DTYPES[name], name

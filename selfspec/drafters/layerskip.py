@@ -210,13 +210,16 @@ class LayerSkipDrafter:
         return cls(config, **kwargs)
 
     def draft_transformer(self, target):
-        """The decoder that drafts: the target itself, or its int8 view (built once, on first use)."""
+        """The decoder that drafts: the target itself, or its int8 view (built once, on first use).
+        A target already quantised to draft_bits or fewer (--dtype int8/int4) drafts with itself:
+        an int8 copy would be the same weights (or more bytes) at no gain."""
         if self.config.draft_bits is None:
             return target
         if self._draft is None or self._draft[0] is not target:
-            from selfspec.models.quant import int8_view
+            from selfspec.models.quant import int8_view, weight_bits
 
-            self._draft = (target, int8_view(target))
+            bits = weight_bits(target)
+            self._draft = (target, target if bits is not None and bits <= self.config.draft_bits else int8_view(target))
         return self._draft[1]
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:

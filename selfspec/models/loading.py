@@ -2,6 +2,7 @@
 safetensors folder, plus its tokenizer and chat template. Never pickle, never remote code."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -14,7 +15,7 @@ import torch
 
 from selfspec.cache import KVCache
 from selfspec.errors import ModelLoadError, SelfspecError
-from selfspec.machine import resolve_dtype
+from selfspec.machine import WEIGHT_BITS, resolve_dtype
 from selfspec.models.config import ModelConfig
 from selfspec.models.registry import REGISTRY, cache_dir
 from selfspec.models.transformer import Layer, Transformer, make_linear
@@ -31,7 +32,7 @@ class Model:
     config: ModelConfig
     transformer: Transformer
     tokenizer: object  # a transformers tokenizer
-    dtype: str  # "fp32" | "bf16"
+    dtype: str  # "fp32" | "bf16" | "int8" | "int4"
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
@@ -76,8 +77,10 @@ class Model:
 
 
 def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = None,
-               threads: int | None = None) -> Model:
-    """Load `model`: a registry alias (`selfspec models`), a `.gguf` file or an HF folder."""
+               threads: int | None = None, compile: bool = False) -> Model:
+    """Load `model`: a registry alias (`selfspec models`), a `.gguf` file or an HF folder.
+    `dtype` int8/int4 quantises the linear layers' weights (selfspec/models/quant.py); `compile`
+    wraps the decoder in torch.compile (selfspec/models/compiled.py)."""
     t0 = time.perf_counter()
     if threads is not None:
         if threads < 1:
@@ -93,23 +96,30 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
             known = ", ".join(REGISTRY)
             raise ModelLoadError(f"model {spec!r} is neither a known alias ({known}) nor an existing path")
         name = path.name
-    transformer = load_transformer(path, torch_dtype, ctx_size)
+    transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name))
+    kernel = transformer.kernel
+    if compile:
+        from selfspec.models.compiled import compile_transformer
+
+        transformer = compile_transformer(transformer)
+        kernel += "+" + transformer.compile_status.split(":")[0]  # compiled | compile-skipped
     tokenizer = _load_hf_tokenizer(path) if path.is_dir() else _load_gguf_tokenizer(path)
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
-                 load_seconds=time.perf_counter() - t0, kernel=transformer.kernel)
+                 load_seconds=time.perf_counter() - t0, kernel=kernel)
 
 
-def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None) -> Transformer:
+def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
+                     weight_bits: int | None = None) -> Transformer:
     """Only the decoder of a GGUF file or HF folder (no tokenizer), with a context of `ctx_size`
-    (default: min(model context, 4096))."""
+    (default: min(model context, 4096)); `weight_bits` 8 or 4 quantises the linears' weights."""
     config, tensors = _read_hf_folder(path) if path.is_dir() else _read_gguf(path)
     limit = min(config.context_length, DEFAULT_CTX) if ctx_size is None else ctx_size
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
         raise SelfspecError(f"--ctx-size must be an integer >= 2, got {limit!r}")
     if limit > config.context_length:
         raise SelfspecError(f"--ctx-size {limit} exceeds the model's context of {config.context_length}")
-    return _build(config, tensors, dtype, limit)
+    return _build(config, tensors, dtype, limit, weight_bits)
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -119,7 +129,14 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
 TensorSource = dict[str, Callable[[], torch.Tensor]]
 
 
-def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: int) -> Transformer:
+def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: int,
+           weight_bits: int | None = None) -> Transformer:
+    linear = head_linear = make_linear
+    if weight_bits is not None:
+        from selfspec.models.quant import HEAD_BITS, quantized_linear
+
+        linear = functools.partial(quantized_linear, bits=weight_bits)
+        head_linear = functools.partial(quantized_linear, bits=HEAD_BITS)
     def get(name: str, required: bool = True) -> torch.Tensor | None:
         if name not in src:
             if required:
@@ -150,11 +167,11 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
         norms = {n: cast(get(p + n, required=False)) for n in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")}
         layers.append(Layer(
             attn_norm=get(p + "attn_norm").float(),
-            wqkv=make_linear(cast(torch.cat((wq, wk, wv))), cast(bqkv)),
-            wo=make_linear(cast(get(p + "wo")), cast(get(p + "bo", required=False))),
+            wqkv=linear(cast(torch.cat((wq, wk, wv))), cast(bqkv)),
+            wo=linear(cast(get(p + "wo")), cast(get(p + "bo", required=False))),
             ffn_norm=get(p + "ffn_norm").float(),
-            w_gate_up=make_linear(cast(torch.cat((gate, up))), cast(b_gate_up)),
-            w_down=make_linear(cast(get(p + "w_down")), cast(get(p + "b_down", required=False))),
+            w_gate_up=linear(cast(torch.cat((gate, up))), cast(b_gate_up)),
+            w_down=linear(cast(get(p + "w_down")), cast(get(p + "b_down", required=False))),
             q_norm=None if norms["q_norm"] is None else norms["q_norm"].float(),
             k_norm=None if norms["k_norm"] is None else norms["k_norm"].float(),
             post_attn_norm=None if norms["post_attn_norm"] is None else norms["post_attn_norm"].float(),
@@ -162,7 +179,7 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
         ))
     embed = cast(embed)
     head = get("lm_head", required=False)
-    lm_head = make_linear(embed, keep_weight=True) if head is None else make_linear(cast(head))
+    lm_head = head_linear(embed, keep_weight=True) if head is None else head_linear(cast(head))
     return Transformer(config, embed, layers, get("final_norm").float(), lm_head, max_len)
 
 

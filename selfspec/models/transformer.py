@@ -100,11 +100,16 @@ def rope_tables(theta: float, head_dim: int, max_len: int) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, hd]; cos/sin [T, 1, hd]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, x*cos + cat(-x2, x1)*sin, as x*cos + roll(x)*signed_sin with
+    signed_sin = cat(-sin1, sin2): the same products bit for bit (a sign flip is exact), 4 ops
+    instead of 6 per call. x [T, heads, hd]; cos/signed_sin [T, 1, hd]."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 class Transformer:
@@ -122,10 +127,10 @@ class Transformer:
         self.group = c.n_heads // c.n_kv_heads
         self.rope_max = max_len
         cos, sin = rope_tables(c.rope_theta, c.head_dim, max_len)
-        self.rope_global = (cos.to(self.dtype), sin.to(self.dtype))
+        self.rope_global = (cos.to(self.dtype), _signed(sin).to(self.dtype))
         if c.rope_theta_local is not None:
             cos, sin = rope_tables(c.rope_theta_local, c.head_dim, max_len)
-            self.rope_local = (cos.to(self.dtype), sin.to(self.dtype))
+            self.rope_local = (cos.to(self.dtype), _signed(sin).to(self.dtype))
         else:
             self.rope_local = self.rope_global
         self.embed_scale = torch.tensor(c.embed_scale, dtype=self.dtype)
@@ -203,15 +208,16 @@ class Transformer:
         T = x.shape[0]
         end = start + T
         qkv = layer.wqkv(x)  # [T, q + 2 kv]
-        q = qkv[:, : self.q_size].view(T, c.n_heads, c.head_dim)
-        k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, c.n_kv_heads, c.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(T, c.n_kv_heads, c.head_dim)
-        if layer.q_norm is not None:
-            q = self._norm(q, layer.q_norm)
-            k = self._norm(k, layer.k_norm)
         cos, sin = rope
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        if layer.q_norm is not None:
+            q = qkv[:, : self.q_size].view(T, c.n_heads, c.head_dim)
+            k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, c.n_kv_heads, c.head_dim)
+            q = apply_rope(self._norm(q, layer.q_norm), cos, sin)
+            k = apply_rope(self._norm(k, layer.k_norm), cos, sin)
+        else:  # q and k heads rotated in one pass (fewer kernel launches)
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, c.n_heads + c.n_kv_heads, c.head_dim), cos, sin)
+            q, k = qk[:, : c.n_heads], qk[:, c.n_heads:]
         cache.k[i, :, start:end] = k.transpose(0, 1)
         cache.v[i, :, start:end] = v.transpose(0, 1)
         first = self._first_key(start, window)
@@ -242,7 +248,9 @@ class Transformer:
 
     @property
     def kernel(self) -> str:
-        return self.layers[0].wqkv.kernel
+        """The layers' linear kernel, and the LM head's where it differs."""
+        layers, head = self.layers[0].wqkv.kernel, self.lm_head.kernel
+        return layers if head == layers else f"{layers}, head {head}"
 
     @property
     def nbytes(self) -> int:

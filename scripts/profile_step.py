@@ -1,0 +1,110 @@
+"""Where one decode step's time goes, and what a step costs per dtype.
+
+    python scripts/profile_step.py --model smollm2-135m --dtype int8            # profiler table
+    python scripts/profile_step.py --model smollm2-135m --time fp32,int8,int4   # step costs
+
+The profile prints torch.profiler's top ops of one forward over `--tokens` tokens (1 = a decode
+step, k+1 = verifying k drafts) as a Markdown table, for docs/benchmarks.md. `--time` loads each
+dtype once and measures forward passes of 1 and `--verify` tokens interleaved across dtypes
+(round-robin, so load from other processes hits all of them alike), reporting medians, minima and
+the T=k/T=1 ratio. The context before the step is a `--context`-token prefix.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from selfspec.models.loading import load_model
+
+
+def _prepared(model, context: int):
+    tr = model.transformer
+    cache = model.cache()
+    prefix = torch.arange(100, 100 + context) % model.config.vocab_size
+    tr.forward(prefix, 0, cache, last_only=True)
+    return tr, cache
+
+
+def _step(tr, cache, start: int, n: int, tokens: torch.Tensor) -> float:
+    cache.rollback(start)
+    t = time.perf_counter()
+    tr.forward(tokens[:n], start, cache)
+    return time.perf_counter() - t
+
+
+def time_dtypes(args) -> None:
+    models = {d: load_model(args.model, dtype=d, threads=args.threads, compile=args.compile,
+                            ctx_size=args.context + 64) for d in args.time.split(",")}
+    prepared = {d: _prepared(m, args.context) for d, m in models.items()}
+    tokens = torch.arange(7, 7 + args.verify)
+    times = {(d, n): [] for d in models for n in (1, args.verify)}
+    for rep in range(args.warmup + args.repeats):
+        for d, (tr, cache) in prepared.items():
+            for n in (1, args.verify):
+                dt = _step(tr, cache, args.context, n, tokens)
+                if rep >= args.warmup:
+                    times[(d, n)].append(dt)
+    base = args.time.split(",")[0]
+    k = args.verify
+    print(f"model {args.model}, threads {torch.get_num_threads()}, context {args.context}, "
+          f"{args.repeats} interleaved repeats (ms; median, min)\n")
+    print(f"| dtype | kernel | T=1 median | T=1 min | T={k} median | T={k} min | T={k} / T=1 | T=1 vs {base} |")
+    print("|---|---|---|---|---|---|---|---|")
+    b1 = statistics.median(times[(base, 1)])
+    for d, m in models.items():
+        t1, tk = statistics.median(times[(d, 1)]), statistics.median(times[(d, k)])
+        print(f"| {d} | {m.kernel} | {1e3 * t1:.1f} | {1e3 * min(times[(d, 1)]):.1f} | {1e3 * tk:.1f} | "
+              f"{1e3 * min(times[(d, k)]):.1f} | {tk / t1:.2f} | {t1 / b1:.2f} |")
+
+
+def profile(args) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model = load_model(args.model, dtype=args.dtype, threads=args.threads, compile=args.compile,
+                       ctx_size=args.context + 64)
+    tr, cache = _prepared(model, args.context)
+    tokens = torch.arange(7, 7 + args.tokens)
+    for _ in range(args.warmup):
+        _step(tr, cache, args.context, args.tokens, tokens)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.repeats):
+            _step(tr, cache, args.context, args.tokens, tokens)
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"model {args.model}, dtype {model.dtype}, kernel {model.kernel}, {args.tokens} token(s) per step, "
+          f"threads {torch.get_num_threads()}, mean of {args.repeats} steps: "
+          f"{total / args.repeats / 1e3:.2f} ms of op self time per step\n")
+    print("| op | calls/step | self ms/step | share |")
+    print("|---|---|---|---|")
+    for e in events[: args.top]:
+        print(f"| `{e.key}` | {e.count / args.repeats:.0f} | {e.self_cpu_time_total / args.repeats / 1e3:.3f} | "
+              f"{100 * e.self_cpu_time_total / total:.1f}% |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto", help="auto|fp32|bf16|int8|int4 (profile)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per profiled forward (profile)")
+    ap.add_argument("--time", help="comma-separated dtypes to time against each other, e.g. fp32,int8,int4")
+    ap.add_argument("--verify", type=int, default=8, help="tokens of the verify step (--time)")
+    ap.add_argument("--context", type=int, default=128, help="tokens already in the cache")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--top", type=int, default=15, help="rows of the profile table")
+    args = ap.parse_args(argv)
+    if args.time:
+        time_dtypes(args)
+    else:
+        profile(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
