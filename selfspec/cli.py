@@ -27,7 +27,7 @@ RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 0; 1 
 Seed = Annotated[Optional[int], typer.Option(
     help="Makes a run reproducible for a given drafter. Under sampling, different drafters may give "
          "different (equally distributed) text for the same seed.")]
-Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16 (auto: bf16 only where the CPU has native bf16).")]
+Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|int8|int4 (auto: bf16 only where the CPU has native bf16; int8/int4: weight-only quantised linears).")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's choice).")]
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", help="KV cache length (default min(model context, 4096)).")]
 
@@ -111,6 +111,7 @@ def generate(
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Experimental: torch.compile the decode/draft/verify forward (minutes to compile; measured slower than eager on AVX2, see README).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
 ) -> None:
     """Generate text, streaming it as it is decoded."""
@@ -126,7 +127,7 @@ def generate(
 def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p,
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
-              draft_model, draft_vocab, compare, as_json) -> None:
+              draft_model, draft_vocab, compare, as_json, compile=False) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -141,7 +142,9 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
     out = sys.stderr if as_json else sys.stdout
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, compile=compile)
+    if compile:
+        print(f"--compile: {m.transformer.compile_status}", file=sys.stderr)
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
@@ -179,6 +182,8 @@ def _summary(s) -> str:
              f"load {s.load_seconds:.1f}s", f"draft {s.drafter}", f"dtype {s.dtype}"]
     if s.drafter != "none":
         parts += [f"tau {s.mean_accepted_tokens:.2f}", f"accepted {100 * s.acceptance_rate:.0f}%"]
+    if "compile_seconds" in s.extras:
+        parts.append(f"compile {s.extras['compile_seconds']:.1f}s")
     return "[" + ", ".join(parts) + "]"
 
 

@@ -56,7 +56,7 @@ class CompiledTransformer:
         if tr.layers[0].wqkv.kernel == "onednn-prepacked":
             # Inductor cannot lower mkldnn._linear_pointwise on our prepacked weights (a
             # LoweringException after minutes of tracing, measured with torch 2.13).
-            self.compile_status = "compile-skipped: fp32 oneDNN-prepacked linears do not compile; use --dtype int8|int4"
+            self.compile_status = "compile-skipped: fp32 oneDNN-prepacked linears have no inductor lowering; running eagerly"
 
     def __getattr__(self, name):
         return getattr(self.eager, name)
