@@ -385,6 +385,36 @@ def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name,
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
     print(f"measuring plain decoding on {len(texts)} calibration prompts ({source}) ...", file=sys.stderr, flush=True)
+    on_progress, bar = _search_progress(objective)
+    try:
+        result = ss.run_search(m, texts, settings, sampling, out=out, storage=url, study_name=study_name,
+                               prompts_source=source, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    c = result.config
+    line = (f"best of {result.trials} trials ({result.ran} run now), study {result.study_name!r}: {objective} "
+            f"{c.objective['value']:.4g}; skips {len(c.attention)} attention + {len(c.mlp)} MLP sub-layers; "
+            f"{result.tokens_per_s:.1f} tok/s vs plain {result.baseline_tokens_per_s:.1f} "
+            f"({c.search['speedup']:.2f}x, tau {c.search['tau']:.2f}); wrote {out}")
+    print(line, file=sys.stderr)
+    if as_json:
+        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out)}) + "\n")
+
+
+def _search_progress(objective: str):
+    """(callback, rich bar or None): a live bar on a terminal (trial k/N, best so far, skip
+    fraction of the trial running, ETA); one line per trial into a log file."""
+    if not sys.stderr.isatty():
+        def lines(p) -> None:
+            if p.event == "baseline":
+                print(f"plain decoding: {p.value:.2f} tok/s; {p.done} of {p.total} trials done before",
+                      file=sys.stderr, flush=True)
+            if p.event == "trial":
+                value = "-" if p.value is None else f"{p.value:.4g}"
+                best = "-" if p.best is None else f"{p.best:.4g}"
+                print(f"trial {p.done}/{p.total}: {objective} {value}, best {best}", file=sys.stderr, flush=True)
+        return lines, None
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -394,30 +424,20 @@ def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name,
                    TimeRemainingColumn(), console=Console(stderr=True))
     task = None
 
-    def on_progress(p) -> None:
+    def update(p) -> None:
         nonlocal task
         if task is None:
             bar.start()
             task = bar.add_task("search", total=p.total, best="-", skip="-", note="")
-        fields = {"best": "-" if p.best is None else f"{p.best:.4g}"}
+        if p.event == "baseline":
+            bar.console.print(f"plain decoding: {p.value:.2f} tok/s")
+        fields = {"best": "-" if p.best is None else f"{p.best:.4g}",
+                  "note": "waiting for other workers" if p.event == "wait" else ""}
         if p.skip_fraction is not None:
             fields["skip"] = f"{100 * p.skip_fraction:.0f}%"
-        fields["note"] = "waiting for other workers" if p.event == "wait" else ""
         bar.update(task, completed=p.done, **fields)
 
-    try:
-        result = ss.run_search(m, texts, settings, sampling, out=out, storage=url, study_name=study_name,
-                               prompts_source=source, on_progress=on_progress)
-    finally:
-        bar.stop()
-    c = result.config
-    line = (f"best of {result.trials} trials ({result.ran} run now), study {result.study_name!r}: {objective} "
-            f"{c.objective['value']:.4g}; skips {len(c.attention)} attention + {len(c.mlp)} MLP sub-layers; "
-            f"{result.tokens_per_s:.1f} tok/s vs plain {result.baseline_tokens_per_s:.1f} "
-            f"({c.search['speedup']:.2f}x, tau {c.search['tau']:.2f}); wrote {out}")
-    print(line, file=sys.stderr)
-    if as_json:
-        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out)}) + "\n")
+    return update, bar
 
 
 def _search_report(url, study_name, out, report_dir, as_json) -> None:

@@ -18,6 +18,7 @@ worker is reproducible, two workers never draw the same random proposals.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -123,28 +124,31 @@ class SkipSpace:
 
 
 def _evenly(items: list, n: int) -> list:
+    """`n` of `items`, spread evenly from the first to the last (all of them when n >= len)."""
     if n >= len(items):
         return list(items)
-    if n <= 0:
-        return []
-    return [items[round(j * (len(items) - 1) / max(1, n - 1))] for j in range(n)] if n > 1 else [items[len(items) // 2]]
+    if n == 1:
+        return [items[len(items) // 2]]
+    return [items[round(j * (len(items) - 1) / (n - 1))] for j in range(max(n, 0))]
 
 
 def seed_sets(space: SkipSpace, size: int, model_name: str | None = None) -> list[SkipSet]:
     """Starting points that give the sampler something to learn from: the shipped config (when it
-    fits), every other layer, a middle block and attention only, each of `size` sub-layers."""
+    fits), every other layer, a middle block and attention only, of `size` sub-layers each, and
+    attention only of half that size."""
     layers = list(space.layers)
     seeds = []
     shipped = shipped_config(model_name) if model_name else None
     if shipped is not None and shipped.n_layers == space.n_layers and space.allows(shipped.skip):
         seeds.append(shipped.skip)
-    every_other = [(k, i) for i in layers[1::2] for k in ("attn", "mlp")]
-    seeds.append(_as_set(_evenly(every_other, size)))
+    every_other = _evenly(layers[1::2], (size + 1) // 2)
+    seeds.append(_as_set([(k, i) for i in every_other for k in ("attn", "mlp")][:size]))
     mid = len(layers) // 2
     half = (size + 1) // 2
     block = layers[max(0, mid - half // 2): max(0, mid - half // 2) + half]
     seeds.append(_as_set([(k, i) for i in block for k in ("attn", "mlp")][:size]))
     seeds.append(_as_set([("attn", i) for i in _evenly(layers, size)]))
+    seeds.append(_as_set([("attn", i) for i in _evenly(layers, size // 2)]))
     unique = []
     for s in seeds:
         if len(s) and s not in unique:
@@ -298,8 +302,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 # ---------------------------------------------------------------------------------- results
 @dataclass
 class Progress:
-    """What the caller may show after each step: `event` is "start" (a trial begins), "trial"
-    (one finished) or "wait" (other workers hold the last trials)."""
+    """What the caller may show after each step: `event` is "baseline" (plain decoding measured:
+    `value` tokens/s), "start" (a trial begins), "trial" (one finished) or "wait" (other workers
+    hold the last trials)."""
 
     event: str
     done: int
@@ -399,7 +404,7 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
             last["value"] = 0.0
             return 0.0  # not measured: a penalty the sampler learns from
         trial.set_user_attr("feasible", True)
-        twin = _twin(study, trial, poll_seconds)
+        twin = _twin(study, trial, poll_seconds, 3 * heartbeat_seconds)
         if twin is not None:  # the set was measured already (by any worker): reuse the value
             trial.set_user_attr("repeat_of", twin.number)
             for k, v in twin.user_attrs.items():
@@ -407,16 +412,19 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
                     trial.set_user_attr(k, v)
             last["value"] = twin.value
             return twin.value
+        t0 = time.perf_counter()
         value, stats = measure(skip)
+        stats["seconds"] = time.perf_counter() - t0  # wall time of the measurement
         for k, v in stats.items():
             trial.set_user_attr(k, v)
         last["value"] = value
         return value
 
+    notify("baseline", len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), value=baseline)
     deadline = time.monotonic() + 60 * settings.timeout_minutes if settings.timeout_minutes else None
     ran = 0
     while True:
-        _fail_stale(study)  # trials of killed workers: FAIL, not counted
+        _fail_stale(study, 3 * heartbeat_seconds)  # trials of killed workers: FAIL, not counted
         states = [t.state for t in study.get_trials(deepcopy=False)]
         done, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
         if done >= settings.trials or (deadline is not None and time.monotonic() >= deadline):
@@ -432,7 +440,7 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
     while any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         notify("wait", done)  # other workers' last trials: every worker then picks the same best
         time.sleep(poll_seconds)
-        _fail_stale(study)
+        _fail_stale(study, 3 * heartbeat_seconds)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     ranked = feasible_trials(study)
     if not ranked:
@@ -462,7 +470,7 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
                         baseline_tokens_per_s=baseline, tokens_per_s=final["tokens_per_s"], stats=final)
 
 
-def _twin(study, trial, poll_seconds: float):
+def _twin(study, trial, poll_seconds: float, grace_seconds: float):
     """A finished trial with the same parameters; waits while another worker measures them."""
     while True:
         busy = False
@@ -474,13 +482,36 @@ def _twin(study, trial, poll_seconds: float):
         if not busy:
             return None
         time.sleep(poll_seconds)
-        _fail_stale(study)
+        _fail_stale(study, grace_seconds)
 
 
-def _fail_stale(study) -> None:
+def _fail_stale(study, grace_seconds: float) -> None:
+    """Mark the running trials of dead workers FAIL: those whose heartbeat stopped (Optuna), and,
+    since a worker killed before its first heartbeat leaves none, those of a process of this
+    machine that is gone, or that never said which worker runs them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    host, now = os.uname().nodename, datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = t.user_attrs.get("worker", "").partition(":")
+        old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_seconds
+        gone = worker_host == host and pid.isdigit() and not _alive(int(pid))
+        if gone or (old and not worker_host):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except Exception:
+                pass  # finished meanwhile
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_spec_study(storage, study_name: str | None, spec: str) -> None:
