@@ -454,8 +454,9 @@ def _search_report(url, study_name, out, report_dir, as_json) -> None:
     from rich.table import Table
 
     objective = study.user_attrs.get("objective", "value")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
     table = Table("trial", objective, "skip", "tau", "accepted", "attention", "mlp",
-                  title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(study.trials)} trials)")
+                  title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(done)} finished trials)")
     for r in rows:
         table.add_row(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
                       "-" if r["tau"] is None else f"{r['tau']:.2f}",

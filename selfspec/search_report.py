@@ -79,7 +79,8 @@ def write_charts(study, folder: str | Path, top: int = 10) -> list[Path]:
     ax.set_xlabel("trial")
     ax.set_ylabel(objective)
     ax.set_title(f"{study.study_name}: {objective} per trial")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     trials_png = folder / f"{study.study_name}-trials.png"
     fig.savefig(trials_png, dpi=110)
