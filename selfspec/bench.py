@@ -28,7 +28,7 @@ from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.methods import BENCH_DEFAULT, MethodSpec, parse_method
 
 EVENT = "@@selfspec-bench "  # prefix of worker event lines (anything else on stdout is ignored)
-SUITES = ("quick", "full")
+SUITES = ("quick", "full", "code")
 SUITE_DIR = Path(__file__).parent / "data" / "suites"
 WARMUP_PROMPT = "Say hello."
 

@@ -243,7 +243,7 @@ def serve(
 def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model: Model_ = "smollm2-135m",
-    suite: Annotated[str, typer.Option(help="quick | full | a JSONL file of {id, category, prompt|turns}.")] = "quick",
+    suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
     methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
                                               "(= model), hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = BENCH_DEFAULT,

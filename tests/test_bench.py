@@ -149,5 +149,6 @@ def test_shipped_suites_cover_the_categories():
         counts = {c: sum(p.category == c for p in prompts) for c in want}
         assert set(p.category for p in prompts) == want
         assert min(counts.values()) >= least, (name, counts)
+    assert {p.category for p in load_suite("code")} == {"code", "code-edit"}
     quick_ids = {p.id for p in load_suite("quick")}
     assert quick_ids <= {p.id for p in load_suite("full")}
