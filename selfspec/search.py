@@ -448,7 +448,10 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
                           "run more trials or loosen --max-skip-fraction")
     best = ranked[0]
     skip = space.decode(best.params)
-    final = calib.tokens_per_s(skip)[1]  # the chosen set measured again, in this run
+    # The chosen set and plain decoding measured again, back to back: the speedup must not compare
+    # a baseline taken while the machine was busy with one taken when it was quiet.
+    baseline = calib.baseline()
+    final = calib.tokens_per_s(skip)[1]
     config = SkipConfig(
         model=name, model_sha256=sha, n_layers=n, attention=tuple(sorted(skip.attention)),
         mlp=tuple(sorted(skip.mlp)), found_by="search",
