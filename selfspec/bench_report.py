@@ -98,7 +98,9 @@ def write_report(results: dict, out_dir: Path) -> Path:
             row = table[m].get(c)
             if row is None:
                 continue
-            same = {True: "yes", False: "**NO: " + ", ".join(row["mismatches"]) + "**", None: "n/a"}[row["same"]]
+            differs = ", ".join(row["mismatches"])
+            same = {True: "yes", None: "n/a",
+                    False: f"differs (other engine): {differs}" if m not in ours else f"**NO: {differs}**"}[row["same"]]
             lines.append(f"| {c} | `{m}` | {row['tokens_per_s']:.1f} | {_fmt(row['speedup'], '.2f')}x | "
                          f"{_fmt(row['tau'], '.2f')} | {_fmt(row['acceptance'], '.0%')} | {same} |")
     lines += _cost_model_table(results, table, cats)
