@@ -65,8 +65,15 @@ class SpecStats:
 
 @dataclass
 class Chunk:
+    """Text released by one round and the token ids it produced. `drafted[i]` says whether
+    token_ids[i] was a draft token the target accepted (True) or a token the target produced
+    itself: the first token, a plain step, the replacement of a rejected draft or the bonus token
+    after a fully accepted draft (False). Text can lag the ids (held-back partial characters and
+    possible stop strings), so `text` need not be the decoding of `token_ids`."""
+
     text: str
     token_ids: list[int]
+    drafted: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -85,9 +92,10 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------- the loop
 def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | None,
                   sampling: SamplingParams, max_new_tokens: int, stats: SpecStats,
-                  stop_ids: set[int] | None = None) -> Iterator[list[int]]:
-    """Yield the new token ids of each round. Ends at a stop token (not yielded) or after
-    `max_new_tokens`; sets stats.extras["finish_reason"]."""
+                  stop_ids: set[int] | None = None) -> Iterator[tuple[list[int], int]]:
+    """Yield `(ids, n_drafted)` for each round: its new token ids, of which the first n_drafted
+    are accepted draft tokens (the rest came from the target). Ends at a stop token (not yielded)
+    or after `max_new_tokens`; sets stats.extras["finish_reason"]."""
     check_request(model, prompt_ids, max_new_tokens)
     stop_ids = model.eos_token_ids if stop_ids is None else stop_ids
     tr = model.transformer
@@ -122,7 +130,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
     stats.rounds = 1
     t_decode = time.perf_counter()
     produced = 0
-    new, new_ids = [first], None
+    new, new_ids, n_drafted = [first], None, 0
     try:
         while True:
             # Emit this round's tokens, cut at a stop token or the length limit.
@@ -141,7 +149,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             stats.new_tokens = produced
             stats.decode_seconds = time.perf_counter() - t_decode
             if out:
-                yield out
+                yield out, min(n_drafted, len(out))
             if "finish_reason" in stats.extras:
                 return
             if new_ids is None:  # one token: the first, or a plain decoding step
@@ -167,7 +175,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
                 stats.rounds += 1
                 if drafter is not None:
                     drafter.update(0, 0)
-                new, new_ids = [tok], None
+                new, new_ids, n_drafted = [tok], None, 0
                 continue
             ids[start + 1: start + 1 + k] = draft.tokens
             logits = tr.forward(ids[start: start + 1 + k], start, cache)  # [k+1, vocab]
@@ -183,7 +191,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             stats.accepted += verdict.accepted
             if drafter is not None:
                 drafter.update(verdict.accepted, len(draft))
-            new, new_ids = verdict.tokens.tolist(), verdict.tokens
+            new, new_ids, n_drafted = verdict.tokens.tolist(), verdict.tokens, verdict.accepted
     finally:
         stats.decode_seconds = time.perf_counter() - t_decode
         if drafter is not None:
@@ -281,7 +289,8 @@ class Generation:
         ids: list[int] = []
         finish = "length"
         rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats, stop_ids)
-        for new in rounds:
+        for new, n_drafted in rounds:
+            drafted = [i < n_drafted for i in range(len(new))]
             ids.extend(new)
             delta = text.push(new)
             if text.stopped:
@@ -289,10 +298,10 @@ class Generation:
                 ids = _ids_covering(self.model.tokenizer, ids, text.text)
                 rounds.close()
                 if delta:
-                    yield Chunk(delta, new)
+                    yield Chunk(delta, new, drafted)
                 break
             if delta or new:
-                yield Chunk(delta, new)
+                yield Chunk(delta, new, drafted)
         else:
             finish = self.stats.extras.get("finish_reason", "length")
             tail = text.finish()

@@ -14,7 +14,7 @@ from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
 from selfspec.drafters.ngram import NgramDrafter, lookup
 from selfspec.errors import DrafterError, SkipConfigError
-from selfspec.generation import generate
+from selfspec.generation import generate, stream
 from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
 from tiny import one_thread, tiny_model
 
@@ -79,6 +79,19 @@ def test_adversarial_drafters_are_lossless(fixture, request):
                      drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 3, corrupt=None))
     assert mixed.token_ids == plain.token_ids
     assert 0 < mixed.stats.accepted < mixed.stats.drafted
+
+
+def test_chunks_mark_which_tokens_came_from_the_draft(llama):
+    """A drafter wrong on odd rounds and right on even ones: the prefill token and every odd
+    round give one target token; every even round gives 3 accepted drafts + the bonus token."""
+    plain = generate(llama, PROMPT, max_new_tokens=21)
+    gen = stream(llama, PROMPT, max_new_tokens=21, drafter=ScriptedDrafter(len(PROMPT), plain.token_ids, 3, corrupt=None))
+    chunks = list(gen)
+    assert [t for c in chunks for t in c.token_ids] == plain.token_ids
+    assert all(len(c.drafted) == len(c.token_ids) for c in chunks)
+    expected = [[False]] + [[False] if r % 2 else [True, True, True, False] for r in range(1, 9)]
+    assert [c.drafted for c in chunks] == expected
+    assert sum(f for c in chunks for f in c.drafted) == gen.result.stats.accepted
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 7])
