@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
+from selfspec.models.quant import draft_view
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
 from selfspec.models.transformer import SkipSet
@@ -59,6 +60,9 @@ class Calibration:
         self.settings = settings
         self.plain_ids: list[list[int]] = []
         self._match: list[tuple] | None = None
+        self.bits = getattr(settings, "draft_bits", None)
+        # A precision self-draft's low-bit copy, built once for all trials.
+        self.draft_tr = model.transformer if self.bits is None else draft_view(model.transformer, self.bits)
 
     def _run(self, drafter) -> dict:
         new = seconds = rounds = drafted = accepted = differs = 0
@@ -84,9 +88,13 @@ class Calibration:
 
     def drafter(self, skip: SkipSet) -> LayerSkipDrafter:
         config = SkipConfig(model=self.model.name, n_layers=self.model.config.n_layers,
-                            attention=tuple(sorted(skip.attention)), mlp=tuple(sorted(skip.mlp)))
-        return LayerSkipDrafter(config, max_draft=self.settings.max_draft, exit=AdaptiveExit(),
-                                draft_vocab=self.settings.draft_vocab)
+                            attention=tuple(sorted(skip.attention)), mlp=tuple(sorted(skip.mlp)),
+                            draft_bits=self.bits)
+        drafter = LayerSkipDrafter(config, max_draft=self.settings.max_draft, exit=AdaptiveExit(),
+                                   draft_vocab=self.settings.draft_vocab)
+        if self.bits is not None:
+            drafter._draft = (self.model.transformer, self.draft_tr)
+        return drafter
 
     def tokens_per_s(self, skip: SkipSet) -> tuple[float, dict]:
         stats = self._run(self.drafter(skip))
@@ -98,11 +106,10 @@ class Calibration:
         full model's top-1 at every position."""
         if self._match is None:
             self._match = [self._teacher(ids, out) for ids, out in zip(self.prompt_ids, self.plain_ids)]
-        tr = self.model.transformer
         hits = total = 0
         for start, inputs, cache, full_top in self._match:
             cache.rollback(start)
-            draft_top = tr.forward(inputs, start, cache, skip=skip).argmax(-1)  # [W]
+            draft_top = self.draft_tr.forward(inputs, start, cache, skip=skip).argmax(-1)  # [W]
             hits += int((draft_top == full_top).sum())
             total += full_top.numel()
         return hits / total, {"positions": total}

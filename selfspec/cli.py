@@ -97,8 +97,9 @@ def generate(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
-    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
-    skip_config: Annotated[Optional[str], typer.Option(help="Skip-config JSON for --draft layer-skip (default: the shipped one; `int8`: the shipped precision self-draft).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
+    skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing).")] = None,
+    draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Initial draft-exit threshold (layer-skip).")] = None,
     alpha: Annotated[float, typer.Option(help="Target acceptance rate of the adaptive exit.")] = 0.9,
@@ -127,7 +128,7 @@ def generate(
 def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p,
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
-              draft_model, draft_vocab, compare, as_json, compile=False) -> None:
+              draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -148,7 +149,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
-                            dtype=dtype, threads=threads)
+                            dtype=dtype, threads=threads, draft_bits=draft_bits)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
         for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
@@ -206,8 +207,9 @@ def serve(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
-    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
-    skip_config: Annotated[Optional[str], typer.Option(help="Skip-config JSON for --draft layer-skip (default: the shipped one; `int8`: the shipped precision self-draft).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
+    skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing).")] = None,
+    draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model or auto (same tokenizer).")] = None,
 ) -> None:
@@ -232,7 +234,7 @@ def serve(
         m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
         settings = replace(settings, model_id=m.name)  # what clients pass as "model"
         drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, draft_model=draft_model,
-                                dtype=dtype, threads=threads)
+                                dtype=dtype, threads=threads, draft_bits=draft_bits)
         warm_up(m, drafter)
         run(m, drafter, settings, host=host, port=port)
     except SelfspecError as e:
@@ -245,8 +247,9 @@ def bench(
     model: Model_ = "smollm2-135m",
     suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
     methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
-                                              "(= model), hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
-                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16.")] = BENCH_DEFAULT,
+                                              "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
+                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
+                                              "quantized:bits=4,skip=F.json.")] = BENCH_DEFAULT,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -329,6 +332,8 @@ def search(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="New tokens per calibration prompt and trial.")] = 32,
     max_draft: Annotated[int, typer.Option(help="Most draft tokens per round.")] = 8,
     draft_vocab: Annotated[Optional[int], typer.Option(help="As in generate: draft head over the context's tokens plus N frequent ones.")] = None,
+    draft: Annotated[str, typer.Option(help="layer-skip (full-precision draft) | quantized (the skip set of a precision self-draft: int8/int4 weights and skipped sub-layers; the config records draft_bits).")] = "layer-skip",
+    draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized: 8 or 4 (default 8).")] = None,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
     top_p: TopP = 1.0,
@@ -354,9 +359,17 @@ def search(
         raise typer.Exit(130)
 
 
+def _search_bits(draft: str, draft_bits: int | None) -> int | None:
+    if draft not in ("layer-skip", "quantized"):
+        raise SelfspecError(f"search --draft must be layer-skip or quantized, got {draft!r}")
+    if draft == "layer-skip" and draft_bits is not None:
+        raise SelfspecError("--draft-bits is for search --draft quantized")
+    return (draft_bits or 8) if draft == "quantized" else None
+
+
 def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name, objective, sampler,
             keep_first, keep_last, max_skip_fraction, skip_fraction, max_new_tokens, max_draft, draft_vocab,
-            temperature, top_k, top_p, min_p, repetition_penalty, seed, dtype, threads, ctx_size, report,
+            draft, draft_bits, temperature, top_k, top_p, min_p, repetition_penalty, seed, dtype, threads, ctx_size, report,
             report_dir, as_json) -> None:
     import optuna
 
@@ -372,7 +385,8 @@ def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name,
     settings = ss.SearchSettings(trials=trials, objective=objective, sampler=sampler, keep_first=keep_first,
                                  keep_last=keep_last, max_skip_fraction=max_skip_fraction,
                                  skip_fraction=skip_fraction, seed=seed or 0, max_new_tokens=max_new_tokens,
-                                 max_draft=max_draft, draft_vocab=draft_vocab, timeout_minutes=timeout)
+                                 max_draft=max_draft, draft_vocab=draft_vocab, timeout_minutes=timeout,
+                                 draft_bits=_search_bits(draft, draft_bits))
     settings.check()
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed)

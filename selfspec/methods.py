@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 
-DRAFTS = ("none", "auto", "layer-skip", "ngram", "model")
+DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized")
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
 BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
-               "max_draft": "max_draft", "gamma": "gamma"}
+               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def parse_method(text: str) -> MethodSpec:
                 f"bad option {item!r} in method {text!r}; options are key=value with key in "
                 f"{', '.join(OPTION_KEYS)}")
         name = OPTION_KEYS[key]
-        if name in ("draft_vocab", "max_draft"):
+        if name in ("draft_vocab", "max_draft", "draft_bits"):
             value = _number(text, key, value, int)
         elif name == "gamma":
             value = _number(text, key, value, float)
@@ -82,34 +82,42 @@ def _number(text: str, key: str, value: str, kind):
 
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
-                  draft_model=None, draft_vocab=None, dtype="auto", threads=None):
-    """The drafter that `--draft` names, or None for plain decoding."""
+                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None):
+    """The drafter that `--draft` names, or None for plain decoding. `skip_config` is the skip set
+    of layer-skip, and of quantized (which skips nothing without one)."""
     draft = ALIASES.get(draft, draft)
     if draft == "none":
         return None
-    if draft == "auto":
-        from selfspec.drafters.auto import AutoDrafter
-        from selfspec.drafters.layerskip import AdaptiveExit
-
-        small = None
-        if draft_model:
-            small = build_drafter("model", model, draft_model=draft_model, dtype=dtype, threads=threads)
-        exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
-                             beta1=beta1, beta2=beta2, adaptive=adaptive)
-        return AutoDrafter.for_model(model, skip_config, draft_model=small, exit=exit_, draft_vocab=draft_vocab,
-                                     **({} if max_draft is None else {"max_draft": max_draft}))
-    if draft == "layer-skip":
+    if draft_bits is not None and draft not in ("quantized", "auto"):
+        raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
+    sized = {} if max_draft is None else {"max_draft": max_draft}
+    if draft in ("auto", "layer-skip", "quantized"):
         from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
 
-        exit_ = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
-                             beta1=beta1, beta2=beta2, adaptive=adaptive)
-        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_, draft_vocab=draft_vocab,
-                                          **({} if max_draft is None else {"max_draft": max_draft}))
+        from selfspec.drafters.quantized import DEFAULT_GAMMA, QuantizedSelfDrafter
+
+        def exit_(default_gamma: float | None = None) -> AdaptiveExit:
+            g = gamma if gamma is not None else default_gamma
+            return AdaptiveExit(**({} if g is None else {"gamma": g}), alpha=alpha, epsilon=epsilon,
+                                beta1=beta1, beta2=beta2, adaptive=adaptive)
+
+        kwargs = dict(draft_vocab=draft_vocab, **sized)
+        if draft == "auto":
+            from selfspec.drafters.auto import AutoDrafter
+
+            small = None
+            if draft_model:
+                small = build_drafter("model", model, draft_model=draft_model, dtype=dtype, threads=threads)
+            return AutoDrafter.for_model(model, skip_config, draft_model=small, draft_bits=draft_bits, exit=exit_(),
+                                         quantized_exit=exit_(DEFAULT_GAMMA), **kwargs)
+        if draft == "quantized":
+            return QuantizedSelfDrafter.for_model(model, skip_config, bits=draft_bits, exit=exit_(DEFAULT_GAMMA),
+                                                  **kwargs)
+        return LayerSkipDrafter.for_model(model, skip_config, exit=exit_(), **kwargs)
     if draft == "ngram":
         from selfspec.drafters.ngram import NgramDrafter
 
-        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min,
-                            **({} if max_draft is None else {"max_draft": max_draft}))
+        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min, **sized)
     if draft == "model":
         from selfspec.drafters.draft_model import DraftModelDrafter
         from selfspec.models.loading import load_model
@@ -118,7 +126,7 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         if not draft_model:
             raise SelfspecError("--draft model needs --draft-model ALIAS_OR_PATH (a model with the same tokenizer)")
         small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
-        return DraftModelDrafter(small, target=model, **({} if max_draft is None else {"max_draft": max_draft}))
+        return DraftModelDrafter(small, target=model, **sized)
     raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
 
 

@@ -61,6 +61,7 @@ class SearchSettings:
     max_new_tokens: int = 32  # per calibration prompt and trial
     max_draft: int = 8
     draft_vocab: int | None = None
+    draft_bits: int | None = None  # set: search the skip set of a precision self-draft (--draft quantized)
     timeout_minutes: float | None = None
 
     def check(self, n_layers: int | None = None) -> None:
@@ -76,6 +77,8 @@ class SearchSettings:
         for name in ("max_skip_fraction", "skip_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise InvalidParameterError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if self.draft_bits not in (None, 8, 4):
+            raise InvalidParameterError(f"--draft-bits must be 8 or 4, got {self.draft_bits}")
         if self.objective == "match_rate" and self.skip_fraction > self.max_skip_fraction:
             raise InvalidParameterError(
                 f"--skip-fraction {self.skip_fraction} exceeds --max-skip-fraction {self.max_skip_fraction}")
@@ -454,7 +457,7 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
     final = calib.tokens_per_s(skip)[1]
     config = SkipConfig(
         model=name, model_sha256=sha, n_layers=n, attention=tuple(sorted(skip.attention)),
-        mlp=tuple(sorted(skip.mlp)), found_by="search",
+        mlp=tuple(sorted(skip.mlp)), draft_bits=settings.draft_bits, found_by="search",
         objective={"name": settings.objective, "value": round(best.value, 4)},
         baseline_tokens_per_s=round(baseline, 2),
         search={"trials": done, "best_trial": best.number, "study": study_name, "storage": redact(url),

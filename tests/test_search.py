@@ -79,6 +79,30 @@ def test_match_rate_scores_agreement_at_a_fixed_skip_fraction(llama, tmp_path):
         assert t.user_attrs["feasible"] == (2 <= skipped <= 4)  # 25% .. 50% of 8 sub-layers
 
 
+def test_quantized_search_records_draft_bits_and_stays_lossless(llama, tmp_path):
+    """`search --draft quantized`: trials draft with the int4 copy (built once), the config says
+    draft_bits 4, and `--draft quantized --skip-config` with it is lossless."""
+    from selfspec.drafters.quantized import QuantizedSelfDrafter
+
+    calib = Calibration(llama, PROMPTS, SamplingParams(), SearchSettings(draft_bits=4, **FAST))
+    calib.baseline()
+    rate = calib.match_rate(SkipSet())[0]
+    assert 0.3 < rate < 1.0  # int4 weights on random Gaussian weights: close, not equal
+    assert calib.drafter(SkipSet()).draft_transformer(llama.transformer) is calib.draft_tr
+    url, out = f"sqlite:///{tmp_path}/q.db", tmp_path / "q.json"
+    r = run_search(llama, PROMPTS, SearchSettings(trials=3, draft_bits=4, **FAST), out=out, storage=url,
+                   study_name="q")
+    assert SkipConfig.load(out).draft_bits == 4 == r.config.draft_bits
+    drafter = QuantizedSelfDrafter.for_model(llama, out, max_draft=4)
+    assert drafter.config.draft_bits == 4
+    for ids in PROMPTS:
+        plain = generate(llama, ids, max_new_tokens=16)
+        spec = generate(llama, ids, max_new_tokens=16, drafter=drafter)
+        assert_lossless(llama, ids, plain.token_ids, spec.token_ids, "searched quantized config")
+    with pytest.raises(InvalidParameterError, match="--draft-bits"):
+        SearchSettings(draft_bits=3).check()
+
+
 WORKER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path

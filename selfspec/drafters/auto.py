@@ -110,19 +110,26 @@ class AutoDrafter:
         self._t_start: float | None = None
         self._probing = False
 
+    def _candidates(self, k_cap: int) -> list[tuple[Arm, int, bool]]:
+        """The arms to try this round, with their k: those due for a probe first (a short draft),
+        then those expected to pay, the best predicted speedup first (ties: the earlier arm)."""
+        due, paying = [], []
+        for i, arm in enumerate(self.arms):
+            k, speedup = best_k(arm.acceptance.rate, arm.c_draft, self.costs, k_cap)
+            if k > 0:
+                paying.append((-speedup, i, arm, k))
+                continue
+            arm.idle += 1
+            if arm.idle >= arm.probe_interval and k_cap >= 1:
+                due.append((arm, min(self.probe_k, k_cap), True))
+        return due + [(arm, k, False) for _, _, arm, k in sorted(paying, key=lambda c: c[:2])]
+
     # ------------------------------------------------------------------------- Drafter protocol
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         t_start = self.clock()
         k_cap = min(self.max_draft, max_tokens)
         chosen, draft, predicted = None, Draft(EMPTY), (1.0, self.costs.step)
-        for arm in self.arms:
-            k, _ = best_k(arm.acceptance.rate, arm.c_draft, self.costs, k_cap)
-            probing = False
-            if k == 0:
-                arm.idle += 1
-                if arm.idle < arm.probe_interval or k_cap < 1:
-                    continue
-                k, probing = min(self.probe_k, k_cap), True
+        for arm, k, probing in self._candidates(k_cap):
             t = self.clock()
             d = arm.drafter.propose(ctx, k)
             spent = self.clock() - t
@@ -186,12 +193,15 @@ class AutoDrafter:
 
     @classmethod
     def for_model(cls, model, skip_config=None, draft_model=None, max_draft: int = 8, costs: CostModel | None = None,
-                  **layer_skip_kwargs) -> "AutoDrafter":
-        """n-gram lookup (free to draft), then the model's layer-skip config (given or shipped) and
-        a draft model when one is named."""
+                  draft_bits: int | None = None, quantized_exit=None, **layer_skip_kwargs) -> "AutoDrafter":
+        """n-gram lookup (free to draft), the model's layer-skip config (given or shipped), a
+        precision self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one)
+        and a draft model when one is named."""
         from selfspec.costs import calibrate
         from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
         from selfspec.drafters.ngram import NgramDrafter
+        from selfspec.drafters.quantized import QuantizedSelfDrafter
+        from selfspec.models.quant import weight_bits
 
         costs = costs or calibrate(model, max_k=max(MAX_K, max_draft))
         drafters = [NgramDrafter(max_draft=max_draft, adaptive=False)]
@@ -202,6 +212,12 @@ class AutoDrafter:
             n = 2 * model.config.n_layers
             kept = 1 - (len(ls.skip.attention) + len(ls.skip.mlp)) / n
             guess["layer-skip"] = max(0.05, kept) * costs.step
+        have = weight_bits(model.transformer) or 32
+        bits = draft_bits or (8 if have > 8 else 4)
+        if bits < have:
+            kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
+            drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))
+            guess["quantized"] = 0.5 * costs.step  # int8 or int4 GEMV: about half an fp32 step (README)
         if draft_model is not None:
             drafters.append(draft_model)
         return cls(drafters, costs, max_draft=max_draft, draft_cost_guess=guess)

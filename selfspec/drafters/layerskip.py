@@ -179,14 +179,14 @@ class LayerSkipDrafter:
             raise InvalidParameterError(f"--draft-vocab must be >= 0, got {draft_vocab}")
         self.draft_vocab = draft_vocab
         self._head = None  # SubsetHead of the current sequence
-        if config.draft_bits not in (None, 8):
-            raise SkipConfigError(f"draft_bits {config.draft_bits} is not supported; use null (full precision) or 8")
+        if config.draft_bits not in (None, 8, 4):
+            raise SkipConfigError(f"draft_bits {config.draft_bits} is not supported; use null (full precision), 8 or 4")
         self.config = config
         self.skip = config.skip
         self.max_draft = max_draft
         self.exit = exit or AdaptiveExit()
         self._hit_max = False
-        self._draft = None  # (target transformer, its int8 view) when draft_bits == 8
+        self._draft = None  # (target transformer, its low-bit view) when draft_bits is set
 
     @classmethod
     def for_model(cls, model, skip_config: str | Path | SkipConfig | None = None, **kwargs) -> "LayerSkipDrafter":
@@ -210,16 +210,15 @@ class LayerSkipDrafter:
         return cls(config, **kwargs)
 
     def draft_transformer(self, target):
-        """The decoder that drafts: the target itself, or its int8 view (built once, on first use).
-        A target already quantised to draft_bits or fewer (--dtype int8/int4) drafts with itself:
-        an int8 copy would be the same weights (or more bytes) at no gain."""
+        """The decoder that drafts: the target itself, or its `draft_bits` view (built once per
+        target). A target already quantised to draft_bits or fewer (--dtype int8/int4) drafts
+        with itself: a copy would be the same weights (or more bytes) at no gain."""
         if self.config.draft_bits is None:
             return target
         if self._draft is None or self._draft[0] is not target:
-            from selfspec.models.quant import int8_view, weight_bits
+            from selfspec.models.quant import draft_view
 
-            bits = weight_bits(target)
-            self._draft = (target, target if bits is not None and bits <= self.config.draft_bits else int8_view(target))
+            self._draft = (target, draft_view(target, self.config.draft_bits))
         return self._draft[1]
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
@@ -268,4 +267,9 @@ class LayerSkipDrafter:
                  "skipped_mlp": len(self.skip.mlp)}
         if self._head is not None:
             stats["draft_vocab"] = int(self._head.ids.numel())
+        if self._draft is not None:
+            from selfspec.models.quant import extra_weight_bytes
+
+            stats["draft_bits"] = self.config.draft_bits
+            stats["draft_extra_mb"] = round(extra_weight_bytes(self._draft[1], self._draft[0]) / 2**20, 1)
         return stats

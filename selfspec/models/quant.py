@@ -66,6 +66,19 @@ class Int8Linear(Linear):
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors this linear is rebuilt from (`from_state`), as the weight cache stores them."""
+        return _with_bias({"q": self.q, "scale": self.scale}, self.bias)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Int8Linear":
+        """The linear whose `state()` this is, without quantising again."""
+        self = cls.__new__(cls)
+        self.weight, self.q, self.scale, self.bias = None, state["q"], state["scale"], state.get("bias")
+        self.out_features, self.in_features = self.q.shape
+        self.nbytes = sum(t.nbytes for t in state.values())
+        return self
+
 
 def int4_group(in_features: int, group_size: int) -> int:
     """The group size used for a weight with `in_features` columns: `group_size`, halved until it
@@ -120,6 +133,26 @@ class Int4Linear(Linear):
                                                           self.scales_zeros.float())  # [in, out]
         return cols.t().contiguous()
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The packed weight as the kernel reads it (a plain uint8 tensor `[out, in/2]`) and its
+        scales and zero points; the group size follows from their shapes."""
+        return _with_bias({"packed": self.packed, "scales_zeros": self.scales_zeros}, self.bias)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Int4Linear":
+        self = cls.__new__(cls)
+        self.weight, self.bias = None, state.get("bias")
+        self.packed, self.scales_zeros = state["packed"], state["scales_zeros"]
+        self.out_features, self.in_features = self.packed.shape[0], 2 * self.packed.shape[1]
+        self.group_size = self.in_features // self.scales_zeros.shape[0]
+        self.kernel = f"int4-weight-only-g{self.group_size}"
+        self.nbytes = sum(t.nbytes for t in state.values())
+        return self
+
+
+def _with_bias(state: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return state if bias is None else {**state, "bias": bias}
+
 
 def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, keep_weight: bool = False, *,
                      bits: int, group_size: int = DEFAULT_INT4_GROUP) -> Linear:
@@ -155,3 +188,30 @@ def int8_view(tr: Transformer) -> Transformer:
     """A second decoder over the same embedding, norms, RoPE and KV-cache layout whose linears and
     LM head are int8. Costs a quarter of the fp32 linear weights in memory."""
     return quantize_transformer(tr, 8, head_bits=8)
+
+
+DRAFT_BITS = (8, 4)
+
+
+def draft_view(tr: Transformer, bits: int) -> Transformer:
+    """The decoder a precision self-draft runs: `tr`'s layers with `bits`-bit weights (int4 in
+    groups of 32) and an int8 LM head, over the same embedding, norms, RoPE and KV-cache layout.
+    A `tr` already quantised to `bits` or fewer is returned as it is."""
+    if bits not in DRAFT_BITS:
+        raise InvalidParameterError(f"draft bits must be 8 or 4, got {bits}")
+    have = weight_bits(tr)
+    if have is not None and have <= bits:
+        return tr
+    return quantize_transformer(tr, bits, head_bits=HEAD_BITS)
+
+
+def extra_weight_bytes(view: Transformer, tr: Transformer) -> int:
+    """Bytes the view holds beyond `tr`: its linears and head when they are its own copies."""
+    own = [(a, b) for la, lb in zip(view.layers, tr.layers) for a, b in
+           ((getattr(la, n), getattr(lb, n)) for n in LINEARS)] + [(view.lm_head, tr.lm_head)]
+    return sum(a.nbytes for a, b in own if a is not b)
+
+
+def weight_bytes(tr: Transformer) -> int:
+    """Bytes of the decoder's linear weights and LM head (what a decode step reads)."""
+    return sum(getattr(layer, n).nbytes for layer in tr.layers for n in LINEARS) + tr.lm_head.nbytes
