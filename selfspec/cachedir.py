@@ -14,6 +14,7 @@ from selfspec.models.registry import cache_dir
 KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "models": (("models", "verified.json"), "GGUF files assembled from split packages, and their verified hashes"),
     "tokenizers": (("tokenizers",), "tokenizers converted from GGUF files"),
+    "weights": (("weights",), "dequantised (fp32/bf16) and quantised (int8/int4) weights, read by later loads"),
     "costs": (("costs",), "forward-pass costs measured for --draft auto"),
     "vocab": (("vocab",), "token frequency rankings for the draft vocabulary subset"),
     "studies": (("studies.db",), "skip-search studies (Optuna SQLite storage)"),

@@ -112,6 +112,7 @@ def generate(
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
+    show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Colour the streamed text: accepted draft tokens green, the target's own tokens magenta (underlined where a draft was rejected); then a summary line (tau, acceptance, speedup vs the cost model's estimate of plain decoding) on stderr. Colour only when stdout is a terminal; with --json or a pipe the text is plain and the JSON gets each token's origin.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Experimental: torch.compile the decode/draft/verify forward (minutes to compile; measured slower than eager on AVX2, see README).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
 ) -> None:
@@ -128,7 +129,8 @@ def generate(
 def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p,
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
-              draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None) -> None:
+              draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None,
+              show_drafts=False) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -155,13 +157,28 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
         for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
             pass
     gen = stream(m, text, drafter=drafter, **kwargs)
+    painter = None
+    if show_drafts:
+        from selfspec import show
+
+        colour = not as_json and out.isatty()  # never into a pipe or a file
+        painter = show.TerminalPainter(out, show.DraftView(m.tokenizer, gen.stats), colour=colour)
     for chunk in gen:
+        if painter is not None:
+            painter.write(chunk)
+            continue
         out.write(chunk.text)
         out.flush()
     out.write("\n")
     result = gen.result
     report = result.to_dict()
     line = _summary(result.stats)
+    if painter is not None:
+        painter.legend()
+        step = show.plain_step_seconds(m, drafter)
+        report["show_drafts"] = {"origins": painter.view.origins[: len(result.token_ids)],
+                                 **show.estimate(result.stats, step)}
+        drafts_line = show.summary_line(result.stats, step)
     if compare:
         plain = stream(m, text, drafter=None, **kwargs)
         for _ in plain:
@@ -174,6 +191,8 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
         line += f" | plain {base.stats.tokens_per_s:.1f} tok/s -> speedup {speedup:.2f}x, " + (
             "output identical to plain decoding" if same else "OUTPUT DIFFERS from plain decoding")
     print(line, file=sys.stderr)
+    if painter is not None:
+        print(drafts_line, file=sys.stderr)
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
 
@@ -189,6 +208,55 @@ def _summary(s) -> str:
 
 
 @app.command()
+def chat(
+    model: Model_ = "smollm2-135m",
+    system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
+    chat_template: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one; a model without one chats in raw text, continuing the conversation's text).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+    dtype: Dtype = "auto",
+    threads: Threads = None,
+    ctx_size: CtxSize = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized, as for generate (default: auto).")] = None,
+    skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip or quantized.")] = None,
+    draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 or 4, as for generate.")] = None,
+    max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
+    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
+) -> None:
+    """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
+    conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
+    from selfspec import chat as chat_mod
+    from selfspec.models.loading import load_model
+    from selfspec.sampling import SamplingParams
+
+    try:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        draft = draft or default_draft(model)
+        if draft not in DRAFTS:
+            raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+        if max_new_tokens < 1:
+            raise SelfspecError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        print(f"loading {model} ...", file=sys.stderr, flush=True)
+        m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+        drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, draft_model=draft_model,
+                                dtype=dtype, threads=threads, draft_bits=draft_bits)
+        session = chat_mod.ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system,
+                                       chat=chat_template)
+    except SelfspecError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+    raise typer.Exit(chat_mod.run(session))
+
+
+@app.command()
 def serve(
     model: Model_ = "smollm2-135m",
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
@@ -198,6 +266,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for the one generation worker; more get 429.")] = 8,
     request_timeout: Annotated[float, typer.Option(help="Seconds from arrival to the last token, queueing included; then 504 (or an error event mid-stream).")] = 300.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes; more gets 413.")] = 1 << 20,
+    prefix_cache_mb: Annotated[int, typer.Option(help="Memory for the KV of recent sequences: a request sharing a prompt prefix with one of them (a conversation's next turn, a common system prompt) processes only the rest. 0 = off.")] = 512,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
     top_p: TopP = 1.0,
@@ -217,7 +286,7 @@ def serve(
     /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
     try:
         from selfspec.sampling import SamplingParams
-        from selfspec.server import ServerSettings, run, warm_up
+        from selfspec.server import ServerSettings, choosable_drafts, run, warm_up
 
         defaults = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
@@ -225,16 +294,20 @@ def serve(
         if draft not in DRAFTS:
             raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
         settings = ServerSettings(model_id=model, api_key=api_key or None, max_queue=max_queue,
-                                  request_timeout=request_timeout, max_body=max_body, defaults=defaults)
+                                  request_timeout=request_timeout, max_body=max_body, defaults=defaults,
+                                  prefix_cache_mb=prefix_cache_mb)
         print(f"loading {model} ...", file=sys.stderr, flush=True)
         from dataclasses import replace
 
         from selfspec.models.loading import load_model
 
         m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
-        settings = replace(settings, model_id=m.name)  # what clients pass as "model"
-        drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, draft_model=draft_model,
-                                dtype=dtype, threads=threads, draft_bits=draft_bits)
+        options = dict(skip_config=skip_config, max_draft=max_draft, draft_model=draft_model, dtype=dtype,
+                       threads=threads, draft_bits=draft_bits)
+        # model_id: what clients pass as "model"; draft_choices: what a request (the playground) may pick
+        settings = replace(settings, model_id=m.name, draft_choices=choosable_drafts(m, skip_config),
+                           draft_options=options)
+        drafter = build_drafter(draft, m, **options)
         warm_up(m, drafter)
         run(m, drafter, settings, host=host, port=port)
     except SelfspecError as e:
@@ -262,9 +335,12 @@ def bench(
     dtype: Dtype = "auto",
     ctx_size: CtxSize = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
+    startup: Annotated[bool, typer.Option("--startup", help="Instead of methods on a suite: load time cold vs warm (weight cache emptied / present, fresh processes; --repeats warm loads, at least 3) and time to first token of turn 5 of a chat with and without prompt-prefix reuse (-n tokens per answer). Writes startup.json and startup.md.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object (last line of stdout).")] = False,
 ) -> None:
     """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
+    if startup:
+        return _bench_startup(out, model, dtype, threads, ctx_size, max_new_tokens, repeats, as_json)
     from selfspec.bench import BenchSettings, run_bench
     from selfspec.bench_report import ALL, summarise
     from selfspec.methods import ENGINES, parse_methods
@@ -299,6 +375,30 @@ def bench(
         sys.stdout.write(json.dumps({"out": str(out), "summary": {m: s["table"][m].get(ALL) for m in s["methods"]
                                                                   if s["table"].get(m)},
                                      "methods": results["methods"]}) + "\n")
+
+
+def _bench_startup(out, model, dtype, threads, ctx_size, max_new_tokens, repeats, as_json) -> None:
+    from selfspec.bench_startup import StartupSettings, run_startup
+
+    try:
+        _check_model_spec(model)
+        settings = StartupSettings(model=model, dtype=dtype, threads=threads, ctx_size=ctx_size,
+                                   max_new_tokens=max_new_tokens, repeats=max(repeats, 3))
+        results = run_startup(settings, out, command="selfspec " + " ".join(sys.argv[1:]),
+                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except SelfspecError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+    text = (Path(out) / "startup.md").read_text()
+    print(text + f"report: {Path(out) / 'startup.md'}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        t = results["ttft"]
+        sys.stdout.write(json.dumps({"out": str(out), "cold_load_seconds": results["cold_load"]["load_seconds"],
+                                     "warm_load_seconds": results["warm_load_seconds"],
+                                     "ttft_cold_seconds": t["cold_ttft_seconds"], "ttft_warm_seconds": t["warm_ttft_seconds"],
+                                     "ttft_speedup": t["speedup"], "same_output": t["same_output"]}) + "\n")
 
 
 def _check_model_spec(model: str) -> None:

@@ -77,19 +77,32 @@ def _key(model, threads: int) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = True) -> CostModel:
-    """Median time of forwards over 1..max_k+1 tokens after a short context; cached on disk."""
+def _path(model) -> Path:
     from selfspec.models.registry import cache_dir
 
-    threads = torch.get_num_threads()
-    path = cache_dir() / "costs" / f"{_key(model, threads)}.json"
-    if use_cache and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if len(data["verify"]) == max_k + 1:
-                return CostModel(data["verify"], source="cached", path=path)
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged entry is measured again
+    return cache_dir() / "costs" / f"{_key(model, torch.get_num_threads())}.json"
+
+
+def cached_costs(model, max_k: int | None = None) -> CostModel | None:
+    """The costs an earlier calibration of this model file, dtype, kernel, thread count and
+    context measured on this machine, if cached (and of `max_k` when given); None otherwise."""
+    path = _path(model)
+    try:
+        verify = json.loads(path.read_text())["verify"]
+        if max_k is not None and len(verify) != max_k + 1:
+            return None
+        return CostModel(verify, source="cached", path=path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or a damaged entry (measured again by calibrate)
+
+
+def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = True) -> CostModel:
+    """Median time of forwards over 1..max_k+1 tokens after a short context; cached on disk."""
+    path = _path(model)
+    if use_cache:
+        cached = cached_costs(model, max_k)
+        if cached is not None:
+            return cached
     tr = model.transformer
     cache = model.cache()
     context = min(32, max(1, cache.max_len - max_k - 2))

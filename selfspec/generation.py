@@ -16,6 +16,7 @@ import torch
 from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter
 from selfspec.errors import ContextOverflowError, InvalidParameterError
 from selfspec.models.loading import Model
+from selfspec.prefix import PrefixCache
 from selfspec.sampling import (SamplingParams, greedy_tokens, make_generator, presence_mask,
                                probs_from_logits)
 from selfspec.verify import verify_greedy, verify_sampled
@@ -92,19 +93,22 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------- the loop
 def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | None,
                   sampling: SamplingParams, max_new_tokens: int, stats: SpecStats,
-                  stop_ids: set[int] | None = None) -> Iterator[tuple[list[int], int]]:
+                  stop_ids: set[int] | None = None, prefix: PrefixCache | None = None
+                  ) -> Iterator[tuple[list[int], int]]:
     """Yield `(ids, n_drafted)` for each round: its new token ids, of which the first n_drafted
     are accepted draft tokens (the rest came from the target). Ends at a stop token (not yielded)
-    or after `max_new_tokens`; sets stats.extras["finish_reason"]."""
+    or after `max_new_tokens`; sets stats.extras["finish_reason"]. With `prefix`, the KV of the
+    longest prompt prefix it holds is reused and only the rest of the prompt is processed
+    (selfspec/prefix.py); stats.extras counts both (`cached_prompt_tokens`, `prefill_tokens`)."""
     check_request(model, prompt_ids, max_new_tokens)
     stop_ids = model.eos_token_ids if stop_ids is None else stop_ids
     tr = model.transformer
-    cache = model.cache()
+    if drafter is not None:  # first: a drafter built on first use may time passes on the model's cache
+        drafter.reset()
+    cache, reused = (model.cache(), 0) if prefix is None else prefix.begin(prompt_ids)
     generator = make_generator(sampling.seed)
     tokens = list(prompt_ids)
     vocab = model.config.vocab_size
-    if drafter is not None:
-        drafter.reset()
     ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=sampling, generator=generator)
     # The sequence's ids as a tensor too, written in place: a round's forward input is a slice of
     # it (pending token + drafts), never a freshly built tensor.
@@ -122,8 +126,12 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             return greedy_tokens(logits, sampling, presence), None
         return None, probs_from_logits(logits, sampling, presence)
 
+    stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused)
     t0 = time.perf_counter()
-    logits = tr.forward(ids[: len(tokens)], 0, cache, last_only=True)
+    logits = tr.forward(ids[reused: len(tokens)], reused, cache, last_only=True)
+    # Positions [0, valid) of the cache hold the KV of ids[:valid]: only what a verify accepted
+    # counts (drafts and rejected positions lie beyond). It is what `prefix` keeps at the end.
+    valid = len(tokens)
     target, p_target = choose(logits, EMPTY)
     first = int(target[0]) if target is not None else int(verify_sampled(EMPTY, None, p_target, generator).tokens[0])
     stats.prefill_seconds = time.perf_counter() - t0
@@ -170,6 +178,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             k = len(draft)
             if k == 0 and fast_greedy:
                 logits = tr.forward(ids[start: start + 1], start, cache)  # [1, vocab]
+                valid = start + 1
                 tok = int(logits[0].argmax())
                 stats.verify_seconds += time.perf_counter() - t
                 stats.rounds += 1
@@ -185,6 +194,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             else:
                 verdict = verify_sampled(draft.tokens, draft.q_draft, p_target, generator)
             cache.rollback(start + 1 + verdict.accepted)
+            valid = start + 1 + verdict.accepted
             stats.verify_seconds += time.perf_counter() - t
             stats.rounds += 1
             stats.drafted += len(draft)
@@ -194,6 +204,8 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             new, new_ids, n_drafted = verdict.tokens.tolist(), verdict.tokens, verdict.accepted
     finally:
         stats.decode_seconds = time.perf_counter() - t_decode
+        if prefix is not None:
+            prefix.finish(ids[:valid].tolist())
         if drafter is not None:
             stats.extras.update(drafter.extra_stats())
         if hasattr(tr, "compile_status"):  # --compile: what happened, and what it cost so far
@@ -268,8 +280,9 @@ class Generation:
 
     def __init__(self, model: Model, prompt_ids: list[int], drafter: Drafter | None,
                  sampling: SamplingParams, max_new_tokens: int, stop: Sequence[str],
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, prefix: PrefixCache | None = None) -> None:
         self.model = model
+        self.prefix = prefix
         self.prompt_ids = prompt_ids
         self.stats = SpecStats(prompt_tokens=len(prompt_ids), load_seconds=model.load_seconds,
                                drafter=getattr(drafter, "name", "none") if drafter else "none",
@@ -284,11 +297,17 @@ class Generation:
     def __next__(self) -> Chunk:
         return next(self._iter)
 
+    def close(self) -> None:
+        """Stop early. The decode loop ends now (its cleanup runs: the stats, what a prefix cache
+        keeps), not whenever the garbage collector gets to this object's reference cycle."""
+        self._iter.close()
+
     def _run(self, drafter, sampling, max_new_tokens, stop, stop_ids) -> Iterator[Chunk]:
         text = TextStream(self.model.tokenizer, stop)
         ids: list[int] = []
         finish = "length"
-        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats, stop_ids)
+        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats, stop_ids,
+                               self.prefix)
         for new, n_drafted in rounds:
             drafted = [i < n_drafted for i in range(len(new))]
             ids.extend(new)
@@ -335,12 +354,13 @@ def _prompt_ids(model: Model, prompt, messages, chat, system) -> list[int]:
 def stream(model: Model, prompt: str | Sequence[int] | None = None, *, messages: list[dict] | None = None,
            drafter: Drafter | None = None, sampling: SamplingParams | None = None,
            max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None,
-           system: str | None = None, ignore_eos: bool = False) -> Generation:
+           system: str | None = None, ignore_eos: bool = False, prefix: PrefixCache | None = None) -> Generation:
     """Stream a generation. `prompt` is text (chat template applied when the model has one and
     chat is not False) or a list of token ids (used as is). `ignore_eos` decodes past end-of-text
-    tokens (benchmarks of a fixed length)."""
+    tokens (benchmarks of a fixed length). `prefix` reuses the KV of earlier generations' common
+    prompt prefix (selfspec/prefix.py)."""
     ids = _prompt_ids(model, prompt, messages, chat, system)
-    return Generation(model, ids, drafter, sampling or SamplingParams(), max_new_tokens, stop, ignore_eos)
+    return Generation(model, ids, drafter, sampling or SamplingParams(), max_new_tokens, stop, ignore_eos, prefix)
 
 
 def generate(model: Model, prompt: str | Sequence[int] | None = None, **kwargs) -> GenerationResult:

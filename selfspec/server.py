@@ -1,5 +1,7 @@
 """OpenAI-compatible HTTP server (`selfspec serve`): /v1/models, /v1/completions,
-/v1/chat/completions (streamed as server-sent events when asked), /health and /metrics.
+/v1/chat/completions (streamed as server-sent events when asked), /health and /metrics, and the
+playground page at / (selfspec/static/). Stream chunks carry which tokens were accepted drafts in
+the extension field `selfspec` (selfspec/show.py).
 
 One worker thread runs every generation in arrival order: the model and its KV cache are not
 thread-safe, and on a CPU two generations at once would only share the same cores. It is fed by a
@@ -17,19 +19,24 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import Generation, GenerationResult, stream
+from selfspec.methods import ALIASES, build_drafter
+from selfspec.prefix import PrefixCache
 from selfspec.sampling import SamplingParams
 from selfspec.server_api import ApiError, ChatRequest, CompletionRequest, Reply, parse_request, usage_of
 from selfspec.server_worker import POLL_SECONDS, Job, Metrics, Worker
@@ -48,12 +55,22 @@ class ServerSettings:
     max_body: int = 1 << 20
     defaults: SamplingParams = field(default_factory=SamplingParams)  # for parameters a request omits
     completion_max_tokens: int = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+    # Drafters a request may pick with `"selfspec": {"draft": NAME}` besides the server's own, built
+    # on first use with `build_drafter(NAME, model, **draft_options)`.
+    draft_choices: tuple[str, ...] = ()
+    draft_options: dict = field(default_factory=dict)
+    # Copies of earlier sequences' KV kept for prompt-prefix reuse (selfspec/prefix.py), least
+    # recently used dropped first; the live KV cache is reused on top. 0 turns prefix reuse off.
+    prefix_cache_mb: int = 512
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
             raise InvalidParameterError(f"--max-queue must be >= 1, got {self.max_queue}")
         if not self.request_timeout > 0:
             raise InvalidParameterError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.prefix_cache_mb < 0:
+            raise InvalidParameterError(f"--prefix-cache-mb must be >= 0 (0 turns prefix reuse off), "
+                                        f"got {self.prefix_cache_mb}")
         if self.max_body < 1:
             raise InvalidParameterError(f"--max-body must be >= 1 byte, got {self.max_body}")
 
@@ -71,9 +88,13 @@ class Server:
         self.model = model
         self.drafter = drafter
         self.settings = settings
+        self.drafters = {getattr(drafter, "name", "none") if drafter is not None else "none": drafter}
+        self._drafters_lock = threading.Lock()
         self.metrics = Metrics(lambda: self.worker.jobs.qsize())
         self.worker = Worker(settings.max_queue, self.metrics)
         self.started = int(time.time())
+        # Used by the worker thread only (the decode loop), one generation at a time.
+        self.prefix = PrefixCache(model, settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
 
     # ----------------------------------------------------------------- request -> generation
     async def read_body(self, request: Request) -> object:
@@ -128,11 +149,31 @@ class Server:
                                 f"{len(ids) + wanted} tokens, but the model's context is {model.ctx_size} "
                                 f"tokens; shorten the {param} or lower max_tokens",
                            param=param if room < 1 else "max_tokens", code="context_length_exceeded")
+        drafter = self.drafter_for(req.selfspec.draft if req.selfspec is not None else None)
         try:
-            return stream(model, ids, drafter=self.drafter, sampling=sampling, max_new_tokens=wanted,
-                          stop=req.stops, ignore_eos=req.ignore_eos)
+            return stream(model, ids, drafter=drafter, sampling=sampling, max_new_tokens=wanted,
+                          stop=req.stops, ignore_eos=req.ignore_eos, prefix=self.prefix)
         except SelfspecError as e:
             raise ApiError(400, str(e), param=_param_of(str(e), param)) from None
+
+    @property
+    def draft_choices(self) -> list[str]:
+        return list(dict.fromkeys([*self.drafters, *self.settings.draft_choices]))
+
+    def drafter_for(self, name: str | None):
+        """The drafter a request asked for (None: the server's own)."""
+        if name is None:
+            return self.drafter
+        name = ALIASES.get(name, name)
+        with self._drafters_lock:
+            if name not in self.drafters:
+                if name not in self.settings.draft_choices:
+                    raise ApiError(400, f"the drafter {name!r} is not available on this server; choose one of "
+                                        f"{', '.join(self.draft_choices)}", param="selfspec.draft",
+                                   code="invalid_value")
+                self.drafters[name] = None if name == "none" else _BuiltOnFirstUse(
+                    name, partial(build_drafter, name, self.model, **self.settings.draft_options))
+            return self.drafters[name]
 
     # ----------------------------------------------------------------------- the two endpoints
     async def generate(self, request: Request, chat: bool) -> Response:
@@ -172,7 +213,8 @@ class Server:
             while True:
                 kind, payload = event
                 if kind == "text":
-                    yield _sse(reply.chunk(payload))
+                    text, extension = payload
+                    yield _sse({**reply.chunk(text), "selfspec": extension})
                 elif kind == "error":
                     job.finished = True
                     request.state.selfspec_error = payload.message
@@ -252,6 +294,16 @@ class Server:
         async def chat_completions(request: Request):
             return await self.generate(request, chat=True)
 
+        @app.get("/", include_in_schema=False)
+        async def playground():
+            return HTMLResponse(_static("index.html"), headers=_STATIC_HEADERS)
+
+        @app.get("/static/{name}", include_in_schema=False)
+        async def static(name: str):
+            if name not in _STATIC_TYPES:
+                raise StarletteHTTPException(404)
+            return Response(_static(name), media_type=_STATIC_TYPES[name], headers=_STATIC_HEADERS)
+
         @app.get("/health")
         async def health():
             ok = self.worker.alive
@@ -283,7 +335,43 @@ class Server:
 
     def _model_card(self) -> dict:
         return {"id": self.settings.model_id, "object": "model", "created": self.started, "owned_by": "selfspec",
-                "context_length": self.model.ctx_size, "draft": getattr(self.drafter, "name", "none")}
+                "context_length": self.model.ctx_size, "draft": getattr(self.drafter, "name", "none"),
+                "drafts": self.draft_choices}
+
+
+class _BuiltOnFirstUse:
+    """A drafter that a request chose, built when its first generation starts (`reset`, called by
+    the decode loop): in the worker thread, because building `auto` times forward passes on the
+    model's KV cache, which the worker may be using while a request is being prepared."""
+
+    def __init__(self, name: str, build) -> None:
+        self.name, self._build, self._drafter = name, build, None
+
+    def reset(self) -> None:
+        if self._drafter is None:
+            self._drafter = self._build()
+        self._drafter.reset()
+
+    def propose(self, ctx, max_tokens):
+        return self._drafter.propose(ctx, max_tokens)
+
+    def update(self, accepted: int, proposed: int) -> None:
+        self._drafter.update(accepted, proposed)
+
+    def extra_stats(self) -> dict:
+        return self._drafter.extra_stats() if self._drafter is not None else {}
+
+
+# The playground (`/`): static files shipped as package data, no build step, nothing fetched from
+# elsewhere (the policy below forbids it, so the page works offline).
+_STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
+                 "playground.css": "text/css; charset=utf-8"}
+_STATIC_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
+                   "Cache-Control": "no-cache"}
+
+
+def _static(name: str) -> str:
+    return resources.files("selfspec").joinpath("static", name).read_text(encoding="utf-8")
 
 
 class _ClientGone(Exception):
@@ -384,6 +472,17 @@ def create_app(model, drafter=None, settings: ServerSettings | None = None) -> F
     """The ASGI app serving `model` (a loaded `Model`), drafting with `drafter` (None: plain
     decoding). Run it with uvicorn; the worker thread starts and stops with the app's lifespan."""
     return Server(model, drafter, settings or ServerSettings(model_id=model.name)).app()
+
+
+def choosable_drafts(model, skip_config=None) -> tuple[str, ...]:
+    """Drafters a request may pick on `selfspec serve`, besides the server's own: plain decoding,
+    prompt lookup, `auto` (with the server's drafter flags: a draft model only when the server was
+    started with one), and layer-skip where a skip config is given or ships for the model. `model`
+    and `quantized` are offered only as the server's own drafter: each keeps a second set of weights."""
+    from selfspec.drafters.layerskip import shipped_config
+
+    layer_skip = skip_config is not None or shipped_config(model.name) is not None
+    return ("none", "ngram", "auto") + (("layer-skip",) if layer_skip else ())
 
 
 def warm_up(model, drafter) -> None:

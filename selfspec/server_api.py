@@ -2,9 +2,10 @@
 into a prompt + `SamplingParams`, response and stream-chunk bodies, and the error object.
 
 Parameters follow OpenAI's API; `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are
-extensions (as in vLLM). Unknown parameters are accepted and ignored; a known OpenAI parameter that
-we cannot honour (n > 1, logprobs, presence_penalty != 0, ...) is refused with a 400 naming it,
-because ignoring it would silently answer a different question.
+extensions (as in vLLM), and so is `selfspec` (`{"draft": NAME}`: the drafter of this request).
+Unknown parameters are accepted and ignored; a known OpenAI parameter that we cannot honour
+(n > 1, logprobs, presence_penalty != 0, ...) is refused with a 400 naming it, because ignoring it
+would silently answer a different question.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class SelfspecOptions(_Strict):
+    """The request extension field `selfspec` (other OpenAI-compatible servers ignore it)."""
+
+    draft: str | None = None  # the drafter for this request; GET /v1/models lists the choices ("drafts")
+
+
 class _GenerationRequest(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -55,6 +62,7 @@ class _GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # decode past end-of-text up to max_tokens (fixed-length benchmarks)
+    selfspec: SelfspecOptions | None = None
 
     @property
     def requested_tokens(self) -> int | None:

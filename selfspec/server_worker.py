@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from selfspec.generation import Generation, GenerationResult
 from selfspec.server_api import ApiError
+from selfspec.show import DraftView
 
 log = logging.getLogger("selfspec.server")
 
@@ -76,7 +77,8 @@ class Job:
         self.gen = gen
         self.loop = loop
         self.metrics = metrics
-        self.events: asyncio.Queue = asyncio.Queue()  # ("text", str) | ("done", result) | ("error", ApiError)
+        # ("text", (str, the chunk's `selfspec` extension dict)) | ("done", result) | ("error", ApiError)
+        self.events: asyncio.Queue = asyncio.Queue()
         self.created = time.perf_counter()
         self.started: float | None = None
         self.finished = False  # the handler has seen "done" or "error"
@@ -159,12 +161,14 @@ class Worker:
     def _decode(self, job: Job) -> None:
         job.started = time.perf_counter()
         rounds = iter(job.gen)
+        view = DraftView(job.gen.model.tokenizer, job.gen.stats)  # which tokens were drafts (show.py)
         try:
             for chunk in rounds:
                 if job.cancelled:
                     return
+                spans = view.push(chunk)
                 if chunk.text:
-                    job.emit("text", chunk.text)
+                    job.emit("text", (chunk.text, view.extension(spans)))
             result = job.gen.result
             self.metrics.finished(result)
             self._recent.append(time.perf_counter() - job.started)

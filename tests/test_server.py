@@ -533,3 +533,23 @@ def _wait_busy(url, timeout=5.0):
     while metrics(url)["selfspec_worker_busy"] != 1:
         assert time.monotonic() < end, "the worker never started"
         time.sleep(0.02)
+
+
+def test_requests_sharing_a_prefix_process_only_the_rest(tiny):
+    """--prefix-cache-mb (default 512): the live KV, and copies of earlier sequences' KV."""
+    def complete(prompt):
+        r = _tiny_post(tiny, prompt, max_tokens=8)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return body["choices"][0]["text"], body["selfspec"]
+
+    conversation = [9] + [3 + (i * 7) % 150 for i in range(29)]  # no earlier request starts with 9
+    cold, stats = complete(conversation)  # whatever was cached before shares no prefix with it
+    assert stats["cached_prompt_tokens"] == 0 and stats["prefill_tokens"] == 30
+    other, stats = complete([4] + conversation[1:20])  # another conversation takes the live cache
+    assert stats["cached_prompt_tokens"] == 0
+    again, stats = complete(conversation)  # back: its KV comes from the stored copy
+    assert stats["cached_prompt_tokens"] == 29 and stats["prefill_tokens"] == 1
+    assert again == cold
+    longer, stats = complete(conversation + [5, 6, 7])
+    assert stats["cached_prompt_tokens"] >= 30 and stats["prefill_tokens"] == 33 - stats["cached_prompt_tokens"]

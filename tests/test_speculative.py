@@ -144,8 +144,8 @@ def test_layerskip_and_ngram_and_draft_model_lossless_on_tiny(gemma3):
     # The drafter that skips nothing is the target itself: every draft must be accepted.
     full = generate(gemma3, PROMPT, max_new_tokens=30, drafter=drafters[1])
     assert full.stats.drafted > 0 and full.stats.acceptance_rate == 1.0
-    with pytest.raises(SkipConfigError, match="draft_bits 4"):
-        LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n, draft_bits=4))
+    with pytest.raises(SkipConfigError, match="draft_bits 5"):
+        LayerSkipDrafter(SkipConfig(model="gemma3", n_layers=n, draft_bits=5))
 
 
 def test_ngram_lookup_finds_latest_longest_match():

@@ -49,6 +49,7 @@ class DraftModelDrafter:
             return stack_draft([], [])
         keep = _common_prefix(self.seen, seq, len(seq) - 1)
         self.cache.rollback(keep)
+        self.seen = self.seen[:keep]  # still true if the forward below is interrupted
         feed = torch.tensor(seq[keep:], dtype=torch.long)
         logits = tr.forward(feed, keep, self.cache, last_only=True)
         self.seen = list(seq)
@@ -67,8 +68,10 @@ class DraftModelDrafter:
         pass
 
     def reset(self) -> None:
-        self.seen = []
-        self.cache.reset()
+        # The draft KV stays: the next sequence re-syncs to its longest common prefix with what
+        # is cached, so a conversation's next turn (or a request sharing a prompt prefix) does not
+        # make the draft model read the whole context again.
+        pass
 
     def extra_stats(self) -> dict:
         return {"draft_model": self.model.name}

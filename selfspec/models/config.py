@@ -1,5 +1,6 @@
 """`ModelConfig`: everything our decoder needs to know about an architecture, read either from GGUF
-metadata or from a Hugging Face `config.json`. Frozen; built only through the two constructors."""
+metadata or from a Hugging Face `config.json`. Frozen; built only through the two constructors
+(and `from_dict`, which reads back what `to_dict` wrote into the weight cache)."""
 from __future__ import annotations
 
 import math
@@ -179,6 +180,15 @@ class ModelConfig:
         return cls(**common, **gemma, qk_norm=True, rope_theta_local=rope["local"],
                    attn_softcap=cfg.get("attn_logit_softcapping"),
                    final_softcap=cfg.get("final_logit_softcapping"))
+
+    # --------------------------------------------------------------------- the weight cache
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values; `from_dict` gives back an equal config (the weight cache's manifest)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**{**d, "sliding_window": tuple(d["sliding_window"]), "eos_token_ids": tuple(d["eos_token_ids"])})
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:

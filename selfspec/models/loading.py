@@ -2,11 +2,10 @@
 safetensors folder, plus its tokenizer and chat template. Never pickle, never remote code."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,13 +35,22 @@ class Model:
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
+    # Where the load's time went: weights_seconds, tokenizer_seconds and what the weight cache
+    # did (weight_cache: "hit", "written", "not written" or "off").
+    load_info: dict = field(default_factory=dict)
     _cache: KVCache | None = None
 
     def cache(self) -> KVCache:
         """The model's KV cache, allocated once and reset for each new sequence."""
+        cache = self.kv_cache()
+        cache.reset()
+        return cache
+
+    def kv_cache(self) -> KVCache:
+        """The same cache as its last user left it (for `selfspec.prefix.PrefixCache`, which
+        knows whether that was itself)."""
         if self._cache is None:
             self._cache = self.transformer.new_cache(self.ctx_size)
-        self._cache.reset()
         return self._cache
 
     @property
@@ -80,7 +88,8 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
                threads: int | None = None, compile: bool = False) -> Model:
     """Load `model`: a registry alias (`selfspec models`), a `.gguf` file or an HF folder.
     `dtype` int8/int4 quantises the linear layers' weights (selfspec/models/quant.py); `compile`
-    wraps the decoder in torch.compile (selfspec/models/compiled.py)."""
+    wraps the decoder in torch.compile (selfspec/models/compiled.py). The weights come from the
+    weight cache when it has them (selfspec/models/weightcache.py)."""
     t0 = time.perf_counter()
     if threads is not None:
         if threads < 1:
@@ -96,30 +105,90 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
             known = ", ".join(REGISTRY)
             raise ModelLoadError(f"model {spec!r} is neither a known alias ({known}) nor an existing path")
         name = path.name
-    transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name))
+    info: dict = {}
+    transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info)
     kernel = transformer.kernel
     if compile:
         from selfspec.models.compiled import compile_transformer
 
         transformer = compile_transformer(transformer)
         kernel += "+" + transformer.compile_status.split(":")[0]  # compiled | compile-skipped
+    # One after the other: on a second thread the tokenizer (mostly `import transformers`) and the
+    # weights (safetensors reads hold the GIL; prepacking takes both cores) slowed each other down
+    # more than they overlapped (docs/benchmarks.md, "Start-up and multi-turn").
+    t = time.perf_counter()
     tokenizer = _load_hf_tokenizer(path) if path.is_dir() else _load_gguf_tokenizer(path)
+    info["tokenizer_seconds"] = time.perf_counter() - t
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
-                 load_seconds=time.perf_counter() - t0, kernel=kernel)
+                 load_seconds=time.perf_counter() - t0, kernel=kernel, load_info=info)
 
 
 def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
-                     weight_bits: int | None = None) -> Transformer:
+                     weight_bits: int | None = None, weight_cache: bool | None = None,
+                     info: dict | None = None) -> Transformer:
     """Only the decoder of a GGUF file or HF folder (no tokenizer), with a context of `ctx_size`
-    (default: min(model context, 4096)); `weight_bits` 8 or 4 quantises the linears' weights."""
-    config, tensors = _read_hf_folder(path) if path.is_dir() else _read_gguf(path)
+    (default: min(model context, 4096)); `weight_bits` 8 or 4 quantises the linears' weights.
+    `weight_cache` (default: on unless SELFSPEC_WEIGHT_CACHE=0) reads the tensors from the weight
+    cache, or computes them and writes the entry there. `info` gets weights_seconds and what the
+    weight cache did (weight_cache: "hit", "written", "not written", "off")."""
+    from selfspec.models import weightcache
+
+    t0 = time.perf_counter()
+    info = {} if info is None else info
+    info["weight_cache"] = "off"
+    use_cache = weightcache.enabled() if weight_cache is None else weight_cache
+    key = hit = None
+    if use_cache:
+        try:
+            key = weightcache.key_for(path, _dtype_name(dtype, weight_bits), _layout(weight_bits))
+        except OSError:
+            key = None  # e.g. a folder without config.json: the reader below says what is wrong
+        if key is not None:
+            # fp32 weights are copied into oneDNN's layout: read them into memory that is freed
+            # after packing (mapped, their file pages would stay in the resident set too).
+            hit = weightcache.load(key, mmap=not _prepacked(dtype, weight_bits))
+    if hit is not None:
+        config, state = hit
+        limit = _ctx_limit(config, ctx_size)
+        info["weight_cache"] = "hit"
+    else:
+        config, src = _read_hf_folder(path) if path.is_dir() else _read_gguf(path)
+        limit = _ctx_limit(config, ctx_size)
+        state = _build_state(config, src, dtype, weight_bits)
+        if key is not None:
+            info["weight_cache"] = "written" if weightcache.store(key, config, state, path) else "not written"
+    transformer = _from_state(config, state, limit)
+    info["weights_seconds"] = time.perf_counter() - t0
+    return transformer
+
+
+def _ctx_limit(config: ModelConfig, ctx_size: int | None) -> int:
     limit = min(config.context_length, DEFAULT_CTX) if ctx_size is None else ctx_size
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
         raise SelfspecError(f"--ctx-size must be an integer >= 2, got {limit!r}")
     if limit > config.context_length:
         raise SelfspecError(f"--ctx-size {limit} exceeds the model's context of {config.context_length}")
-    return _build(config, tensors, dtype, limit, weight_bits)
+    return limit
+
+
+def _dtype_name(dtype: torch.dtype, weight_bits: int | None) -> str:
+    if weight_bits is not None:
+        return f"int{weight_bits}"
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _layout(weight_bits: int | None) -> str:
+    """How the stored tensors are laid out (part of the weight cache's key)."""
+    from selfspec.models.quant import DEFAULT_INT4_GROUP, HEAD_BITS
+
+    return {None: "dense", 8: f"int8-rowwise-head{HEAD_BITS}",
+            4: f"int4pack-g{DEFAULT_INT4_GROUP}-head{HEAD_BITS}"}[weight_bits]
+
+
+def _prepacked(dtype: torch.dtype, weight_bits: int | None) -> bool:
+    """Whether `make_linear` repacks this dtype's weights on this machine (oneDNN for fp32)."""
+    return weight_bits is None and make_linear(torch.zeros(1, 1, dtype=dtype)).kernel != "F.linear"
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -127,16 +196,24 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
 # wq, wk, wv (+ bq, bk, bv), wo, q_norm, k_norm, post_attn_norm, ffn_norm, w_gate, w_up, w_down,
 # post_ffn_norm. Values are fp32 tensors in HF layout; Gemma norms already include the "+1".
 TensorSource = dict[str, Callable[[], torch.Tensor]]
+# The built decoder as flat tensors (what the weight cache stores): embed, final_norm, and per
+# layer "L{i}." + attn_norm, ffn_norm, the optional q_norm, k_norm, post_attn_norm, post_ffn_norm;
+# each linear (wqkv, wo, w_gate_up, w_down, lm_head unless tied) as "NAME.weight" (+ ".bias"), or
+# its quantised state ("NAME.q", "NAME.scale" / "NAME.packed", "NAME.scales_zeros", see quant.py).
+State = dict[str, torch.Tensor]
+_LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
+_LINEAR_PARTS = ("weight", "bias", "q", "scale", "packed", "scales_zeros")
+_OPTIONAL_NORMS = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 
 
-def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: int,
-           weight_bits: int | None = None) -> Transformer:
-    linear = head_linear = make_linear
-    if weight_bits is not None:
-        from selfspec.models.quant import HEAD_BITS, quantized_linear
+def _build_state(config: ModelConfig, src: TensorSource, dtype: torch.dtype,
+                 weight_bits: int | None = None) -> State:
+    """Dequantised source tensors -> the decoder's tensors: q/k/v and gate/up fused, cast to
+    `dtype`, linears quantised when `weight_bits` is set. Checks every shape against the config."""
+    from selfspec.models.quant import HEAD_BITS, quantized_linear
 
-        linear = functools.partial(quantized_linear, bits=weight_bits)
-        head_linear = functools.partial(quantized_linear, bits=HEAD_BITS)
+    state: State = {}
+
     def get(name: str, required: bool = True) -> torch.Tensor | None:
         if name not in src:
             if required:
@@ -147,10 +224,15 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype).contiguous()
 
+    def linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, bits: int | None) -> None:
+        weight, bias = cast(weight), cast(bias)
+        parts = {"weight": weight, "bias": bias} if bits is None else quantized_linear(weight, bias, bits=bits).state()
+        state.update({f"{name}.{k}": v for k, v in parts.items() if v is not None})
+
     c = config
     embed = get("embed")
     _check_shape("embed", embed, (c.vocab_size, c.hidden))
-    layers = []
+    state["embed"] = cast(embed)
     for i in range(c.n_layers):
         p = f"L{i}."
         wq, wk, wv = get(p + "wq"), get(p + "wk"), get(p + "wv")
@@ -164,23 +246,53 @@ def _build(config: ModelConfig, src: TensorSource, dtype: torch.dtype, max_len: 
         if (b_gate is None) != (b_up is None):
             raise ModelLoadError(f"layer {i} has a bias on only one of the gate and up projections")
         b_gate_up = None if b_gate is None else torch.cat((b_gate, b_up))
-        norms = {n: cast(get(p + n, required=False)) for n in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")}
-        layers.append(Layer(
-            attn_norm=get(p + "attn_norm").float(),
-            wqkv=linear(cast(torch.cat((wq, wk, wv))), cast(bqkv)),
-            wo=linear(cast(get(p + "wo")), cast(get(p + "bo", required=False))),
-            ffn_norm=get(p + "ffn_norm").float(),
-            w_gate_up=linear(cast(torch.cat((gate, up))), cast(b_gate_up)),
-            w_down=linear(cast(get(p + "w_down")), cast(get(p + "b_down", required=False))),
-            q_norm=None if norms["q_norm"] is None else norms["q_norm"].float(),
-            k_norm=None if norms["k_norm"] is None else norms["k_norm"].float(),
-            post_attn_norm=None if norms["post_attn_norm"] is None else norms["post_attn_norm"].float(),
-            post_ffn_norm=None if norms["post_ffn_norm"] is None else norms["post_ffn_norm"].float(),
-        ))
-    embed = cast(embed)
+        state[p + "attn_norm"] = get(p + "attn_norm").float().contiguous()
+        linear(p + "wqkv", torch.cat((wq, wk, wv)), bqkv, weight_bits)
+        linear(p + "wo", get(p + "wo"), get(p + "bo", required=False), weight_bits)
+        state[p + "ffn_norm"] = get(p + "ffn_norm").float().contiguous()
+        linear(p + "w_gate_up", torch.cat((gate, up)), b_gate_up, weight_bits)
+        linear(p + "w_down", get(p + "w_down"), get(p + "b_down", required=False), weight_bits)
+        for n in _OPTIONAL_NORMS:
+            t = get(p + n, required=False)
+            if t is not None:
+                state[p + n] = cast(t).float().contiguous()
+    state["final_norm"] = get("final_norm").float().contiguous()
+    head_bits = None if weight_bits is None else HEAD_BITS
     head = get("lm_head", required=False)
-    lm_head = head_linear(embed, keep_weight=True) if head is None else head_linear(cast(head))
-    return Transformer(config, embed, layers, get("final_norm").float(), lm_head, max_len)
+    if head is not None:
+        linear("lm_head", head, None, head_bits)
+    elif head_bits is not None:  # a quantised head is its own copy of the tied embedding
+        linear("lm_head", state["embed"], None, head_bits)
+    return state
+
+
+def _from_state(config: ModelConfig, state: State, max_len: int) -> Transformer:
+    """The decoder over `state` (see `State`; a dict or the weight cache's `Tensors`), which it
+    consumes: each tensor is taken out as it is used, so a dense weight that gets prepacked is
+    freed right after (a load never holds two copies). Float linears get this machine's kernel
+    here (oneDNN prepacking for fp32): it is what the weight cache cannot store."""
+    from selfspec.models.quant import Int4Linear, Int8Linear
+
+    def linear(name: str, keep_weight: bool = False):
+        parts = {k: state.pop(f"{name}.{k}") for k in _LINEAR_PARTS if f"{name}.{k}" in state}
+        if "weight" in parts:
+            return make_linear(parts["weight"], parts.get("bias"), keep_weight)
+        if "q" in parts:
+            return Int8Linear.from_state(parts)
+        if "packed" in parts:
+            return Int4Linear.from_state(parts)
+        raise ModelLoadError(f"no weights for linear {name!r}")
+
+    layers = []
+    for i in range(config.n_layers):
+        p = f"L{i}."
+        layers.append(Layer(attn_norm=state.pop(p + "attn_norm"), ffn_norm=state.pop(p + "ffn_norm"),
+                            **{n: linear(p + n) for n in _LINEARS},
+                            **{n: state.pop(p + n, None) for n in _OPTIONAL_NORMS}))
+    embed = state.pop("embed")
+    tied = not any(f"lm_head.{k}" in state for k in _LINEAR_PARTS)
+    lm_head = make_linear(embed, keep_weight=True) if tied else linear("lm_head")
+    return Transformer(config, embed, layers, state.pop("final_norm"), lm_head, max_len)
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

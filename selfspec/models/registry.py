@@ -136,6 +136,26 @@ def verify_sha256(path: Path, expected: str) -> None:
     _remember_verified(path, expected, known)
 
 
+REMEMBER_ABOVE = 64 << 20  # smaller files are hashed again each time (~0.1 s at most), not remembered
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of any file; a large one is hashed once per file version (the same remembered
+    (path, size, mtime) stamps as `verify_sha256`, so a verified registry GGUF costs nothing)."""
+    if path.stat().st_size < REMEMBER_ABOVE:
+        return sha256_file(path)
+    stamp = cache_dir() / "verified.json"
+    try:
+        known = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        known = {}
+    sha = known.get(_stamp_key(path))
+    if sha is None:
+        sha = sha256_file(path)
+        _remember_verified(path, sha, known)
+    return sha
+
+
 def _remember_verified(path: Path, sha256: str, known: dict | None = None) -> None:
     stamp = cache_dir() / "verified.json"
     if known is None:

@@ -1,0 +1,250 @@
+"""The weight cache: what loading a model computes once (GGUF dequantisation, fused and cast
+tensors, int8/int4 quantisation) kept as safetensors under `cache_dir()/weights`, so a later
+load reads (or memory-maps) it instead of computing it again.
+
+One entry per model SHA-256 + dtype + layout + selfspec version + `FORMAT` + torch version + a
+fingerprint of the code that produces the tensors (any edit of it is a new key, so a developer
+never loads tensors that older code made). An entry is a folder with `weights.safetensors` and
+`manifest.json`; entries of the same model and dtype under another key are stale and are deleted
+when a new one is written. `SELFSPEC_WEIGHT_CACHE=0` turns the cache off.
+
+What the cache stores is the dense form the kernels start from: fp32/bf16 tensors (oneDNN's
+prepacked fp32 weights are opaque, so prepacking runs at every load), int8 weights with their
+scales, int4 weights already packed for PyTorch's CPU kernel (a plain uint8 tensor).
+
+Integrity ("detected and rebuilt, never used"): written to a temporary name and renamed, so a
+crash never leaves a half-written entry. A load checks the manifest's key, the file's size and a
+SHA-256 of the safetensors header (the tensor names, shapes and offsets) every time: a truncated
+or foreign file fails there. The SHA-256 of the whole file is taken when it is written and checked
+again whenever the file's mtime differs from the one recorded then (the file was written to since;
+~1 s for 540 MB, once: the manifest then records the new mtime). Bits that flip without any write
+(bad disk, RAM) are not checked on every load, the policy `verify_sha256` has for the GGUF files
+too: hashing SmolLM2's 540 MB on every load would cost about what reading the weights costs. An
+entry failing a check is deleted and rebuilt from the model file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from selfspec.models.config import ModelConfig
+from selfspec.models.registry import cache_dir, file_sha256, sha256_file
+
+log = logging.getLogger("selfspec.weightcache")
+
+FORMAT = 1  # bump when the meaning of stored tensors changes in a way the code fingerprint misses
+ENV = "SELFSPEC_WEIGHT_CACHE"
+FOLDER = "weights"
+WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
+# Modules whose code decides which tensors are stored and what they hold.
+_PRODUCERS = ("loading.py", "quant.py", "config.py", "weightcache.py")
+MIN_FREE_BYTES = 2 << 30  # never fill the disk: skip writing when less would be left
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in _PRODUCERS:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_sha256(path: Path) -> str:
+    """SHA-256 of a GGUF file, or of an HF folder's config.json and safetensors files (a hash of
+    their hashes). Large files are hashed once per file version (`registry.file_sha256`)."""
+    if path.is_file():
+        return file_sha256(path)
+    files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    model_sha256: str
+    dtype: str  # "fp32" | "bf16" | "int8" | "int4"
+    layout: str  # how the tensors are laid out, e.g. "dense" or "int4-g32-head8"
+
+    def fields(self) -> dict:
+        from selfspec import __version__
+
+        return {"model_sha256": self.model_sha256, "dtype": self.dtype, "layout": self.layout,
+                "selfspec": __version__, "format": FORMAT, "torch": torch.__version__,
+                "code": code_fingerprint()}
+
+    @property
+    def prefix(self) -> str:
+        """Shared by every entry of this model and dtype, whatever the version."""
+        return f"{self.model_sha256[:16]}-{self.dtype}-"
+
+    @property
+    def folder(self) -> Path:
+        digest = hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:16]
+        return cache_dir() / FOLDER / f"{self.prefix}{digest}"
+
+
+def key_for(path: Path, dtype: str, layout: str) -> CacheKey:
+    return CacheKey(model_sha256(path), dtype, layout)
+
+
+# ------------------------------------------------------------------------------------- reading
+class CorruptEntry(Exception):
+    """An entry failed a check; it is deleted and rebuilt."""
+
+
+class Tensors:
+    """The tensors of an entry, each read when it is taken (`pop`): one that the caller copies
+    anyway (an fp32 weight about to be prepacked) is in memory only until then, so a load never
+    holds two copies of the weights."""
+
+    def __init__(self, handle, names: list[str], where: str) -> None:
+        self._handle, self._names, self._where = handle, dict.fromkeys(names), where
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(list(self._names))
+
+    def pop(self, name: str, *default):
+        if name not in self._names:
+            if default:
+                return default[0]
+            raise KeyError(name)
+        del self._names[name]
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as e:
+            from selfspec.errors import ModelLoadError
+
+            raise ModelLoadError(f"cannot read tensor {name!r} of the weight cache entry {self._where} ({e}); "
+                                 f"delete it with `selfspec cache clear weights`") from None
+
+
+def load(key: CacheKey, mmap: bool = True) -> tuple[ModelConfig, Tensors] | None:
+    """The config and tensors of the entry for `key`, or None when there is none or it failed a
+    check (then it is deleted: the caller rebuilds it). `mmap=False` reads each tensor into
+    private memory when it is taken, for tensors that are copied anyway (fp32 weights about to be
+    prepacked): mapped, their file pages would stay in the resident set as long as the mapping."""
+    folder = key.folder
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        manifest = _verified_manifest(key, folder)
+        from safetensors import safe_open
+
+        handle = safe_open(str(folder / WEIGHTS), framework="pt", backend="mmap" if mmap else "pread")
+        names = set(handle.keys())
+        if names != set(manifest["tensors"]):
+            raise CorruptEntry(f"its tensors {sorted(names ^ set(manifest['tensors']))[:3]} differ from the manifest's")
+        return ModelConfig.from_dict(manifest["config"]), Tensors(handle, manifest["tensors"], folder.name)
+    except Exception as e:  # anything wrong with an entry means: rebuild it, never use it
+        log.warning("weight cache entry %s is unusable (%s); rebuilding it from the model file", folder.name, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _verified_manifest(key: CacheKey, folder: Path) -> dict:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("key") != key.fields():
+        raise CorruptEntry("its manifest is for another key")
+    path = folder / WEIGHTS
+    st = path.stat()
+    if st.st_size != manifest["size"]:
+        raise CorruptEntry(f"{WEIGHTS} has {st.st_size} bytes, the manifest says {manifest['size']}")
+    if _header_sha256(path) != manifest["header_sha256"]:
+        raise CorruptEntry(f"the header of {WEIGHTS} differs from the one written")
+    if st.st_mtime_ns != manifest["mtime_ns"]:  # written to since: the whole file must still be what we wrote
+        if sha256_file(path) != manifest["sha256"]:
+            raise CorruptEntry(f"{WEIGHTS} was modified after it was written (SHA-256 differs)")
+        manifest["mtime_ns"] = st.st_mtime_ns
+        _write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _header_sha256(path: Path) -> str:
+    """SHA-256 of the safetensors header: its 8-byte length and the JSON of names, dtypes,
+    shapes and offsets. A truncated, foreign or rewritten-with-other-tensors file differs here."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CorruptEntry(f"{path.name} is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100 << 20:
+            raise CorruptEntry(f"{path.name} claims a header of {n} bytes")
+        body = f.read(n)
+    if len(body) != n:
+        raise CorruptEntry(f"{path.name} ends inside its header")
+    return hashlib.sha256(head + body).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- writing
+def store(key: CacheKey, config: ModelConfig, tensors: dict[str, torch.Tensor], source: Path) -> bool:
+    """Write the entry for `key` (atomically) and delete stale entries of the same model and
+    dtype. Never fails a load: a full disk or an unwritable folder is a warning. Returns whether
+    the entry was written."""
+    folder = key.folder
+    size = sum(t.nbytes for t in tensors.values())
+    root = folder.parent
+    tmp = root / f".{folder.name}.{os.getpid()}.tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free - size < MIN_FREE_BYTES:
+            log.warning("not caching the weights of %s: %.1f GB would leave less than %.0f GB free",
+                        source.name, size / 1e9, MIN_FREE_BYTES / 2**30)
+            return False
+        from safetensors.torch import save_file
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS))
+        weights = tmp / WEIGHTS
+        manifest = {"key": key.fields(), "config": config.to_dict(), "source": str(source),
+                    "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "size": weights.stat().st_size,
+                    "header_sha256": _header_sha256(weights), "sha256": sha256_file(weights),
+                    "mtime_ns": weights.stat().st_mtime_ns, "tensors": sorted(tensors)}
+        _write_json(tmp / MANIFEST, manifest)
+        _remove_stale(key)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)  # atomic: readers see no entry or a whole one
+        except OSError:
+            if (folder / MANIFEST).is_file():  # another process wrote the same entry meanwhile
+                return True
+            raise
+        return True
+    except OSError as e:
+        log.warning("could not write the weight cache entry %s: %s", folder, e)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(key: CacheKey) -> None:
+    for other in key.folder.parent.glob(key.prefix + "*"):
+        if other.is_dir() and other.name != key.folder.name:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
