@@ -178,7 +178,9 @@ def test_calibration_measures_and_caches(llama, tmp_path, monkeypatch):
 def _auto(model, costs):
     n = model.config.n_layers
     ls = LayerSkipDrafter(SkipConfig(model=model.name, n_layers=n, attention=(1,), mlp=(2,)), max_draft=6)
-    return AutoDrafter([NgramDrafter(adaptive=False), ls], costs, draft_cost_guess={"ngram": 0.0, "layer-skip": 0.0})
+    # A clock that stands still: the synthetic costs stay as they are (no round is observed).
+    return AutoDrafter([NgramDrafter(adaptive=False), ls], costs, draft_cost_guess={"ngram": 0.0, "layer-skip": 0.0},
+                       clock=lambda: 0.0)
 
 
 @pytest.mark.parametrize("costs", [free_verify, linear_verify], ids=["drafting", "never-drafting"])
@@ -209,3 +211,14 @@ def test_auto_sampled_matches_target_distribution(llama):
     assert auto.extra_stats()["auto_drafter_rounds"].get("layer-skip", 0) > 0
     tv = total_variation(counts, p)
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
+
+
+def test_costs_stay_non_decreasing_in_k():
+    """A step measured while the CPU was busy (here 10x two tokens' cost) cannot make drafting
+    look better than it is: loaded or observed costs are kept non-decreasing in k."""
+    costs = CostModel([0.356, 0.044, 0.045, 0.055, 0.064])
+    assert costs.verify == sorted(costs.verify) and costs.step == pytest.approx(0.044)
+    costs.observe(2, 0.02)  # a fast round pulls the cheaper k down with it
+    assert costs.verify == sorted(costs.verify) and costs.verify[0] <= costs.verify[2]
+    costs.observe(0, 0.1)  # a slow plain step pushes the dearer k up with it
+    assert costs.verify == sorted(costs.verify)
