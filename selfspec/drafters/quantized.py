@@ -49,9 +49,14 @@ class QuantizedSelfDrafter(LayerSkipDrafter):
         have = weight_bits(model.transformer)
         if have is not None and have <= bits:
             raise InvalidParameterError(
-                f"the model is loaded as int{have}, so a {bits}-bit draft would be the model itself; "
+                f"the model is loaded as int{have}, so a draft with {bits}-bit weights would be no cheaper than the model; "
                 + ("use --draft-bits 4 or " if have > 4 else "") + "load it with --dtype fp32 or bf16")
         config = SkipConfig(**{**config.__dict__, "draft_bits": bits})
+        # The whole vocabulary by default: a draft head over a subset (layer-skip's default for
+        # vocabularies over 65536) cut the agreement of Qwen 1.5B's int8 draft to 56% (0.69x).
+        kwargs.setdefault("draft_vocab", 0)
+        if kwargs["draft_vocab"] is None:
+            kwargs["draft_vocab"] = 0
         drafter = cls(config, exit=exit or AdaptiveExit(gamma=DEFAULT_GAMMA), **kwargs)
         drafter._draft = (model.transformer, draft_view(model.transformer, bits))
         return drafter
