@@ -72,6 +72,22 @@ def test_prompt_logits_match_hf(pair):
     _close(last, ref[-1:])
 
 
+@torch.no_grad()
+def test_hidden_states_match_hf(pair):
+    """The trained drafters' hooks: an early exit after L layers gives HF's hidden state L, and
+    return_hidden gives the final-normed state the LM head reads."""
+    model, hf = pair
+    tr = model.transformer
+    ids = _ids(PROMPT_LEN, seed=3)
+    ref = hf(ids[None], use_cache=False, output_hidden_states=True).hidden_states
+    for layer in (1, 3):
+        _close(tr.forward(ids, 0, tr.new_cache(CTX), exit_layer=layer), ref[layer][0])
+    logits, hidden = tr.forward(ids, 0, tr.new_cache(CTX), return_hidden=True)
+    _close(hidden, ref[-1][0])
+    _close(tr.logits(hidden), logits, atol=0)
+    _close(tr.logits(tr.final_hidden(tr.forward(ids, 0, tr.new_cache(CTX), exit_layer=4))), logits, atol=1e-5)
+
+
 def test_incremental_decode_matches_hf(pair):
     """Prefill, then 8 single-token steps, then a T=3 chunk: each step's logits equal HF's logits
     at those positions of the full sequence."""

@@ -19,6 +19,10 @@ EMPTY = torch.empty(0, dtype=torch.long)
 class Draft:
     tokens: torch.Tensor  # [k] proposed token ids
     q_draft: torch.Tensor | None = None  # [k, vocab] draft probabilities; None = deterministic drafter
+    # A token tree instead of a chain: parents[i] is the index of node i's parent (< i), -1 for
+    # children of the pending token. None = a chain (parents[i] = i - 1). Verified by tree
+    # verification (several candidate continuations in one forward pass).
+    parents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

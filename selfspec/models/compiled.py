@@ -68,9 +68,11 @@ class CompiledTransformer:
                                                last_only=last_only, head=head)
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, skip: SkipSet = NO_SKIP,
-                last_only: bool = False, head: Linear | None = None) -> torch.Tensor:
+                last_only: bool = False, head: Linear | None = None, **extra) -> torch.Tensor:
         T = tokens.shape[0]
         padded = bucket(T) if T <= MAX_BUCKET else T
+        if any(extra.values()) or extra.get("exit_layer") is not None:  # trained-drafter hooks: eager
+            return self.eager.forward(tokens, start, cache, skip=skip, last_only=last_only, head=head, **extra)
         if self.compile_status != "compiled" or T > MAX_BUCKET or start + padded > cache.max_len:
             return self.eager.forward(tokens, start, cache, skip=skip, last_only=last_only, head=head)
         # A fresh tensor either way: a view's storage offset would be one more thing to guard on.

@@ -145,11 +145,17 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
-                skip: SkipSet = NO_SKIP, last_only: bool = False, head: Linear | None = None) -> torch.Tensor:
+                skip: SkipSet = NO_SKIP, last_only: bool = False, head: Linear | None = None,
+                exit_layer: int | None = None, return_hidden: bool = False):
         """Logits `[T, vocab]` (fp32) for the T tokens at positions start..start+T-1, or `[1, vocab]`
         for the last one if `last_only`. Writes their KV into `cache`; `cache.length` becomes
         start + T (positions after that, e.g. rejected drafts, are dropped). `head` replaces the LM
-        head (a drafter's head over part of the vocabulary: its logits are over that part)."""
+        head (a drafter's head over part of the vocabulary: its logits are over that part).
+
+        For trained drafters: `exit_layer=L` runs layers 0..L-1 only and returns their output, the
+        raw residual stream `[T, hidden]` (no norm, no head; only those layers' KV is written);
+        `return_hidden` returns `(logits, hidden)`, hidden being the final-normed state `[T or 1,
+        hidden]` the LM head reads."""
         c = self.config
         T = tokens.shape[0]
         cache.check_room(start, T)
@@ -162,7 +168,7 @@ class Transformer:
             True: tuple(t[start:end].unsqueeze(1) for t in self.rope_local),
         }
         masks: dict[int, torch.Tensor | None] = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if exit_layer is None else self.layers[:exit_layer]):
             window = c.sliding_window[i]
             if i not in skip.attention:
                 if window not in masks:
@@ -180,10 +186,23 @@ class Transformer:
         cache.length = end
         if last_only:
             x = x[-1:]
-        logits = (head or self.lm_head)(self._norm(x, self.final_norm)).float()
+        if exit_layer is not None:
+            return x
+        hidden = self._norm(x, self.final_norm)
+        logits = self.logits(hidden, head)
+        return (logits, hidden) if return_hidden else logits
+
+    def logits(self, hidden: torch.Tensor, head: Linear | None = None) -> torch.Tensor:
+        """fp32 logits from final-normed hidden states `[T, hidden]` (LM head, then soft-capping)."""
+        logits = (head or self.lm_head)(hidden).float()
+        c = self.config
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits
+
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm applied to a raw residual stream (e.g. an early exit's output)."""
+        return self._norm(x, self.final_norm)
 
     def _first_key(self, start: int, window: int) -> int:
         # Keys older than the window can never be attended to by the queries at >= start.
