@@ -71,10 +71,13 @@ def peaky(tmp_path_factory):
     return tiny_model("llama", tmp_path_factory.mktemp("peaky"), ctx_size=64)
 
 
-@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+@pytest.mark.parametrize("case", [c if c in ("temperature-1", "repetition-penalty") else
+                                  pytest.param(c, marks=pytest.mark.slow) for c in SAMPLING_CASES])
 def test_sampling_matches_target_distribution_while_optimising(peaky, case):
     """test_speculative's distribution check with the online drafter: window 2, so every sample's
-    generation runs optimisation iterations (the set changes between samples) before drafting."""
+    generation runs optimisation iterations (the set changes between samples) before drafting.
+    ~100 s per case on a busy 2-core machine: top-k, top-p and min-p (transforms the drafting code
+    shared with layer-skip handles, tested there) run in `make test-full`."""
     params = SAMPLING_CASES[case]
     prompt = PROMPT[:5]
     p = exact_second_token(peaky, prompt, params)
@@ -301,9 +304,6 @@ def test_cli_generate_online_and_save(tmp_path):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout.strip().splitlines()[-1])["stats"]
     assert stats["found_by"] == "online" and stats["iterations_this_request"] == 6 and stats["phase"] == "accelerate"
-    assert SkipConfig.load(out).found_by == "online"
-    proc = run("--skip-config", str(out), "--json")  # the saved config drafts as a normal one
-    assert proc.returncode == 0, proc.stderr
-    assert "found_by" not in json.loads(proc.stdout.strip().splitlines()[-1])["stats"]
+    assert SkipConfig.load(out).found_by == "online"  # a normal config (drafted with: test above)
     proc = run("--draft", "ngram", "--save-skip-config", str(out))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --save-skip-config needs")
