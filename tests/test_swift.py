@@ -20,9 +20,9 @@ from selfspec.generation import generate
 from selfspec.methods import build_drafter
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams, make_generator
-from test_speculative import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, second_token_samples,
-                              total_variation)
-from tiny import build_tiny_chat, one_thread, tiny_model
+from test_speculative import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, gemma3, llama,  # noqa: F401
+                              peaky, second_token_samples, total_variation)
+from tiny import build_tiny_chat, one_thread
 
 # Small enough for tiny models: a window the prompt fills, GP proposals every third iteration.
 SPEC = "online:window=8:ratio=0.5:bayes_every=3:max_iter=12:patience=100:threshold=1"
@@ -32,16 +32,6 @@ SPEC = "online:window=8:ratio=0.5:bayes_every=3:max_iter=12:patience=100:thresho
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
     yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_model("llama", tmp_path_factory.mktemp("llama"), ctx_size=128)
-
-
-@pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    return tiny_model("gemma3", tmp_path_factory.mktemp("gemma3"), ctx_size=128)
 
 
 # ---------------------------------------------------------------------------------- lossless
@@ -64,11 +54,6 @@ def test_greedy_output_equals_plain_while_optimising(fixture, request):
     again = generate(model, PROMPT, max_new_tokens=40, drafter=drafter)  # acceleration phase
     assert_lossless(model, PROMPT, plain.token_ids, again.token_ids, fixture)
     assert again.stats.extras["iterations_this_request"] == 0
-
-
-@pytest.fixture(scope="module")
-def peaky(tmp_path_factory):
-    return tiny_model("llama", tmp_path_factory.mktemp("peaky"), ctx_size=64)
 
 
 @pytest.mark.parametrize("case", [c if c in ("temperature-1", "repetition-penalty") else
