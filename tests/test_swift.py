@@ -20,6 +20,7 @@ from selfspec.generation import generate
 from selfspec.methods import build_drafter
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams, make_generator
+from selfspec.search import model_identity
 from test_speculative import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, gemma3, llama,  # noqa: F401
                               peaky, second_token_samples, total_variation)
 from tiny import build_tiny_chat, one_thread
@@ -204,7 +205,7 @@ def test_cache_resumes_and_saved_config_is_a_normal_one(llama, tmp_path):
     first = build_drafter("layer-skip", llama, skip_config=SPEC)
     generate(llama, PROMPT, max_new_tokens=40, drafter=first)
     assert first.phase == "accelerate" and first.cache_path.is_file()
-    assert first.cache_path == cache_file(llama, OnlineSettings.parse(SPEC), "fp32")
+    assert first.cache_path == cache_file(*model_identity(llama), OnlineSettings.parse(SPEC), "fp32")
     second = build_drafter("layer-skip", llama, skip_config=SPEC)  # a later request: from the cache
     assert second.cached and second.phase == "accelerate" and second.skip == first.skip
     r = generate(llama, PROMPT, max_new_tokens=20, drafter=second)

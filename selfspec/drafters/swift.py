@@ -185,8 +185,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
 
     name = "layer-skip"
 
-    def __init__(self, model, settings: OnlineSettings | None = None, cache_path: Path | None = None,
-                 **kwargs) -> None:
+    def __init__(self, model, settings: OnlineSettings | None = None, **kwargs) -> None:
         from selfspec.search import SkipSpace, model_identity, seed_sets
 
         self.settings = s = settings or OnlineSettings()
@@ -200,7 +199,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         self.dim = 2 * len(self.layers)  # attention sub-layers, then MLP sub-layers
         self.size = max(1, int(s.skip_ratio * self.dim + 1e-9))  # SWIFT: int(ratio * skippable)
         self.model_name, self.sha = model_identity(model)
-        self.cache_path = cache_path
+        self.cache_path = cache_file(self.model_name, self.sha, s, model.dtype) if s.cache else None
         self.generator = torch.Generator().manual_seed(s.seed)
         self.gp = UcbGp(s.kappa)
         self.phase = "optimise"
@@ -216,14 +215,13 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         self.cached = False  # the state came from the cache
         self.gp_proposals = 0  # in this process
         super().__init__(self._config(start), **kwargs)
-        if cache_path is not None and cache_path.is_file():
-            self._restore(cache_path)
+        if self.cache_path is not None and self.cache_path.is_file():
+            self._restore(self.cache_path)
         self.reset()
 
     @classmethod
     def for_model(cls, model, spec: str = ONLINE, **kwargs) -> "OnlineSkipDrafter":
-        settings = OnlineSettings.parse(spec)
-        return cls(model, settings, cache_file(model, settings, model.dtype) if settings.cache else None, **kwargs)
+        return cls(model, OnlineSettings.parse(spec), **kwargs)
 
     # ------------------------------------------------------------------------------ drafting
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
@@ -371,12 +369,11 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         self.generator.manual_seed(self.settings.seed + iterations)
 
 
-def cache_file(model, settings: OnlineSettings, dtype: str) -> Path:
-    """Where the online state of `model` at this dtype and skip ratio lives in the cache folder."""
+def cache_file(name: str, sha: str, settings: OnlineSettings, dtype: str) -> Path:
+    """Where the online state of a model (name, sha256) at this dtype and skip ratio lives in the
+    cache folder."""
     from selfspec.models.registry import cache_dir
-    from selfspec.search import model_identity
 
-    name, sha = model_identity(model)
     key = json.dumps([settings.skip_ratio, settings.keep_first, settings.keep_last])
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
