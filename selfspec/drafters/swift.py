@@ -261,13 +261,14 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         if score > self.best_score:
             self.best, self.best_score, self.since_best = candidate, score, 0
             self.skip = candidate
-            self.config = self._config(candidate)
         else:
             self.since_best += 1
         s = self.settings
         if self.best_score >= s.threshold or self.since_best >= s.patience or self.iterations >= s.max_iter:
             self.phase = "accelerate"
-            self.observations = self._gp_points()
+        if self.phase == "accelerate" or len(self.observations) > 2 * GP_MAX_POINTS:
+            self.observations = self._gp_points()  # all the GP would look at: a small cache file
+        self.config = self._config(self.best)  # what --save-skip-config writes: always the current state
         if self.phase == "accelerate" or self.iterations % s.bayes_every == 0:
             self._save()
 
@@ -342,7 +343,6 @@ class OnlineSkipDrafter(LayerSkipDrafter):
                  f"{self.iterations} iterations).")
 
     def _save(self) -> None:
-        self.config = self._config(self.best)
         if self.cache_path is not None:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             self.config.save(self.cache_path)
