@@ -18,6 +18,7 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "costs": (("costs",), "forward-pass costs measured for --draft auto"),
     "vocab": (("vocab",), "token frequency rankings for the draft vocabulary subset"),
     "studies": (("studies.db",), "skip-search studies (Optuna SQLite storage)"),
+    "online": (("online",), "skip sets found on the fly (--skip-config online), per model, dtype and skip ratio"),
     "compiled": (("inductor",), "torch.compile kernels (--compile)"),
 }
 

@@ -98,7 +98,8 @@ def generate(
     threads: Threads = None,
     ctx_size: CtxSize = None,
     draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
-    skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing).")] = None,
+    skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing); `online` searches the skip set while generating (SWIFT; options as online:ratio=0.45:window=50, see docs/online-skip.md).")] = None,
+    save_skip_config: Annotated[Optional[Path], typer.Option(help="After generating, write the layer-skip drafter's skip config here (with --skip-config online: the set found so far).")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Initial draft-exit threshold (layer-skip).")] = None,
@@ -130,7 +131,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
               draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None,
-              show_drafts=False) -> None:
+              show_drafts=False, save_skip_config=None) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -152,6 +153,8 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
                             dtype=dtype, threads=threads, draft_bits=draft_bits)
+    if save_skip_config is not None:
+        _check_save_skip_config(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
         for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
@@ -193,8 +196,22 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     print(line, file=sys.stderr)
     if painter is not None:
         print(drafts_line, file=sys.stderr)
+    if save_skip_config is not None:
+        drafter.config.save(save_skip_config)
+        report["skip_config"] = str(save_skip_config)
+        print(f"wrote the skip config to {save_skip_config}", file=sys.stderr)
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
+
+
+def _check_save_skip_config(drafter, path: Path) -> None:
+    """Before generating: --save-skip-config needs a layer-skip drafter and a writable file."""
+    from selfspec.drafters.layerskip import SkipConfig
+    from selfspec.search import check_out
+
+    if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
+        raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
+    check_out(path, flag="--save-skip-config")
 
 
 def _summary(s) -> str:

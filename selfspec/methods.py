@@ -91,6 +91,10 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
     if draft_bits is not None and draft not in ("quantized", "auto"):
         raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
     sized = {} if max_draft is None else {"max_draft": max_draft}
+    from selfspec.drafters.swift import is_online
+
+    if is_online(skip_config) and draft != "layer-skip":
+        raise InvalidParameterError(f"--skip-config online is for --draft layer-skip, not {draft!r}")
     if draft in ("auto", "layer-skip", "quantized"):
         from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
 
@@ -113,6 +117,10 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         if draft == "quantized":
             return QuantizedSelfDrafter.for_model(model, skip_config, bits=draft_bits, exit=exit_(DEFAULT_GAMMA),
                                                   **kwargs)
+        if is_online(skip_config):  # searched while generating (SWIFT): selfspec/drafters/swift.py
+            from selfspec.drafters.swift import OnlineSkipDrafter
+
+            return OnlineSkipDrafter.for_model(model, skip_config, exit=exit_(), **kwargs)
         return LayerSkipDrafter.for_model(model, skip_config, exit=exit_(), **kwargs)
     if draft == "ngram":
         from selfspec.drafters.ngram import NgramDrafter

@@ -256,17 +256,17 @@ def check_study(storage, study_name: str, name: str, sha: str, key: dict):
     return study
 
 
-def check_out(out: str | Path) -> Path:
+def check_out(out: str | Path, flag: str = "--out") -> Path:
     """Refuse an --out that cannot be written, before any trial runs."""
     out = Path(out)
     if out.is_dir():
-        raise SearchError(f"--out {out} is a folder; give a file name such as {out / 'skip.json'}")
+        raise SearchError(f"{flag} {out} is a folder; give a file name such as {out / 'skip.json'}")
     parent = out.parent if str(out.parent) else Path(".")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".check"):
             pass
     except OSError as e:
-        raise SearchError(f"cannot write --out {out}: {e.strerror or e}") from None
+        raise SearchError(f"cannot write {flag} {out}: {e.strerror or e}") from None
     return out
 
 
