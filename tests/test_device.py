@@ -204,3 +204,30 @@ def test_decoding_creates_every_tensor_on_the_model_device(folder, sampling, mon
         if sampling.greedy:
             assert reused.token_ids == again.token_ids, name
         assert got.stats.to_dict()["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_gpu_check_script_short_on_cpu(tmp_path):
+    """scripts/gpu_check.sh in its short mode with --device cpu: every step runs and passes."""
+    import json
+    import os
+    from pathlib import Path
+
+    from selfspec.models.registry import REGISTRY
+
+    if not REGISTRY["smollm2-135m"].installed:
+        pytest.skip("smollm2-135m is not installed")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GPU_CHECK_SHORT": "1", "PYTHON": sys.executable, "DTYPE": "bf16"}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "cpu", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["failed"] == [] and report["device"] == "cpu" and report["short"]
+    assert [p["dtype"] for p in report["parity"]] == ["fp32", "bf16"] and all(p["ok"] for p in report["parity"])
+    assert {k: v["status"] for k, v in report["lossless_fp32"].items()} == dict.fromkeys(
+        ["none", "layer-skip", "ngram", "auto", "model", "quantized"], "ok")
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["machine"]["device"] == "cpu"
+    assert {m["method"]: m["status"] for m in results["methods"]} == {"ar": "ok", "layer-skip": "ok", "ngram": "ok"}
+    assert all(r["same_as_plain"] for r in results["runs"])
