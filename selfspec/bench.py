@@ -109,6 +109,7 @@ class BenchSettings:
     ctx_size: int | None = None
     chat: bool | None = None
     warmup: bool = True
+    device: str = "auto"  # run_bench resolves it (cpu or cuda:N) before any worker starts
 
     def sampling(self):
         from selfspec.sampling import SamplingParams
@@ -215,7 +216,7 @@ class OursRunner(Runner):
         dtype = opts.pop("dtype", settings.dtype)
         t0 = time.perf_counter()
         self.model = model or load_model(settings.model, dtype=dtype, ctx_size=settings.ctx_size,
-                                         threads=settings.threads)
+                                         threads=settings.threads, device=settings.device)
         self.drafter = build_drafter(spec.kind, self.model, dtype=dtype, threads=settings.threads, **opts)
         self.load_seconds = time.perf_counter() - t0
         self.tokenizer = self.model.tokenizer
@@ -268,6 +269,10 @@ class HFRunner(Runner):
         else:
             self.hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
         self.hf.eval()
+        from selfspec.device import resolve_device
+
+        self.device = resolve_device(settings.device)
+        self.hf.to(self.device)
         self.tokenizer = _tokenizer(path)
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
         self.lookup = spec.kind == "hf-lookup"
@@ -302,7 +307,7 @@ class HFRunner(Runner):
         if self.lookup:
             kw["prompt_lookup_num_tokens"] = 10
         clock = Clock()
-        x = torch.tensor([prompt_ids])
+        x = torch.tensor([prompt_ids], device=self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.hf.generate(x, attention_mask=torch.ones_like(x), streamer=clock, **kw)
@@ -473,9 +478,12 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
         import torch
 
         settings.threads = torch.get_num_threads()
+    from selfspec.device import device_info, resolve_device
     from selfspec.machine import cpu_info
 
-    machine = {**cpu_info(), "threads": settings.threads}
+    device = resolve_device(settings.device)  # `cuda` without a GPU fails here, before any worker
+    settings.device = str(device)
+    machine = {**cpu_info(), "threads": settings.threads, **device_info(device)}
     log = out_dir / "workers.log"
     log.write_text("")
     runs, methods = [], []

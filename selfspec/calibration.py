@@ -61,6 +61,10 @@ class Calibration:
         self.plain_ids: list[list[int]] = []
         self._match: list[tuple] | None = None
         self.bits = getattr(settings, "draft_bits", None)
+        if self.bits is not None:
+            from selfspec.device import check_cpu_only
+
+            check_cpu_only("search --draft quantized", model.device)
         # A precision self-draft's low-bit copy, built once for all trials.
         self.draft_tr = model.transformer if self.bits is None else draft_view(model.transformer, self.bits)
 
@@ -121,7 +125,7 @@ class Calibration:
         start = len(prompt) - 1  # the input at `start` predicts the first generated token
         cache = tr.new_cache(len(context))
         if start:
-            tr.forward(torch.tensor(context[:start]), 0, cache, last_only=True)
-        inputs = torch.tensor(context[start:-1])  # [W]
+            tr.forward(torch.tensor(context[:start], device=tr.device), 0, cache, last_only=True)
+        inputs = torch.tensor(context[start:-1], device=tr.device)  # [W]
         full_top = tr.forward(inputs, start, cache).argmax(-1)
         return start, inputs, cache, full_top

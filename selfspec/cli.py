@@ -30,6 +30,7 @@ Seed = Annotated[Optional[int], typer.Option(
 Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|int8|int4 (auto: bf16 only where the CPU has native bf16; int8/int4: weight-only quantised linears).")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's choice).")]
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", help="KV cache length (default min(model context, 4096)).")]
+Device = Annotated[str, typer.Option(help="auto|cpu|cuda (auto: CUDA when PyTorch sees a GPU, else the CPU; on CUDA --dtype auto is bf16 and int8/int4 are not available). See docs/gpu.md.")]
 
 
 def _fail(message: str) -> None:
@@ -97,6 +98,7 @@ def generate(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
+    device: Device = "auto",
     draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing); `online` searches the skip set while generating (SWIFT; options as online:ratio=0.45:window=50, see docs/online-skip.md).")] = None,
     save_skip_config: Annotated[Optional[Path], typer.Option(help="After generating, write the layer-skip drafter's skip config here (with --skip-config online: the set found so far).")] = None,
@@ -131,7 +133,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
               draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None,
-              show_drafts=False, save_skip_config=None) -> None:
+              show_drafts=False, save_skip_config=None, device="auto") -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -146,7 +148,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
     out = sys.stderr if as_json else sys.stdout
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, compile=compile)
+    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, compile=compile, device=device)
     if compile:
         print(f"--compile: {m.transformer.compile_status}", file=sys.stderr)
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
@@ -239,6 +241,7 @@ def chat(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
+    device: Device = "auto",
     draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized, as for generate (default: auto).")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip or quantized.")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 or 4, as for generate.")] = None,
@@ -260,7 +263,7 @@ def chat(
         if max_new_tokens < 1:
             raise SelfspecError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         print(f"loading {model} ...", file=sys.stderr, flush=True)
-        m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+        m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, device=device)
         drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, draft_model=draft_model,
                                 dtype=dtype, threads=threads, draft_bits=draft_bits)
         session = chat_mod.ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system,
@@ -293,6 +296,7 @@ def serve(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
+    device: Device = "auto",
     draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing).")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
@@ -318,7 +322,7 @@ def serve(
 
         from selfspec.models.loading import load_model
 
-        m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+        m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, device=device)
         options = dict(skip_config=skip_config, max_draft=max_draft, draft_model=draft_model, dtype=dtype,
                        threads=threads, draft_bits=draft_bits)
         # model_id: what clients pass as "model"; draft_choices: what a request (the playground) may pick
@@ -351,6 +355,7 @@ def bench(
     threads: Threads = None,
     dtype: Dtype = "auto",
     ctx_size: CtxSize = None,
+    device: Device = "auto",
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
     startup: Annotated[bool, typer.Option("--startup", help="Instead of methods on a suite: load time cold vs warm (weight cache emptied / present, fresh processes; --repeats warm loads, at least 3) and time to first token of turn 5 of a chat with and without prompt-prefix reuse (-n tokens per answer). Writes startup.json and startup.md.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object (last line of stdout).")] = False,
@@ -367,7 +372,7 @@ def bench(
         settings = BenchSettings(model=model, suite=suite, methods=[s.text for s in specs],
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, repeats=repeats,
-                                 threads=threads, dtype=dtype, ctx_size=ctx_size, chat=chat)
+                                 threads=threads, dtype=dtype, ctx_size=ctx_size, chat=chat, device=device)
         _check_model_spec(model)
         results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
     except SelfspecError as e:
@@ -460,6 +465,7 @@ def search(
     dtype: Dtype = "auto",
     threads: Threads = None,
     ctx_size: CtxSize = None,
+    device: Device = "auto",
     report: Annotated[bool, typer.Option("--report", help="Print the study's best trials and write PNG charts; no search.")] = False,
     report_dir: Annotated[Optional[Path], typer.Option(help="Folder for the --report charts (default: next to --out, else the current folder).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
@@ -487,7 +493,7 @@ def _search_bits(draft: str, draft_bits: int | None) -> int | None:
 def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name, objective, sampler,
             keep_first, keep_last, max_skip_fraction, skip_fraction, max_new_tokens, max_draft, draft_vocab,
             draft, draft_bits, temperature, top_k, top_p, min_p, repetition_penalty, seed, dtype, threads, ctx_size, report,
-            report_dir, as_json) -> None:
+            report_dir, as_json, device="auto") -> None:
     import optuna
 
     from selfspec import search as ss
@@ -514,7 +520,7 @@ def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name,
     texts, source = ss.calibration_prompts(prompts, suite)
     ss.check_spec_study(ss.open_storage(url), study_name, model)  # before minutes of loading
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
+    m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, device=device)
     print(f"measuring plain decoding on {len(texts)} calibration prompts ({source}) ...", file=sys.stderr, flush=True)
     on_progress, bar = _search_progress(objective)
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from selfspec.device import synchronize
+
 MAX_K = 8
 EMA = 0.1  # weight of one online observation
 
@@ -80,6 +82,9 @@ def _key(model, threads: int) -> str:
     info = cpu_info()
     parts = [info["cpu"], ",".join(info["flags"]), info["torch"], _file_key(Path(model.path)),
              model.dtype, model.kernel, str(threads), str(model.ctx_size)]
+    device = getattr(model, "device", None)
+    if device is not None and device.type != "cpu":  # a GPU's costs are its own (CPU keys unchanged)
+        parts.append(str(device))
     import hashlib
 
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
@@ -115,14 +120,16 @@ def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = Tru
     cache = model.cache()
     context = min(32, max(1, cache.max_len - max_k - 2))
     vocab = model.config.vocab_size
-    ids = torch.arange(context + max_k + 1, dtype=torch.long) % vocab
+    ids = torch.arange(context + max_k + 1, dtype=torch.long, device=tr.device) % vocab
     with torch.inference_mode():
         tr.forward(ids[:context], 0, cache, last_only=True)
         times: list[list[float]] = [[] for _ in range(max_k + 1)]
         for rep in range(repeats + 1):
             for k in range(max_k + 1):
+                synchronize(tr.device)
                 t = time.perf_counter()
                 tr.forward(ids[context: context + k + 1], context, cache)
+                synchronize(tr.device)  # a GPU forward returns before it has run
                 dt = time.perf_counter() - t
                 cache.rollback(context)
                 if rep:  # the first sweep warms kernels and allocator

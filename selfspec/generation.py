@@ -106,14 +106,15 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
     if drafter is not None:  # first: a drafter built on first use may time passes on the model's cache
         drafter.reset()
     cache, reused = (model.cache(), 0) if prefix is None else prefix.begin(prompt_ids)
-    generator = make_generator(sampling.seed)
+    device = tr.device  # every tensor below is made there (a GPU's: no host copy per step)
+    generator = make_generator(sampling.seed, device)
     tokens = list(prompt_ids)
     vocab = model.config.vocab_size
     ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=sampling, generator=generator)
     # The sequence's ids as a tensor too, written in place: a round's forward input is a slice of
     # it (pending token + drafts), never a freshly built tensor.
-    ids = torch.empty(cache.max_len + 1, dtype=torch.long)
-    ids[: len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+    ids = torch.empty(cache.max_len + 1, dtype=torch.long, device=device)
+    ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
     # Plain greedy decoding needs no verdict: the next token is the argmax of the one row.
     fast_greedy = sampling.greedy and sampling.repetition_penalty == 1.0
 
@@ -121,12 +122,12 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
         """Greedy target tokens `[k+1]`, or the target distribution p `[k+1, vocab]`."""
         presence = None
         if sampling.repetition_penalty != 1.0:
-            presence = presence_mask(torch.tensor(tokens, dtype=torch.long), drafts, vocab)
+            presence = presence_mask(torch.tensor(tokens, dtype=torch.long, device=device), drafts, vocab)
         if sampling.greedy:
             return greedy_tokens(logits, sampling, presence), None
         return None, probs_from_logits(logits, sampling, presence)
 
-    stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused)
+    stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused, device=str(device))
     t0 = time.perf_counter()
     logits = tr.forward(ids[reused: len(tokens)], reused, cache, last_only=True)
     # Positions [0, valid) of the cache hold the KV of ids[:valid]: only what a verify accepted

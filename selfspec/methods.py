@@ -133,7 +133,7 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         draft_model = draft_model or default_draft_model(model.name)
         if not draft_model:
             raise SelfspecError("--draft model needs --draft-model ALIAS_OR_PATH (a model with the same tokenizer)")
-        small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
+        small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads, device=str(model.device))
         return DraftModelDrafter(small, target=model, **sized)
     raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
 

@@ -131,10 +131,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with `seed`, or from OS entropy when `seed` is None."""
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` (the model's: sampling there needs no copy to the host) seeded
+    with `seed`, or from OS entropy when `seed` is None. CPU and CUDA generators draw different
+    streams: a seed reproduces a run on the same device only."""
     checked = _check_seed(seed)
-    generator = torch.Generator(device="cpu")
+    generator = torch.Generator(device=device)
     if checked is None:
         generator.seed()
     else:

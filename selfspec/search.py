@@ -357,7 +357,8 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
     store = open_storage(url, heartbeat_seconds)
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
     name, sha = model_identity(model)
-    key = study_key(settings, sampling, digest, model.dtype)
+    key = study_key(settings, sampling, digest, model.dtype if model.device.type == "cpu"
+                    else f"{model.dtype}@{model.device.type}")  # a GPU's tokens/s are not the CPU's
     study_name = study_name or default_study_name(name, sha, key)
     check_study(store, study_name, name, sha, key)
 

@@ -214,7 +214,7 @@ class AutoDrafter:
             guess["layer-skip"] = max(0.05, kept) * costs.step
         have = weight_bits(model.transformer) or 32
         bits = draft_bits or (8 if have > 8 else 4)
-        if bits < have:
+        if bits < have and model.device.type == "cpu":  # int8/int4 kernels are CPU-only (selfspec/device.py)
             kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
             drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))
             guess["quantized"] = 0.5 * costs.step  # int8 or int4 GEMV: about half an fp32 step (README)

@@ -47,7 +47,7 @@ class DraftContext:
         params = self.sampling
         presence = None
         if params.repetition_penalty != 1.0:
-            hist = torch.tensor(self.tokens + drafts, dtype=torch.long)
+            hist = torch.tensor(self.tokens + drafts, dtype=torch.long, device=logits.device)
             presence = presence_mask(hist, EMPTY, logits.shape[-1])
         if params.greedy:
             return int(greedy_tokens(logits, params, presence)[0]), None
@@ -77,7 +77,8 @@ class Drafter(Protocol):
 
 
 def stack_draft(tokens: list[int], q_rows: list[torch.Tensor | None]) -> Draft:
-    ids = torch.tensor(tokens, dtype=torch.long)
+    # Draft ids stay on the CPU (they are Python ints already); q rows are on the model's device.
+    ids = torch.tensor(tokens, dtype=torch.long, device="cpu")
     if not tokens or q_rows[0] is None:
         return Draft(ids, None)
     return Draft(ids, torch.stack(q_rows))

@@ -50,7 +50,7 @@ class DraftModelDrafter:
         keep = _common_prefix(self.seen, seq, len(seq) - 1)
         self.cache.rollback(keep)
         self.seen = self.seen[:keep]  # still true if the forward below is interrupted
-        feed = torch.tensor(seq[keep:], dtype=torch.long)
+        feed = torch.tensor(seq[keep:], dtype=torch.long, device=tr.device)
         logits = tr.forward(feed, keep, self.cache, last_only=True)
         self.seen = list(seq)
         tokens: list[int] = []
@@ -60,7 +60,7 @@ class DraftModelDrafter:
             tokens.append(tok)
             q_rows.append(q)
             if i + 1 < limit:
-                logits = tr.forward(torch.tensor([tok]), len(self.seen), self.cache)
+                logits = tr.forward(torch.tensor([tok], device=tr.device), len(self.seen), self.cache)
                 self.seen.append(tok)
         return stack_draft(tokens, q_rows)
 

@@ -216,8 +216,10 @@ class LayerSkipDrafter:
         if self.config.draft_bits is None:
             return target
         if self._draft is None or self._draft[0] is not target:
+            from selfspec.device import check_cpu_only
             from selfspec.models.quant import draft_view
 
+            check_cpu_only(f"a skip config with draft_bits {self.config.draft_bits}", target.device)
             self._draft = (target, draft_view(target, self.config.draft_bits))
         return self._draft[1]
 
@@ -238,10 +240,12 @@ class LayerSkipDrafter:
             self._head = SubsetHead(tr, subset_ids(ctx.model, ctx.tokens, size))
         for i in range(limit):
             if self._head is not None:
-                sub = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip, head=self._head.linear)
+                sub = tr.forward(torch.tensor([last], device=tr.device), start + i, ctx.cache, skip=self.skip,
+                                 head=self._head.linear)
                 logits = self._head.to_full(sub)  # [1, vocab], -inf outside the subset
             else:
-                sub = logits = tr.forward(torch.tensor([last]), start + i, ctx.cache, skip=self.skip)  # [1, vocab]
+                sub = logits = tr.forward(torch.tensor([last], device=tr.device), start + i, ctx.cache,
+                                          skip=self.skip)  # [1, vocab]
             tok, q = ctx.choose(logits, tokens)
             tokens.append(tok)
             q_rows.append(q)

@@ -41,7 +41,7 @@ class NgramDrafter:
         self.cap = max_draft
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
-        tokens = torch.tensor(ctx.tokens, dtype=torch.long)
+        tokens = torch.tensor(ctx.tokens, dtype=torch.long, device="cpu")  # ids only: the lookup runs on the CPU
         return Draft(lookup(tokens, self.ngram_max, self.ngram_min, min(self.cap, max_tokens)).clone())
 
     def update(self, accepted: int, proposed: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfspec.device import check_cpu_only
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
 from selfspec.errors import InvalidParameterError
 from selfspec.models.quant import DRAFT_BITS, draft_view, weight_bits
@@ -38,6 +39,7 @@ class QuantizedSelfDrafter(LayerSkipDrafter):
                   exit: AdaptiveExit | None = None, **kwargs) -> "QuantizedSelfDrafter":
         """Draft with `bits`-bit weights (default: the skip config's `draft_bits`, else 8) and the
         sub-layers of `skip_config` skipped (default: none). The low-bit copy is built here, once."""
+        check_cpu_only("--draft quantized", model.device)
         if bits is not None and bits not in DRAFT_BITS:
             raise InvalidParameterError(f"--draft-bits must be 8 or 4, got {bits}")
         if skip_config is None:

@@ -44,7 +44,7 @@ def frequency_ranking(model) -> list[int]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         pass
-    ids = torch.tensor(model.tokenizer(calibration_text(), add_special_tokens=False).input_ids)
+    ids = torch.tensor(model.tokenizer(calibration_text(), add_special_tokens=False).input_ids, device="cpu")
     ids = ids[(ids >= 0) & (ids < model.config.vocab_size)]
     counts = torch.bincount(ids, minlength=model.config.vocab_size)
     order = torch.argsort(counts, descending=True, stable=True)
@@ -64,15 +64,15 @@ class SubsetHead:
         from selfspec.models.quant import Int8Linear, dense_weight
         from selfspec.models.transformer import make_linear
 
-        self.ids = ids  # [n]
+        self.ids = ids.to(transformer.device)  # [n]
         self.vocab = transformer.config.vocab_size
         full = transformer.lm_head
-        weight = dense_weight(full)[ids].contiguous()  # [n, hidden]
-        bias = None if full.bias is None else full.bias[ids]
+        weight = dense_weight(full)[self.ids].contiguous()  # [n, hidden]
+        bias = None if full.bias is None else full.bias[self.ids]
         self.linear = Int8Linear(weight, bias) if isinstance(full, Int8Linear) else make_linear(weight, bias)
 
     def to_full(self, sub_logits: torch.Tensor) -> torch.Tensor:
-        out = torch.full((sub_logits.shape[0], self.vocab), float("-inf"))
+        out = torch.full((sub_logits.shape[0], self.vocab), float("-inf"), device=sub_logits.device)
         return out.index_copy_(1, self.ids, sub_logits)
 
 
@@ -84,4 +84,4 @@ def subset_ids(model, context: list[int], size: int) -> torch.Tensor:
         if len(chosen) >= size:
             break
         chosen.add(t)
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+    return torch.tensor(sorted(chosen), dtype=torch.long, device="cpu")

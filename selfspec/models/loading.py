@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from selfspec.cache import KVCache
+from selfspec.device import CPU, check_cpu_only, device_dtype, resolve_device
 from selfspec.errors import ModelLoadError, SelfspecError
 from selfspec.machine import WEIGHT_BITS, resolve_dtype
 from selfspec.models.config import ModelConfig
@@ -54,6 +55,10 @@ class Model:
         return self._cache
 
     @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
@@ -85,17 +90,19 @@ class Model:
 
 
 def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = None,
-               threads: int | None = None, compile: bool = False) -> Model:
+               threads: int | None = None, compile: bool = False, device: str = "auto") -> Model:
     """Load `model`: a registry alias (`selfspec models`), a `.gguf` file or an HF folder.
     `dtype` int8/int4 quantises the linear layers' weights (selfspec/models/quant.py); `compile`
     wraps the decoder in torch.compile (selfspec/models/compiled.py). The weights come from the
-    weight cache when it has them (selfspec/models/weightcache.py)."""
+    weight cache when it has them (selfspec/models/weightcache.py). `device`: cpu, cuda or auto
+    (selfspec/device.py; on CUDA, dtype auto is bf16)."""
     t0 = time.perf_counter()
     if threads is not None:
         if threads < 1:
             raise SelfspecError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    torch_dtype, dtype_name = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    torch_dtype, dtype_name = resolve_dtype(device_dtype(dtype, dev))
     spec = str(model)
     if spec in REGISTRY:
         path, name = REGISTRY[spec].path(), spec
@@ -106,12 +113,13 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
             raise ModelLoadError(f"model {spec!r} is neither a known alias ({known}) nor an existing path")
         name = path.name
     info: dict = {}
-    transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info)
+    transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
+                                   device=dev)
     kernel = transformer.kernel
     if compile:
         from selfspec.models.compiled import compile_transformer
 
-        transformer = compile_transformer(transformer)
+        transformer = compile_transformer(transformer)  # on CUDA: inductor's Triton kernels
         kernel += "+" + transformer.compile_status.split(":")[0]  # compiled | compile-skipped
     # One after the other: on a second thread the tokenizer (mostly `import transformers`) and the
     # weights (safetensors reads hold the GIL; prepacking takes both cores) slowed each other down
@@ -126,15 +134,19 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
 
 def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
                      weight_bits: int | None = None, weight_cache: bool | None = None,
-                     info: dict | None = None) -> Transformer:
+                     info: dict | None = None, device: torch.device | str = "cpu") -> Transformer:
     """Only the decoder of a GGUF file or HF folder (no tokenizer), with a context of `ctx_size`
     (default: min(model context, 4096)); `weight_bits` 8 or 4 quantises the linears' weights.
+    The weights are built (and cached) on the CPU and moved to `device` one by one.
     `weight_cache` (default: on unless SELFSPEC_WEIGHT_CACHE=0) reads the tensors from the weight
     cache, or computes them and writes the entry there. `info` gets weights_seconds and what the
     weight cache did (weight_cache: "hit", "written", "not written", "off")."""
     from selfspec.models import weightcache
 
     t0 = time.perf_counter()
+    device = torch.device(device)
+    if weight_bits is not None:
+        check_cpu_only(f"--dtype int{weight_bits}", device)
     info = {} if info is None else info
     info["weight_cache"] = "off"
     use_cache = weightcache.enabled() if weight_cache is None else weight_cache
@@ -147,7 +159,7 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
         if key is not None:
             # fp32 weights are copied into oneDNN's layout: read them into memory that is freed
             # after packing (mapped, their file pages would stay in the resident set too).
-            hit = weightcache.load(key, mmap=not _prepacked(dtype, weight_bits))
+            hit = weightcache.load(key, mmap=device.type != "cpu" or not _prepacked(dtype, weight_bits))
     if hit is not None:
         config, state = hit
         limit = _ctx_limit(config, ctx_size)
@@ -158,7 +170,7 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
         state = _build_state(config, src, dtype, weight_bits)
         if key is not None:
             info["weight_cache"] = "written" if weightcache.store(key, config, state, path) else "not written"
-    transformer = _from_state(config, state, limit)
+    transformer = _from_state(config, state, limit, device)
     info["weights_seconds"] = time.perf_counter() - t0
     return transformer
 
@@ -266,15 +278,21 @@ def _build_state(config: ModelConfig, src: TensorSource, dtype: torch.dtype,
     return state
 
 
-def _from_state(config: ModelConfig, state: State, max_len: int) -> Transformer:
+def _from_state(config: ModelConfig, state: State, max_len: int,
+                device: torch.device = CPU) -> Transformer:
     """The decoder over `state` (see `State`; a dict or the weight cache's `Tensors`), which it
-    consumes: each tensor is taken out as it is used, so a dense weight that gets prepacked is
-    freed right after (a load never holds two copies). Float linears get this machine's kernel
-    here (oneDNN prepacking for fp32): it is what the weight cache cannot store."""
+    consumes: each tensor is taken out as it is used (and moved to `device`: a no-op on the CPU),
+    so a dense weight that gets prepacked or copied to a GPU is freed right after (a load never
+    holds two copies). Float linears get this machine's kernel here (oneDNN prepacking for fp32
+    on the CPU): it is what the weight cache cannot store."""
     from selfspec.models.quant import Int4Linear, Int8Linear
 
+    def pop(name: str, default=None):
+        t = state.pop(name, default)
+        return None if t is None else t.to(device)
+
     def linear(name: str, keep_weight: bool = False):
-        parts = {k: state.pop(f"{name}.{k}") for k in _LINEAR_PARTS if f"{name}.{k}" in state}
+        parts = {k: pop(f"{name}.{k}") for k in _LINEAR_PARTS if f"{name}.{k}" in state}
         if "weight" in parts:
             return make_linear(parts["weight"], parts.get("bias"), keep_weight)
         if "q" in parts:
@@ -286,13 +304,13 @@ def _from_state(config: ModelConfig, state: State, max_len: int) -> Transformer:
     layers = []
     for i in range(config.n_layers):
         p = f"L{i}."
-        layers.append(Layer(attn_norm=state.pop(p + "attn_norm"), ffn_norm=state.pop(p + "ffn_norm"),
+        layers.append(Layer(attn_norm=pop(p + "attn_norm"), ffn_norm=pop(p + "ffn_norm"),
                             **{n: linear(p + n) for n in _LINEARS},
-                            **{n: state.pop(p + n, None) for n in _OPTIONAL_NORMS}))
-    embed = state.pop("embed")
+                            **{n: pop(p + n) for n in _OPTIONAL_NORMS}))
+    embed = pop("embed")
     tied = not any(f"lm_head.{k}" in state for k in _LINEAR_PARTS)
     lm_head = make_linear(embed, keep_weight=True) if tied else linear("lm_head")
-    return Transformer(config, embed, layers, state.pop("final_norm"), lm_head, max_len)
+    return Transformer(config, embed, layers, pop("final_norm"), lm_head, max_len)
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -71,8 +71,8 @@ class PrepackedLinear(Linear):
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, keep_weight: bool = False) -> Linear:
-    """The kernel for this dtype on this machine (see `PrepackedLinear`)."""
-    if weight.dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(
+    """The kernel for this dtype on this machine (see `PrepackedLinear`; CPU weights only)."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(
             torch.ops.mkldnn, "_reorder_linear_weight"):
         return PrepackedLinear(weight, bias, keep_weight)
     return Linear(weight, bias)
@@ -94,8 +94,9 @@ class Layer:
 
 def rope_tables(theta: float, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, `[max_len, head_dim]`, in the rotate-half layout of HF checkpoints."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, hd/2]
+    # Computed on the CPU in fp32 whatever the model's device: the same tables everywhere.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device="cpu"), inv_freq)  # [max_len, hd/2]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -121,23 +122,25 @@ class Transformer:
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.dtype = embed.dtype
+        self.device = embed.device  # every tensor of a forward is made here (selfspec/device.py)
         c = config
         self.q_size = c.n_heads * c.head_dim
         self.kv_size = c.n_kv_heads * c.head_dim
         self.group = c.n_heads // c.n_kv_heads
         self.rope_max = max_len
         cos, sin = rope_tables(c.rope_theta, c.head_dim, max_len)
-        self.rope_global = (cos.to(self.dtype), _signed(sin).to(self.dtype))
+        self.rope_global = (cos.to(self.device, self.dtype), _signed(sin).to(self.device, self.dtype))
         if c.rope_theta_local is not None:
             cos, sin = rope_tables(c.rope_theta_local, c.head_dim, max_len)
-            self.rope_local = (cos.to(self.dtype), _signed(sin).to(self.dtype))
+            self.rope_local = (cos.to(self.device, self.dtype), _signed(sin).to(self.device, self.dtype))
         else:
             self.rope_local = self.rope_global
-        self.embed_scale = torch.tensor(c.embed_scale, dtype=self.dtype)
+        self.embed_scale = torch.tensor(c.embed_scale, dtype=self.dtype, device=self.device)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, min(max_len, self.rope_max), self.dtype)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, min(max_len, self.rope_max), self.dtype,
+                       self.device)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # RMSNorm in fp32 as both reference implementations do; Gemma's "1 + w" is folded into w at load.
@@ -213,12 +216,12 @@ class Transformer:
         first = self._first_key(start, window)
         if T == 1:
             return None  # the single query sees all keys in range: causality and window hold by slicing
-        q_pos = torch.arange(start, start + T).unsqueeze(1)
-        k_pos = torch.arange(first, start + T).unsqueeze(0)
+        q_pos = torch.arange(start, start + T, device=self.device).unsqueeze(1)
+        k_pos = torch.arange(first, start + T, device=self.device).unsqueeze(0)
         allowed = k_pos <= q_pos
         if window:
             allowed &= (q_pos - k_pos) < window
-        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+        return torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed, float("-inf"))
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, start: int, cache: KVCache,
                    rope: tuple[torch.Tensor, torch.Tensor], window: int,
