@@ -31,16 +31,17 @@ class TreeLayout:
     def of(cls, parents: torch.Tensor | list[int]) -> "TreeLayout":
         rows = [-1] + [int(p) + 1 for p in (parents.tolist() if torch.is_tensor(parents) else parents)]
         T = len(rows)
-        depth = [0] * T
-        visible = torch.eye(T, dtype=torch.bool)
+        lines = [[0]]  # lines[r]: row r and its ancestors; Python lists, then one scatter
         for r in range(1, T):
             p = rows[r]
             if not 0 <= p < r:
                 raise InvalidParameterError(
                     f"tree parents must satisfy -1 <= parents[i] < i; node {r - 1} has parent {p - 1}")
-            depth[r] = depth[p] + 1
-            visible[r] |= visible[p]
-        return cls(torch.tensor(depth, dtype=torch.long), visible, tuple(rows))
+            lines.append(lines[p] + [r])
+        visible = torch.zeros(T, T, dtype=torch.bool)
+        visible[[r for r, line in enumerate(lines) for _ in line], [c for line in lines for c in line]] = True
+        depth = torch.tensor([len(line) - 1 for line in lines], dtype=torch.long)
+        return cls(depth, visible, tuple(rows))
 
     def path(self, row: int) -> list[int]:
         """Rows from the root's first child down to `row` (empty for the root)."""

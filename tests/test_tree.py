@@ -163,7 +163,20 @@ def test_compiled_wrapper_runs_trees_eagerly(models, monkeypatch):
 
 
 # --------------------------------------------------------------------------- greedy, lossless
-class RandomTreeDrafter:
+class TreeDrafter:
+    """The Drafter protocol's bookkeeping, for test drafters that learn nothing."""
+
+    def update(self, accepted, proposed):
+        pass
+
+    def reset(self):
+        pass
+
+    def extra_stats(self):
+        return {}
+
+
+class RandomTreeDrafter(TreeDrafter):
     """Random trees around the true continuation `script`: it is one branch (at a random place,
     of random length, sometimes corrupted after its first token) or missing altogether."""
 
@@ -188,15 +201,6 @@ class RandomTreeDrafter:
         draft = Draft(tokens, parents=parents)
         self.proposed.append(draft)
         return draft
-
-    def update(self, accepted, proposed):
-        pass
-
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -228,7 +232,7 @@ def test_verify_tree_greedy_follows_the_matching_child():
 
 
 # ------------------------------------------------------------------------ sampled, exactness
-class FixedTreeDrafter:
+class FixedTreeDrafter(TreeDrafter):
     """A deterministic tree of target-ranked candidates: at the pending token, the tokens of
     ranks `ranks` under the target (at temperature 1), each with the same ranks one level below.
     Ranks far from 0 make every candidate usually wrong, so the residual decides."""
@@ -255,17 +259,8 @@ class FixedTreeDrafter:
         tokens, parents = tree_from_chains(chains, max_nodes=max_tokens)
         return Draft(tokens, parents=parents)
 
-    def update(self, accepted, proposed):
-        pass
 
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
-
-
-class IidTreeDrafter:
+class IidTreeDrafter(TreeDrafter):
     """Rule (b): m children drawn i.i.d. (with replacement, duplicates kept) from a q unlike the
     target (its temperature-2 softmax), each reported with that q."""
 
@@ -284,15 +279,6 @@ class IidTreeDrafter:
         q = self.memo[key]
         picks = torch.multinomial(q, self.m, replacement=True, generator=ctx.generator)
         return Draft(picks, q_draft=q.expand(self.m, -1).clone(), parents=torch.full((self.m,), -1))
-
-    def update(self, accepted, proposed):
-        pass
-
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
 
 
 @pytest.fixture(scope="module")
