@@ -38,6 +38,19 @@ class KVCache:
             raise ValueError(f"cannot roll back to {length}: the cache holds {self.length} positions")
         self.length = length
 
+    def compact(self, dest: int, slots: list[int]) -> None:
+        """Move the KV at `slots` (increasing, each >= its destination) to dest, dest+1, ... and
+        make dest + len(slots) the length: after a tree verify, the accepted path's nodes become
+        contiguous positions (their keys were rotated for exactly those positions). One gather per
+        tensor, nothing for the part of the path already in place."""
+        n = len(slots)
+        m = next((j for j, s in enumerate(slots) if s != dest + j), n)  # entries before m are in place
+        if m < n:
+            index = torch.tensor(slots[m:], dtype=torch.long)
+            self.k[:, :, dest + m: dest + n] = self.k[:, :, index]
+            self.v[:, :, dest + m: dest + n] = self.v[:, :, index]
+        self.rollback(dest + n)
+
     def reset(self) -> None:
         self.length = 0
         self.owner = None

@@ -112,6 +112,7 @@ def generate(
     adaptive: Annotated[bool, typer.Option("--adaptive/--no-adaptive", help="Adapt gamma to the acceptance rate.")] = True,
     ngram_max: Annotated[int, typer.Option(help="Longest n-gram looked up (ngram).")] = 3,
     ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 2,
+    tree: Annotated[Optional[int], typer.Option(help="ngram: verify the continuations of the N most recent distinct matches as one token tree (docs/tree-verification.md); 1 (default) = one chain.")] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
@@ -133,7 +134,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
               draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None,
-              show_drafts=False, save_skip_config=None, device="auto") -> None:
+              show_drafts=False, save_skip_config=None, device="auto", tree=None) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -154,7 +155,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
-                            dtype=dtype, threads=threads, draft_bits=draft_bits)
+                            dtype=dtype, threads=threads, draft_bits=draft_bits, tree=tree)
     if save_skip_config is not None:
         _check_save_skip_config(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)

@@ -20,6 +20,7 @@ from selfspec.prefix import PrefixCache
 from selfspec.sampling import (SamplingParams, greedy_tokens, make_generator, presence_mask,
                                probs_from_logits)
 from selfspec.verify import verify_greedy, verify_sampled
+from selfspec.verify_tree import verify_tree_round
 
 
 @dataclass
@@ -188,13 +189,17 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
                 new, new_ids, n_drafted = [tok], None, 0
                 continue
             ids[start + 1: start + 1 + k] = draft.tokens
-            logits = tr.forward(ids[start: start + 1 + k], start, cache)  # [k+1, vocab]
-            target, p_target = choose(logits, draft.tokens)
-            if target is not None:
-                verdict = verify_greedy(draft.tokens, target)
+            if draft.parents is not None:  # a token tree: k nodes, one forward, the accepted path's KV compacted
+                verdict = verify_tree_round(tr, cache, ids[start: start + 1 + k], start, draft, tokens, sampling,
+                                            generator)
             else:
-                verdict = verify_sampled(draft.tokens, draft.q_draft, p_target, generator)
-            cache.rollback(start + 1 + verdict.accepted)
+                logits = tr.forward(ids[start: start + 1 + k], start, cache)  # [k+1, vocab]
+                target, p_target = choose(logits, draft.tokens)
+                if target is not None:
+                    verdict = verify_greedy(draft.tokens, target)
+                else:
+                    verdict = verify_sampled(draft.tokens, draft.q_draft, p_target, generator)
+                cache.rollback(start + 1 + verdict.accepted)
             valid = start + 1 + verdict.accepted
             stats.verify_seconds += time.perf_counter() - t
             stats.rounds += 1

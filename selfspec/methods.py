@@ -17,7 +17,7 @@ BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-looku
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
-               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits"}
+               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits", "tree": "tree"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def parse_method(text: str) -> MethodSpec:
                 f"bad option {item!r} in method {text!r}; options are key=value with key in "
                 f"{', '.join(OPTION_KEYS)}")
         name = OPTION_KEYS[key]
-        if name in ("draft_vocab", "max_draft", "draft_bits"):
+        if name in ("draft_vocab", "max_draft", "draft_bits", "tree"):
             value = _number(text, key, value, int)
         elif name == "gamma":
             value = _number(text, key, value, float)
@@ -82,7 +82,7 @@ def _number(text: str, key: str, value: str, kind):
 
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
-                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None):
+                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None, tree=None):
     """The drafter that `--draft` names, or None for plain decoding. `skip_config` is the skip set
     of layer-skip, and of quantized (which skips nothing without one)."""
     draft = ALIASES.get(draft, draft)
@@ -90,6 +90,8 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         return None
     if draft_bits is not None and draft not in ("quantized", "auto"):
         raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
+    if tree is not None and tree != 1 and draft != "ngram":
+        raise InvalidParameterError(f"--tree (token-tree drafts) is for --draft ngram, not {draft!r}")
     sized = {} if max_draft is None else {"max_draft": max_draft}
     from selfspec.drafters.swift import is_online
 
@@ -125,7 +127,7 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
     if draft == "ngram":
         from selfspec.drafters.ngram import NgramDrafter
 
-        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min, **sized)
+        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min, **sized, **({} if tree is None else {"tree": tree}))
     if draft == "model":
         from selfspec.drafters.draft_model import DraftModelDrafter
         from selfspec.models.loading import load_model

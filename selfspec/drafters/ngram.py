@@ -8,49 +8,87 @@ import torch
 
 from selfspec.drafters.base import EMPTY, Draft, DraftContext
 from selfspec.errors import InvalidParameterError
+from selfspec.tree import tree_from_chains
+
+
+def _hits(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """Start indices of the earlier occurrences of the last n tokens, oldest first."""
+    length = tokens.shape[0]
+    windows = tokens[: length - 1].unfold(0, n, 1)  # [length - n, n]: excludes the suffix itself
+    return (windows == tokens[length - n:]).all(dim=1).nonzero().flatten()
 
 
 def lookup(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> torch.Tensor:
     """Continuation `[<= max_tokens]` of the latest earlier match of the longest suffix n-gram."""
-    length = tokens.shape[0]
-    for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
-        suffix = tokens[length - n:]
-        windows = tokens[: length - 1].unfold(0, n, 1)  # [length - n, n]: excludes the suffix itself
-        hits = (windows == suffix).all(dim=1).nonzero()
+    for n in range(min(ngram_max, tokens.shape[0] - 1), ngram_min - 1, -1):
+        hits = _hits(tokens, n)
         if hits.numel():
             start = int(hits[-1]) + n
             return tokens[start: start + max_tokens]
     return EMPTY
 
 
+def lookup_candidates(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int,
+                      count: int) -> list[list[int]]:
+    """Up to `count` distinct continuations: longest n-gram first, latest match first within one
+    n (so the first is `lookup`'s)."""
+    found: list[list[int]] = []
+    for n in range(min(ngram_max, tokens.shape[0] - 1), ngram_min - 1, -1):
+        for hit in reversed(_hits(tokens, n).tolist()):
+            cont = tokens[hit + n: hit + n + max_tokens].tolist()
+            if cont and cont not in found:
+                found.append(cont)
+                if len(found) == count:
+                    return found
+    return found
+
+
 class NgramDrafter:
     """`max_draft` caps the proposal; with `adaptive`, the cap follows the acceptance: after a
     partly rejected round it drops to accepted + 1, after a fully accepted one it grows by 2
-    (verifying a long wrong draft is not free on a CPU: 11 tokens cost ~1.3 plain steps)."""
+    (verifying a long wrong draft is not free on a CPU: 11 tokens cost ~1.3 plain steps).
+
+    `tree=N` (N >= 2) proposes a token tree of the continuations of the N most recent distinct
+    matches (docs/tree-verification.md), `max_draft` deep, as many nodes as the round has room
+    for; a round with one candidate stays a chain. Default 1: a chain."""
 
     name = "ngram"
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True) -> None:
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True,
+                 tree: int = 1) -> None:
         if ngram_min < 1 or ngram_max < ngram_min:
             raise InvalidParameterError(
                 f"need 1 <= --ngram-min <= --ngram-max, got ngram_min={ngram_min}, ngram_max={ngram_max}")
         if max_draft < 1:
             raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        if isinstance(tree, bool) or not isinstance(tree, int) or tree < 1:
+            raise InvalidParameterError(f"--tree must be an integer >= 1 (candidates per round), got {tree!r}")
         self.ngram_max, self.ngram_min, self.max_draft = ngram_max, ngram_min, max_draft
         self.adaptive = adaptive
+        self.tree = tree
         self.cap = max_draft
+        self._depth = 0  # the longest candidate of the last tree
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         tokens = torch.tensor(ctx.tokens, dtype=torch.long, device="cpu")  # ids only: the lookup runs on the CPU
-        return Draft(lookup(tokens, self.ngram_max, self.ngram_min, min(self.cap, max_tokens)).clone())
+        depth = min(self.cap, max_tokens)
+        if self.tree > 1:
+            candidates = lookup_candidates(tokens, self.ngram_max, self.ngram_min, depth, self.tree)
+            if len(candidates) > 1:
+                self._depth = max(len(c) for c in candidates)
+                ids, parents = tree_from_chains(candidates, max_nodes=max_tokens)
+                return Draft(ids, parents=parents)
+        self._depth = 0
+        return Draft(lookup(tokens, self.ngram_max, self.ngram_min, depth).clone())
 
     def update(self, accepted: int, proposed: int) -> None:
         if not self.adaptive or proposed == 0:
             return
-        self.cap = min(self.max_draft, self.cap + 2) if accepted == proposed else max(1, accepted + 1)
+        full = accepted >= self._depth if self._depth else accepted == proposed
+        self.cap = min(self.max_draft, self.cap + 2) if full else max(1, accepted + 1)
 
     def reset(self) -> None:
         self.cap = self.max_draft
 
     def extra_stats(self) -> dict:
-        return {}
+        return {"tree": self.tree} if self.tree > 1 else {}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from selfspec.cache import KVCache
 from selfspec.models.config import ModelConfig
+from selfspec.tree import TreeLayout, tree_mask
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
                 skip: SkipSet = NO_SKIP, last_only: bool = False, head: Linear | None = None,
-                exit_layer: int | None = None, return_hidden: bool = False):
+                exit_layer: int | None = None, return_hidden: bool = False, tree: TreeLayout | None = None):
         """Logits `[T, vocab]` (fp32) for the T tokens at positions start..start+T-1, or `[1, vocab]`
         for the last one if `last_only`. Writes their KV into `cache`; `cache.length` becomes
         start + T (positions after that, e.g. rejected drafts, are dropped). `head` replaces the LM
@@ -158,7 +159,11 @@ class Transformer:
         For trained drafters: `exit_layer=L` runs layers 0..L-1 only and returns their output, the
         raw residual stream `[T, hidden]` (no norm, no head; only those layers' KV is written);
         `return_hidden` returns `(logits, hidden)`, hidden being the final-normed state `[T or 1,
-        hidden]` the LM head reads."""
+        hidden]` the LM head reads.
+
+        `tree` makes the T tokens a token tree (selfspec/tree.py): token r still goes to cache slot
+        start + r, but sits at position start + depth[r] and attends to the cached keys before
+        `start` plus its own ancestors only."""
         c = self.config
         T = tokens.shape[0]
         cache.check_room(start, T)
@@ -166,16 +171,18 @@ class Transformer:
         x = F.embedding(tokens, self.embed)  # [T, hidden]
         if c.embed_scale != 1.0:
             x = x * self.embed_scale
+        rows = slice(start, end) if tree is None else start + tree.depth  # rope positions
         ropes = {
-            False: tuple(t[start:end].unsqueeze(1) for t in self.rope_global),
-            True: tuple(t[start:end].unsqueeze(1) for t in self.rope_local),
+            False: tuple(t[rows].unsqueeze(1) for t in self.rope_global),
+            True: tuple(t[rows].unsqueeze(1) for t in self.rope_local),
         }
         masks: dict[int, torch.Tensor | None] = {}
         for i, layer in enumerate(self.layers if exit_layer is None else self.layers[:exit_layer]):
             window = c.sliding_window[i]
             if i not in skip.attention:
                 if window not in masks:
-                    masks[window] = self._mask(start, T, window)
+                    masks[window] = (self._mask(start, T, window) if tree is None else
+                                     tree_mask(tree, start, self._first_key(start, window), window).to(self.device))
                 h = self._attention(i, layer, self._norm(x, layer.attn_norm), start, cache,
                                     ropes[window > 0], window, masks[window])
                 if layer.post_attn_norm is not None:
