@@ -12,6 +12,11 @@ from selfspec.errors import InvalidParameterError
 
 def lookup(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> torch.Tensor:
     """Continuation `[<= max_tokens]` of the latest earlier match of the longest suffix n-gram."""
+    return lookup_match(tokens, ngram_max, ngram_min, max_tokens)[0]
+
+
+def lookup_match(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """`lookup`, and the n of the match (0: none)."""
     length = tokens.shape[0]
     for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
         suffix = tokens[length - n:]
@@ -19,8 +24,22 @@ def lookup(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int
         hits = (windows == suffix).all(dim=1).nonzero()
         if hits.numel():
             start = int(hits[-1]) + n
-            return tokens[start: start + max_tokens]
-    return EMPTY
+            return tokens[start: start + max_tokens], n
+    return EMPTY, 0
+
+
+def check_ngram_args(ngram_max: int, ngram_min: int, max_draft: int) -> None:
+    if ngram_min < 1 or ngram_max < ngram_min:
+        raise InvalidParameterError(
+            f"need 1 <= --ngram-min <= --ngram-max, got ngram_min={ngram_min}, ngram_max={ngram_max}")
+    if max_draft < 1:
+        raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+
+
+def next_cap(cap: int, max_draft: int, accepted: int, proposed: int) -> int:
+    """The draft-length cap after a verified round: accepted + 1 after a rejection, + 2 after a
+    fully accepted draft."""
+    return min(max_draft, cap + 2) if accepted == proposed else max(1, accepted + 1)
 
 
 class NgramDrafter:
@@ -31,23 +50,20 @@ class NgramDrafter:
     name = "ngram"
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True) -> None:
-        if ngram_min < 1 or ngram_max < ngram_min:
-            raise InvalidParameterError(
-                f"need 1 <= --ngram-min <= --ngram-max, got ngram_min={ngram_min}, ngram_max={ngram_max}")
-        if max_draft < 1:
-            raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        check_ngram_args(ngram_max, ngram_min, max_draft)
         self.ngram_max, self.ngram_min, self.max_draft = ngram_max, ngram_min, max_draft
         self.adaptive = adaptive
         self.cap = max_draft
+        self.last_level = 0  # n of the last match, for `auto`'s acceptance per match length
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         tokens = torch.tensor(ctx.tokens, dtype=torch.long)
-        return Draft(lookup(tokens, self.ngram_max, self.ngram_min, min(self.cap, max_tokens)).clone())
+        draft, self.last_level = lookup_match(tokens, self.ngram_max, self.ngram_min, min(self.cap, max_tokens))
+        return Draft(draft.clone())
 
     def update(self, accepted: int, proposed: int) -> None:
-        if not self.adaptive or proposed == 0:
-            return
-        self.cap = min(self.max_draft, self.cap + 2) if accepted == proposed else max(1, accepted + 1)
+        if self.adaptive and proposed:
+            self.cap = next_cap(self.cap, self.max_draft, accepted, proposed)
 
     def reset(self) -> None:
         self.cap = self.max_draft
