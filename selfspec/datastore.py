@@ -28,6 +28,7 @@ import numpy as np
 from selfspec.errors import SelfspecError
 
 FORMAT = 1
+BATCH_CHARS = 1 << 20  # text tokenized per call (and per progress update)
 MAX_MATCHES = 256  # continuations read per lookup: an evenly spaced sample of a larger match range
 
 
@@ -197,18 +198,27 @@ def build_store(tokenizer, model_name: str, files: list[Path], progress: Callabl
     """Tokenize `files` (UTF-8 text; others are skipped and counted) and index them."""
     t0 = time.perf_counter()
     docs, skipped, total = [], [], sum(f.stat().st_size for f in files)
-    done = 0
+    done, batch = 0, []
+
+    def flush() -> None:  # a batch is tokenized on all cores (Rust tokenizers)
+        if batch:
+            docs.extend(tokenizer(batch, add_special_tokens=False).input_ids)
+            batch.clear()
+        if progress is not None:
+            progress(done, total)
+
     for f in files:
         try:
             text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             skipped.append(str(f))
-            text = None
+            text = ""
         if text:
-            docs.append(tokenizer(text, add_special_tokens=False).input_ids)
+            batch.append(text)
         done += f.stat().st_size
-        if progress is not None:
-            progress(done, total)
+        if sum(map(len, batch)) >= BATCH_CHARS:
+            flush()
+    flush()
     t1 = time.perf_counter()
     meta = {"model": model_name, "tokenizer_sha256": tokenizer_identity(tokenizer),
             "vocab_size": len(tokenizer), "files": len(files) - len(skipped), "skipped_files": skipped[:20],
@@ -233,3 +243,29 @@ def corpus_files(paths: list[Path]) -> list[Path]:
     if not out:
         raise SelfspecError("the corpus is empty: give text files or folders holding them")
     return out
+
+
+def build_command(model: str, paths: list[Path], out: Path) -> dict:
+    """`selfspec datastore build`: a progress bar while tokenizing, a summary line on stderr."""
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from selfspec.models.loading import load_tokenizer
+
+    files = corpus_files(paths)
+    t0 = time.perf_counter()
+    tokenizer, name = load_tokenizer(model)
+    with Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("tokenize", total=None)
+        store = build_store(tokenizer, name, files, lambda done, total: bar.update(task, completed=done, total=total))
+    store.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
+    store.save(out)
+    m = store.meta
+    print(f"datastore {out}: {m['tokens']:,} tokens from {m['files']} files ({m['corpus_bytes'] / 2**20:.1f} MiB of "
+          f"text, {m['n_skipped']} not UTF-8 skipped), {store.nbytes / 2**20:.1f} MiB on disk; built in "
+          f"{m['build_seconds']:.1f} s (tokenize {m['tokenize_seconds']:.1f} s, suffix array "
+          f"{m['index_seconds']:.2f} s)", file=sys.stderr)
+    return {"out": str(out), "bytes": store.nbytes, **{k: v for k, v in m.items() if k != "skipped_files"}}

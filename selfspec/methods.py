@@ -95,8 +95,6 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         return None
     if ngram_mode not in NGRAM_MODES:
         raise InvalidParameterError(f"--ngram-mode must be one of {', '.join(NGRAM_MODES)}, got {ngram_mode!r}")
-    if datastore is not None and draft not in ("retrieval", "auto"):
-        raise InvalidParameterError(f"--datastore is for --draft retrieval (or auto), not {draft!r}")
     if draft_bits is not None and draft not in ("quantized", "auto"):
         raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
     sized = {} if max_draft is None else {"max_draft": max_draft}
