@@ -19,31 +19,19 @@ from selfspec.drafters.anpd import AdaptiveNgramDrafter, NgramIndex
 from selfspec.drafters.auto import AutoDrafter
 from selfspec.drafters.base import Draft
 from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig
-from selfspec.drafters.ngram import NgramDrafter
+from selfspec.drafters.ngram import CappedDrafter, NgramDrafter
 from selfspec.drafters.retrieval import RetrievalDrafter
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import generate
 from selfspec.methods import build_drafter, parse_methods
 from test_speculative import N_SAMPLES, SAMPLING_CASES, exact_second_token, second_token_samples, total_variation
-from tiny import one_thread, tiny_model
+from tiny import tiny_model
 
 # Repeats "5 17" and "33 2" so that n-gram drafters have something to match from the first round.
 PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 33, 2, 8, 5, 17]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_model("llama", tmp_path_factory.mktemp("llama"), ctx_size=128)
-
-
-@pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    return tiny_model("gemma3", tmp_path_factory.mktemp("gemma3"), ctx_size=128)
+from test_speculative import _one_thread, gemma3, llama  # noqa: F401 (fixtures)
 
 
 def store_of(docs, model=None, sep=160) -> Datastore:
@@ -236,42 +224,31 @@ def test_sampled_matches_target_distribution(wide, name):
 
 
 # ----------------------------------------------------------------------------- auto
-class Grounded:
-    """A grounded drafter whose match length the test sets; proposes `k` zeros."""
+class Grounded(CappedDrafter):
+    """A grounded drafter whose match length the test sets; proposes 4 zeros (none at level 0)."""
 
     name = "grounded"
 
     def __init__(self):
-        self.last_level, self.level, self.k = 0, 0, 4
+        super().__init__(max_draft=4, adaptive=False)
+        self.level = 0
 
     def propose(self, ctx, max_tokens):
         self.last_level = self.level
-        return Draft(torch.zeros(min(self.k, max_tokens) if self.level else 0, dtype=torch.long))
-
-    def update(self, accepted, proposed):
-        pass
-
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
+        return Draft(torch.zeros(min(self.cap, max_tokens) if self.level else 0, dtype=torch.long))
 
 
-class Model_:
+class ModelArm(CappedDrafter):
+    """A model drafter (no `last_level`: judged by its overall acceptance); proposes ones."""
+
     name = "model-arm"
+
+    def __init__(self):
+        super().__init__(max_draft=8, adaptive=False)
+        del self.last_level
 
     def propose(self, ctx, max_tokens):
         return Draft(torch.ones(max_tokens, dtype=torch.long))
-
-    def update(self, accepted, proposed):
-        pass
-
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
 
 
 def test_auto_judges_grounded_drafts_by_match_length():
@@ -279,7 +256,7 @@ def test_auto_judges_grounded_drafts_by_match_length():
     the grounded draft at level 4 and the model drafter's at level 1."""
     g = Grounded()
     costs = CostModel([0.05 * (1 + 0.05 * k) for k in range(9)], source="synthetic")
-    auto = AutoDrafter([g, Model_()], costs, draft_cost_guess={"grounded": 0.0, "model-arm": 0.2 * 0.05})
+    auto = AutoDrafter([g, ModelArm()], costs, draft_cost_guess={"grounded": 0.0, "model-arm": 0.2 * 0.05})
     for r in range(40):
         g.level = 4 if r % 2 else 1
         d = auto.propose(None, 8)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from selfspec.drafters.base import Draft, DraftContext
-from selfspec.drafters.ngram import check_ngram_args, next_cap
+from selfspec.drafters.ngram import CappedDrafter, check_ngram_args
 
 
 class NgramIndex:
@@ -67,19 +67,18 @@ class NgramIndex:
         return None
 
 
-class AdaptiveNgramDrafter:
+class AdaptiveNgramDrafter(CappedDrafter):
     """`--draft ngram --ngram-mode adaptive`. `last_level` is the n of the first drafted token's
-    match (0 when nothing was proposed): `auto` keeps an acceptance estimate per level."""
+    match."""
 
     name = "ngram-adaptive"
 
     def __init__(self, ngram_max: int = 4, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True,
                  min_confidence: float = 0.3) -> None:
         check_ngram_args(ngram_max, ngram_min, max_draft)
+        super().__init__(max_draft, adaptive)
         self.index = NgramIndex(ngram_max, ngram_min)
-        self.max_draft, self.adaptive, self.min_confidence = max_draft, adaptive, min_confidence
-        self.cap = max_draft
-        self.last_level = 0
+        self.min_confidence = min_confidence
 
     def draft_tokens(self, tokens: list[int], max_tokens: int) -> list[int]:
         self.index.sync(tokens)
@@ -102,13 +101,6 @@ class AdaptiveNgramDrafter:
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         return Draft(torch.tensor(self.draft_tokens(ctx.tokens, min(self.cap, max_tokens)), dtype=torch.long))
 
-    def update(self, accepted: int, proposed: int) -> None:
-        if self.adaptive and proposed:
-            self.cap = next_cap(self.cap, self.max_draft, accepted, proposed)
-
     def reset(self) -> None:
-        self.cap = self.max_draft
+        super().reset()
         self.index.clear()
-
-    def extra_stats(self) -> dict:
-        return {}

@@ -36,37 +36,40 @@ def check_ngram_args(ngram_max: int, ngram_min: int, max_draft: int) -> None:
         raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
 
 
-def next_cap(cap: int, max_draft: int, accepted: int, proposed: int) -> int:
-    """The draft-length cap after a verified round: accepted + 1 after a rejection, + 2 after a
-    fully accepted draft."""
-    return min(max_draft, cap + 2) if accepted == proposed else max(1, accepted + 1)
+class CappedDrafter:
+    """The draft length of the match-based drafters (this one, anpd.py, retrieval.py): `max_draft`
+    caps the proposal; with `adaptive`, the cap follows the acceptance: after a partly rejected
+    round it drops to accepted + 1, after a fully accepted one it grows by 2 (verifying a long
+    wrong draft is not free on a CPU: 11 tokens cost ~1.3 plain steps). `last_level` is the
+    length of the match behind the last proposal (0: none), for `auto`'s acceptance per level."""
 
-
-class NgramDrafter:
-    """`max_draft` caps the proposal; with `adaptive`, the cap follows the acceptance: after a
-    partly rejected round it drops to accepted + 1, after a fully accepted one it grows by 2
-    (verifying a long wrong draft is not free on a CPU: 11 tokens cost ~1.3 plain steps)."""
-
-    name = "ngram"
-
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True) -> None:
-        check_ngram_args(ngram_max, ngram_min, max_draft)
-        self.ngram_max, self.ngram_min, self.max_draft = ngram_max, ngram_min, max_draft
-        self.adaptive = adaptive
+    def __init__(self, max_draft: int, adaptive: bool) -> None:
+        self.max_draft, self.adaptive = max_draft, adaptive
         self.cap = max_draft
-        self.last_level = 0  # n of the last match, for `auto`'s acceptance per match length
-
-    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
-        tokens = torch.tensor(ctx.tokens, dtype=torch.long)
-        draft, self.last_level = lookup_match(tokens, self.ngram_max, self.ngram_min, min(self.cap, max_tokens))
-        return Draft(draft.clone())
+        self.last_level = 0
 
     def update(self, accepted: int, proposed: int) -> None:
         if self.adaptive and proposed:
-            self.cap = next_cap(self.cap, self.max_draft, accepted, proposed)
+            self.cap = min(self.max_draft, self.cap + 2) if accepted == proposed else max(1, accepted + 1)
 
     def reset(self) -> None:
         self.cap = self.max_draft
 
     def extra_stats(self) -> dict:
         return {}
+
+
+class NgramDrafter(CappedDrafter):
+    """Prompt lookup (`--ngram-mode lookup`)."""
+
+    name = "ngram"
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True) -> None:
+        check_ngram_args(ngram_max, ngram_min, max_draft)
+        super().__init__(max_draft, adaptive)
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+
+    def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
+        tokens = torch.tensor(ctx.tokens, dtype=torch.long)
+        draft, self.last_level = lookup_match(tokens, self.ngram_max, self.ngram_min, min(self.cap, max_tokens))
+        return Draft(draft.clone())

@@ -12,21 +12,20 @@ import torch
 
 from selfspec.datastore import Datastore
 from selfspec.drafters.base import Draft, DraftContext
-from selfspec.drafters.ngram import check_ngram_args, next_cap
+from selfspec.drafters.ngram import CappedDrafter, check_ngram_args
 
 
-class RetrievalDrafter:
-    """`last_level` is the length of the last match (0: none), for `auto`'s per-level acceptance."""
+class RetrievalDrafter(CappedDrafter):
+    """`last_level` is the length of the context suffix that matched."""
 
     name = "retrieval"
 
     def __init__(self, store: Datastore, max_draft: int = 8, max_len: int = 16, min_len: int = 2,
                  adaptive: bool = True, tree: bool = False, tree_nodes: int = 16) -> None:
         check_ngram_args(max_len, min_len, max_draft)
-        self.store, self.max_draft, self.max_len, self.min_len = store, max_draft, max_len, min_len
-        self.adaptive, self.tree, self.tree_nodes = adaptive, tree, tree_nodes
-        self.cap = max_draft
-        self.last_level = 0
+        super().__init__(max_draft, adaptive)
+        self.store, self.max_len, self.min_len = store, max_len, min_len
+        self.tree, self.tree_nodes = tree, tree_nodes
 
     @classmethod
     def for_model(cls, model, datastore: str, **kwargs) -> "RetrievalDrafter":
@@ -45,13 +44,3 @@ class RetrievalDrafter:
         tokens, parents, self.last_level = self.store.trie(ctx.tokens, min(self.cap, max_tokens), self.tree_nodes,
                                                            self.max_len, self.min_len)
         return Draft(torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
-
-    def update(self, accepted: int, proposed: int) -> None:
-        if self.adaptive and proposed:
-            self.cap = next_cap(self.cap, self.max_draft, accepted, proposed)
-
-    def reset(self) -> None:
-        self.cap = self.max_draft
-
-    def extra_stats(self) -> dict:
-        return {}
