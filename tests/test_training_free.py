@@ -320,3 +320,9 @@ def test_datastore_build_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "selfspec.cli", "datastore", "build", "--corpus", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_datastore_flag_needs_a_drafter_that_reads_it():
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--prompt", "hi", "--draft", "ngram",
+                           "--datastore", "/nonexistent"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--datastore is for --draft retrieval" in proc.stderr
