@@ -53,6 +53,8 @@ def parse_method(text: str) -> MethodSpec:
             value = _number(text, key, value, int)
         elif name == "gamma":
             value = _number(text, key, value, float)
+        elif name == "ngram_mode" and value not in NGRAM_MODES:
+            raise InvalidParameterError(f"option mode of method {text!r} must be one of {', '.join(NGRAM_MODES)}")
         options[name] = value
     return MethodSpec(text=text, kind=kind, options=options)
 

@@ -295,6 +295,8 @@ def test_method_options_for_the_new_drafters(llama, tmp_path):
     specs = parse_methods("ngram:mode=adaptive,max_draft=5,retrieval:store=/x,ngram")
     assert [(s.kind, s.options) for s in specs] == [
         ("ngram", {"ngram_mode": "adaptive", "max_draft": 5}), ("retrieval", {"datastore": "/x"}), ("ngram", {})]
+    with pytest.raises(InvalidParameterError, match="lookup, adaptive"):
+        parse_methods("ngram:mode=fast")
     d = build_drafter("ngram", llama, ngram_mode="adaptive", max_draft=5)
     assert isinstance(d, AdaptiveNgramDrafter) and d.max_draft == 5 and d.index.levels == (4, 3, 2)
     assert isinstance(build_drafter("ngram", llama), NgramDrafter)
