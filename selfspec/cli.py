@@ -31,6 +31,8 @@ Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|int8|int4 (auto: bf16 o
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's choice).")]
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", help="KV cache length (default min(model context, 4096)).")]
 Device = Annotated[str, typer.Option(help="auto|cpu|cuda (auto: CUDA when PyTorch sees a GPU, else the CPU; on CUDA --dtype auto is bf16 and int8/int4 are not available). See docs/gpu.md.")]
+NgramMode = Annotated[str, typer.Option(help="ngram: lookup (prompt lookup: copy what followed the latest match) | adaptive (an n-gram model of prompt + output built online, confident matches only; docs/drafters-training-free.md).")]
+Datastore_ = Annotated[Optional[str], typer.Option(help="Token datastore (`selfspec datastore build`) for --draft retrieval; with auto, an extra drafter.")]
 
 
 def _fail(message: str) -> None:
@@ -99,7 +101,7 @@ def generate(
     threads: Threads = None,
     ctx_size: CtxSize = None,
     device: Device = "auto",
-    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized|retrieval. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing); `online` searches the skip set while generating (SWIFT; options as online:ratio=0.45:window=50, see docs/online-skip.md).")] = None,
     save_skip_config: Annotated[Optional[Path], typer.Option(help="After generating, write the layer-skip drafter's skip config here (with --skip-config online: the set found so far).")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
@@ -110,9 +112,11 @@ def generate(
     beta1: Annotated[float, typer.Option(help="Smoothing of the acceptance rate.")] = 0.5,
     beta2: Annotated[float, typer.Option(help="Smoothing of gamma.")] = 0.9,
     adaptive: Annotated[bool, typer.Option("--adaptive/--no-adaptive", help="Adapt gamma to the acceptance rate.")] = True,
-    ngram_max: Annotated[int, typer.Option(help="Longest n-gram looked up (ngram).")] = 3,
-    ngram_min: Annotated[int, typer.Option(help="Shortest n-gram looked up (ngram).")] = 2,
-    tree: Annotated[Optional[int], typer.Option(help="ngram: verify the continuations of the N most recent distinct matches as one token tree (docs/tree-verification.md); 1 (default) = one chain.")] = None,
+    ngram_max: Annotated[Optional[int], typer.Option(help="Longest n-gram looked up (ngram; default 3 for lookup, 4 for adaptive).")] = None,
+    ngram_min: Annotated[Optional[int], typer.Option(help="Shortest n-gram looked up (ngram; default 2).")] = None,
+    ngram_mode: NgramMode = "lookup",
+    tree: Annotated[Optional[int], typer.Option(help="ngram lookup: verify the continuations of the N most recent distinct matches as one token tree (docs/tree-verification.md); 1 (default) = one chain.")] = None,
+    datastore: Datastore_ = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
@@ -134,7 +138,8 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
               min_p, repetition_penalty, seed, stop, dtype, threads, ctx_size, draft, skip_config,
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
               draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None,
-              show_drafts=False, save_skip_config=None, device="auto", tree=None) -> None:
+              show_drafts=False, save_skip_config=None, device="auto", tree=None, ngram_mode="lookup",
+              datastore=None) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -147,6 +152,8 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     draft = draft or default_draft(model)
     if draft not in DRAFTS:
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+    if datastore is not None and draft not in ("retrieval", "auto"):
+        raise SelfspecError(f"--datastore is for --draft retrieval (or auto), not {draft!r}")
     out = sys.stderr if as_json else sys.stdout
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, compile=compile, device=device)
@@ -155,7 +162,8 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
-                            dtype=dtype, threads=threads, draft_bits=draft_bits, tree=tree)
+                            dtype=dtype, threads=threads, draft_bits=draft_bits, ngram_mode=ngram_mode,
+                            datastore=datastore, tree=tree)
     if save_skip_config is not None:
         _check_save_skip_config(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
@@ -298,11 +306,13 @@ def serve(
     threads: Threads = None,
     ctx_size: CtxSize = None,
     device: Device = "auto",
-    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized|retrieval (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing).")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model or auto (same tokenizer).")] = None,
+    ngram_mode: NgramMode = "lookup",
+    datastore: Datastore_ = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
@@ -325,7 +335,7 @@ def serve(
 
         m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, device=device)
         options = dict(skip_config=skip_config, max_draft=max_draft, draft_model=draft_model, dtype=dtype,
-                       threads=threads, draft_bits=draft_bits)
+                       threads=threads, draft_bits=draft_bits, ngram_mode=ngram_mode, datastore=datastore)
         # model_id: what clients pass as "model"; draft_choices: what a request (the playground) may pick
         settings = replace(settings, model_id=m.name, draft_choices=choosable_drafts(m, skip_config),
                            draft_options=options)
@@ -344,7 +354,7 @@ def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
                                               "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
-                                              "quantized:bits=4,skip=F.json.")] = BENCH_DEFAULT,
+                                              "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR.")] = BENCH_DEFAULT,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -603,6 +613,28 @@ def _search_report(url, study_name, out, report_dir, as_json) -> None:
     Console().print(table)
     for p in charts:
         print(f"wrote {p}", file=sys.stderr)
+
+
+datastore_app = typer.Typer(no_args_is_help=True, help="Token datastores for --draft retrieval (REST): a corpus indexed by suffix array.")
+app.add_typer(datastore_app, name="datastore")
+
+
+@datastore_app.command("build")
+def datastore_build(
+    corpus: Annotated[list[Path], typer.Option(help="Text files or folders (read recursively); repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the store.")],
+    model: Model_ = "smollm2-135m",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
+) -> None:
+    """Tokenize a corpus (code, docs) with the model's tokenizer and index it for retrieval drafts."""
+    from selfspec.datastore import build_command
+
+    try:
+        report = build_command(model, corpus, out)
+    except SelfspecError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="List or clear the cache folder (SELFSPEC_CACHE, default ~/.cache/selfspec).")

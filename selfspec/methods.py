@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 
-DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized")
+DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "retrieval")
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
+NGRAM_MODES = ("lookup", "adaptive")  # prompt lookup (ngram.py) | online n-gram model (anpd.py)
 BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
-               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits", "tree": "tree"}
+               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits", "tree": "tree",
+               "mode": "ngram_mode", "store": "datastore"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ def parse_method(text: str) -> MethodSpec:
             value = _number(text, key, value, int)
         elif name == "gamma":
             value = _number(text, key, value, float)
+        elif name == "ngram_mode" and value not in NGRAM_MODES:
+            raise InvalidParameterError(f"option mode of method {text!r} must be one of {', '.join(NGRAM_MODES)}")
         options[name] = value
     return MethodSpec(text=text, kind=kind, options=options)
 
@@ -81,13 +85,18 @@ def _number(text: str, key: str, value: str, kind):
 
 
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
-                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
-                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None, tree=None):
+                  epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=None, ngram_min=None,
+                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None,
+                  ngram_mode="lookup", datastore=None, tree=None):
     """The drafter that `--draft` names, or None for plain decoding. `skip_config` is the skip set
-    of layer-skip, and of quantized (which skips nothing without one)."""
+    of layer-skip, and of quantized (which skips nothing without one). `ngram_mode` picks prompt
+    lookup or the adaptive n-gram model for ngram; `datastore` is the store of retrieval (and an
+    extra arm of auto)."""
     draft = ALIASES.get(draft, draft)
     if draft == "none":
         return None
+    if ngram_mode not in NGRAM_MODES:
+        raise InvalidParameterError(f"--ngram-mode must be one of {', '.join(NGRAM_MODES)}, got {ngram_mode!r}")
     if draft_bits is not None and draft not in ("quantized", "auto"):
         raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
     if tree is not None and tree != 1 and draft != "ngram":
@@ -115,7 +124,7 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
             if draft_model:
                 small = build_drafter("model", model, draft_model=draft_model, dtype=dtype, threads=threads)
             return AutoDrafter.for_model(model, skip_config, draft_model=small, draft_bits=draft_bits, exit=exit_(),
-                                         quantized_exit=exit_(DEFAULT_GAMMA), **kwargs)
+                                         quantized_exit=exit_(DEFAULT_GAMMA), datastore=datastore, **kwargs)
         if draft == "quantized":
             return QuantizedSelfDrafter.for_model(model, skip_config, bits=draft_bits, exit=exit_(DEFAULT_GAMMA),
                                                   **kwargs)
@@ -125,9 +134,22 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
             return OnlineSkipDrafter.for_model(model, skip_config, exit=exit_(), **kwargs)
         return LayerSkipDrafter.for_model(model, skip_config, exit=exit_(), **kwargs)
     if draft == "ngram":
+        from selfspec.drafters.anpd import AdaptiveNgramDrafter
         from selfspec.drafters.ngram import NgramDrafter
 
-        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min, **sized, **({} if tree is None else {"tree": tree}))
+        cls = AdaptiveNgramDrafter if ngram_mode == "adaptive" else NgramDrafter
+        lengths = {k: v for k, v in (("ngram_max", ngram_max), ("ngram_min", ngram_min)) if v is not None}
+        if tree is not None:
+            if cls is not NgramDrafter:
+                raise InvalidParameterError("--tree is for --ngram-mode lookup")
+            lengths["tree"] = tree
+        return cls(**lengths, **sized)
+    if draft == "retrieval":
+        from selfspec.drafters.retrieval import RetrievalDrafter
+
+        if not datastore:
+            raise SelfspecError("--draft retrieval needs --datastore DIR (build one with `selfspec datastore build`)")
+        return RetrievalDrafter.for_model(model, datastore, **sized)
     if draft == "model":
         from selfspec.drafters.draft_model import DraftModelDrafter
         from selfspec.models.loading import load_model

@@ -10,6 +10,13 @@ from every round the loop runs: the time between a proposal and its verdict is t
 verify) and a per drafter estimate of a that forgets old rounds, so a change of task moves it
 within a few rounds. A drafter whose best k is 0 is switched off and re-probed with a short draft
 after `probe_every` rounds, the interval doubling while it keeps losing (bounded cost).
+
+Grounded drafters (prompt lookup, the adaptive n-gram model, retrieval: they expose `last_level`,
+the length of the match behind their proposal) cost microseconds, so every one of them proposes
+every round, and each is judged by its acceptance *at that match length* (a 4-token match is
+copied right far more often than a 1-token one). The round takes the proposal with the best
+expected tokens per second, comparing it with the model drafters' predictions: grounded text gets
+n-gram drafts, free text layer-skip drafts.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from typing import Callable
 
 from selfspec.costs import MAX_K, CostModel
 from selfspec.drafters.base import EMPTY, Draft, DraftContext
+
+MAX_LEVEL = 8  # match lengths from here on share one acceptance estimate
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -69,10 +78,19 @@ class Arm:
     probe_interval: int = 16
     rounds: int = 0
     probes: int = 0
+    levels: dict = field(default_factory=dict)  # grounded drafters: match length -> Acceptance
+    level: int = 0  # the match length of this round's proposal
 
     @property
     def name(self) -> str:
         return self.drafter.name
+
+    @property
+    def grounded(self) -> bool:
+        return hasattr(self.drafter, "last_level")
+
+    def level_acceptance(self, level: int) -> Acceptance:
+        return self.levels.setdefault(min(level, MAX_LEVEL), Acceptance())
 
 
 class AutoDrafter:
@@ -110,36 +128,72 @@ class AutoDrafter:
         self._t_start: float | None = None
         self._probing = False
 
-    def _candidates(self, k_cap: int) -> list[tuple[Arm, int, bool]]:
-        """The arms to try this round, with their k: those due for a probe first (a short draft),
-        then those expected to pay, the best predicted speedup first (ties: the earlier arm)."""
+    def _candidates(self, k_cap: int) -> list[tuple[Arm, int, bool, float]]:
+        """The model arms to try this round, with their k and predicted speedup: those due for a
+        probe first (a short draft), then those expected to pay, the best predicted speedup first
+        (ties: the earlier arm)."""
         due, paying = [], []
         for i, arm in enumerate(self.arms):
+            if arm.grounded:
+                continue  # judged by this round's proposal (_grounded)
             k, speedup = best_k(arm.acceptance.rate, arm.c_draft, self.costs, k_cap)
             if k > 0:
                 paying.append((-speedup, i, arm, k))
                 continue
             arm.idle += 1
             if arm.idle >= arm.probe_interval and k_cap >= 1:
-                due.append((arm, min(self.probe_k, k_cap), True))
-        return due + [(arm, k, False) for _, _, arm, k in sorted(paying, key=lambda c: c[:2])]
+                due.append((arm, min(self.probe_k, k_cap), True, 0.0))
+        return due + [(arm, k, False, -s) for s, _, arm, k in sorted(paying, key=lambda c: c[:2])]
+
+    def _grounded(self, ctx: DraftContext, k_cap: int) -> tuple[list, tuple | None]:
+        """Every grounded arm's proposal, cut to its best k at its match length: (the due probes
+        [(arm, draft)], the best of those expected to pay (speedup, arm, draft) or None)."""
+        due, best = [], None
+        for arm in self.arms:
+            if not arm.grounded or k_cap < 1:
+                continue
+            t = self.clock()
+            d = arm.drafter.propose(ctx, k_cap)
+            if len(d) == 0:
+                continue
+            arm.c_draft += 0.3 * ((self.clock() - t) / len(d) - arm.c_draft)
+            arm.level = arm.drafter.last_level
+            k, speedup = best_k(arm.level_acceptance(arm.level).rate, arm.c_draft, self.costs, len(d))
+            if k > 0:
+                if best is None or speedup > best[0]:  # ties: the earlier arm
+                    best = (speedup, arm, Draft(d.tokens[:k]))
+                continue
+            arm.idle += 1
+            if arm.idle >= arm.probe_interval:
+                due.append((arm, Draft(d.tokens[: self.probe_k])))
+        return due, best
 
     # ------------------------------------------------------------------------- Drafter protocol
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         t_start = self.clock()
         k_cap = min(self.max_draft, max_tokens)
         chosen, draft, predicted = None, Draft(EMPTY), (1.0, self.costs.step)
-        for arm, k, probing in self._candidates(k_cap):
-            t = self.clock()
-            d = arm.drafter.propose(ctx, k)
-            spent = self.clock() - t
-            if len(d) == 0:  # e.g. no n-gram match: nothing drafted, try the next drafter
-                continue
-            arm.c_draft += 0.3 * (spent / len(d) - arm.c_draft)
+        grounded_due, best = self._grounded(ctx, k_cap)
+        candidates = [(arm, len(d), True, 0.0, d) for arm, d in grounded_due] + [
+            (*c, None) for c in self._candidates(k_cap)]
+        for arm, k, probing, speedup, d in candidates:
+            if best is not None and not probing and best[0] >= speedup:
+                break  # the best grounded proposal is expected to beat this and every later arm
+            if d is None:
+                t = self.clock()
+                d = arm.drafter.propose(ctx, k)
+                spent = self.clock() - t
+                if len(d) == 0:  # nothing drafted: try the next drafter
+                    continue
+                arm.c_draft += 0.3 * (spent / len(d) - arm.c_draft)
             chosen, draft, self._probing = arm, d, probing
-            a = arm.acceptance.rate
-            predicted = (expected_tokens(a, len(d)), len(d) * arm.c_draft + self.costs.verify[min(len(d), self.costs.max_k)])
             break
+        if chosen is None and best is not None:
+            (_, chosen, draft), self._probing = best, False
+        if chosen is not None:
+            a = (chosen.level_acceptance(chosen.level) if chosen.grounded else chosen.acceptance).rate
+            predicted = (expected_tokens(a, len(draft)),
+                         len(draft) * chosen.c_draft + self.costs.verify[min(len(draft), self.costs.max_k)])
         self._arm = chosen
         self._t_start = t_start
         self._t_proposed = self.clock()
@@ -159,11 +213,14 @@ class AutoDrafter:
         self.drafter_rounds[name] = self.drafter_rounds.get(name, 0) + 1
         if arm is not None and proposed:
             arm.acceptance.update(accepted, proposed)
+            if arm.grounded:
+                arm.level_acceptance(arm.level).update(accepted, proposed)
             arm.drafter.update(accepted, proposed)
             arm.idle, arm.rounds = 0, arm.rounds + 1
             if self._probing:
                 arm.probes += 1
-                still_off = best_k(arm.acceptance.rate, arm.c_draft, self.costs, self.max_draft)[0] == 0
+                acc = arm.level_acceptance(arm.level) if arm.grounded else arm.acceptance
+                still_off = best_k(acc.rate, arm.c_draft, self.costs, self.max_draft)[0] == 0
                 arm.probe_interval = min(self.probe_max, arm.probe_interval * 2) if still_off else self.probe_every
         self._reset_round()
 
@@ -193,19 +250,27 @@ class AutoDrafter:
 
     @classmethod
     def for_model(cls, model, skip_config=None, draft_model=None, max_draft: int = 8, costs: CostModel | None = None,
-                  draft_bits: int | None = None, quantized_exit=None, **layer_skip_kwargs) -> "AutoDrafter":
-        """n-gram lookup (free to draft), the model's layer-skip config (given or shipped), a
-        precision self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one)
-        and a draft model when one is named."""
+                  draft_bits: int | None = None, quantized_exit=None, datastore: str | None = None,
+                  **layer_skip_kwargs) -> "AutoDrafter":
+        """n-gram lookup and the adaptive n-gram model (free to draft), retrieval from `datastore`
+        when one is given, the model's layer-skip config (given or shipped), a precision
+        self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one) and a
+        draft model when one is named."""
         from selfspec.costs import calibrate
+        from selfspec.drafters.anpd import AdaptiveNgramDrafter
         from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
         from selfspec.drafters.ngram import NgramDrafter
         from selfspec.drafters.quantized import QuantizedSelfDrafter
         from selfspec.models.quant import weight_bits
 
         costs = costs or calibrate(model, max_k=max(MAX_K, max_draft))
-        drafters = [NgramDrafter(max_draft=max_draft, adaptive=False)]
-        guess = {"ngram": 0.002 * costs.step}
+        drafters = [NgramDrafter(max_draft=max_draft, adaptive=False),
+                    AdaptiveNgramDrafter(max_draft=max_draft, adaptive=False)]
+        guess = {"ngram": 0.002 * costs.step, "ngram-adaptive": 0.002 * costs.step, "retrieval": 0.005 * costs.step}
+        if datastore is not None:
+            from selfspec.drafters.retrieval import RetrievalDrafter
+
+            drafters.append(RetrievalDrafter.for_model(model, datastore, max_draft=max_draft, adaptive=False))
         if skip_config is not None or shipped_config(model.name) is not None:
             ls = LayerSkipDrafter.for_model(model, skip_config, max_draft=max_draft, **layer_skip_kwargs)
             drafters.append(ls)

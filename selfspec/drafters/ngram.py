@@ -20,12 +20,17 @@ def _hits(tokens: torch.Tensor, n: int) -> torch.Tensor:
 
 def lookup(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> torch.Tensor:
     """Continuation `[<= max_tokens]` of the latest earlier match of the longest suffix n-gram."""
+    return lookup_match(tokens, ngram_max, ngram_min, max_tokens)[0]
+
+
+def lookup_match(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """`lookup`, and the n of the match (0: none)."""
     for n in range(min(ngram_max, tokens.shape[0] - 1), ngram_min - 1, -1):
         hits = _hits(tokens, n)
         if hits.numel():
             start = int(hits[-1]) + n
-            return tokens[start: start + max_tokens]
-    return EMPTY
+            return tokens[start: start + max_tokens], n
+    return EMPTY, 0
 
 
 def lookup_candidates(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int,
@@ -43,31 +48,57 @@ def lookup_candidates(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_
     return found
 
 
-class NgramDrafter:
-    """`max_draft` caps the proposal; with `adaptive`, the cap follows the acceptance: after a
-    partly rejected round it drops to accepted + 1, after a fully accepted one it grows by 2
-    (verifying a long wrong draft is not free on a CPU: 11 tokens cost ~1.3 plain steps).
+def check_ngram_args(ngram_max: int, ngram_min: int, max_draft: int) -> None:
+    if ngram_min < 1 or ngram_max < ngram_min:
+        raise InvalidParameterError(
+            f"need 1 <= --ngram-min <= --ngram-max, got ngram_min={ngram_min}, ngram_max={ngram_max}")
+    if max_draft < 1:
+        raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
 
-    `tree=N` (N >= 2) proposes a token tree of the continuations of the N most recent distinct
-    matches (docs/tree-verification.md), `max_draft` deep, as many nodes as the round has room
-    for; a round with one candidate stays a chain. Default 1: a chain."""
+
+class CappedDrafter:
+    """The draft length of the match-based drafters (this one, anpd.py, retrieval.py): `max_draft`
+    caps the proposal; with `adaptive`, the cap follows the acceptance: after a partly rejected
+    round it drops to accepted + 1, after a fully accepted one it grows by 2 (verifying a long
+    wrong draft is not free on a CPU: 11 tokens cost ~1.3 plain steps). `last_level` is the
+    length of the match behind the last proposal (0: none), for `auto`'s acceptance per level.
+    A tree round counts as fully accepted when its accepted path is as long as its deepest
+    candidate (`_depth`)."""
+
+    def __init__(self, max_draft: int, adaptive: bool) -> None:
+        self.max_draft, self.adaptive = max_draft, adaptive
+        self.cap = max_draft
+        self.last_level = 0
+        self._depth = 0  # the longest candidate of the last tree; 0 after a chain
+
+    def update(self, accepted: int, proposed: int) -> None:
+        if self.adaptive and proposed:
+            full = accepted >= self._depth if self._depth else accepted == proposed
+            self.cap = min(self.max_draft, self.cap + 2) if full else max(1, accepted + 1)
+
+    def reset(self) -> None:
+        self.cap = self.max_draft
+
+    def extra_stats(self) -> dict:
+        return {}
+
+
+class NgramDrafter(CappedDrafter):
+    """Prompt lookup (`--ngram-mode lookup`). `tree=N` (N >= 2) proposes a token tree of the
+    continuations of the N most recent distinct matches (docs/tree-verification.md), `max_draft`
+    deep, as many nodes as the round has room for; a round with one candidate stays a chain.
+    Default 1: a chain."""
 
     name = "ngram"
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 2, max_draft: int = 8, adaptive: bool = True,
                  tree: int = 1) -> None:
-        if ngram_min < 1 or ngram_max < ngram_min:
-            raise InvalidParameterError(
-                f"need 1 <= --ngram-min <= --ngram-max, got ngram_min={ngram_min}, ngram_max={ngram_max}")
-        if max_draft < 1:
-            raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
+        check_ngram_args(ngram_max, ngram_min, max_draft)
         if isinstance(tree, bool) or not isinstance(tree, int) or tree < 1:
             raise InvalidParameterError(f"--tree must be an integer >= 1 (candidates per round), got {tree!r}")
-        self.ngram_max, self.ngram_min, self.max_draft = ngram_max, ngram_min, max_draft
-        self.adaptive = adaptive
+        super().__init__(max_draft, adaptive)
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
         self.tree = tree
-        self.cap = max_draft
-        self._depth = 0  # the longest candidate of the last tree
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         tokens = torch.tensor(ctx.tokens, dtype=torch.long, device="cpu")  # ids only: the lookup runs on the CPU
@@ -76,19 +107,12 @@ class NgramDrafter:
             candidates = lookup_candidates(tokens, self.ngram_max, self.ngram_min, depth, self.tree)
             if len(candidates) > 1:
                 self._depth = max(len(c) for c in candidates)
+                self.last_level = 0
                 ids, parents = tree_from_chains(candidates, max_nodes=max_tokens)
                 return Draft(ids, parents=parents)
         self._depth = 0
-        return Draft(lookup(tokens, self.ngram_max, self.ngram_min, depth).clone())
-
-    def update(self, accepted: int, proposed: int) -> None:
-        if not self.adaptive or proposed == 0:
-            return
-        full = accepted >= self._depth if self._depth else accepted == proposed
-        self.cap = min(self.max_draft, self.cap + 2) if full else max(1, accepted + 1)
-
-    def reset(self) -> None:
-        self.cap = self.max_draft
+        draft, self.last_level = lookup_match(tokens, self.ngram_max, self.ngram_min, depth)
+        return Draft(draft.clone())
 
     def extra_stats(self) -> dict:
         return {"tree": self.tree} if self.tree > 1 else {}

@@ -103,15 +103,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     torch_dtype, dtype_name = resolve_dtype(device_dtype(dtype, dev))
-    spec = str(model)
-    if spec in REGISTRY:
-        path, name = REGISTRY[spec].path(), spec
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            known = ", ".join(REGISTRY)
-            raise ModelLoadError(f"model {spec!r} is neither a known alias ({known}) nor an existing path")
-        name = path.name
+    path, name = model_path(model)
     info: dict = {}
     transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
                                    device=dev)
@@ -130,6 +122,24 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
                  load_seconds=time.perf_counter() - t0, kernel=kernel, load_info=info)
+
+
+def model_path(model: str | Path) -> tuple[Path, str]:
+    """(file or folder, name) of a registry alias or a path."""
+    spec = str(model)
+    if spec in REGISTRY:
+        return REGISTRY[spec].path(), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        known = ", ".join(REGISTRY)
+        raise ModelLoadError(f"model {spec!r} is neither a known alias ({known}) nor an existing path")
+    return path, path.name
+
+
+def load_tokenizer(model: str | Path):
+    """(tokenizer, name) of a model without loading its weights."""
+    path, name = model_path(model)
+    return (_load_hf_tokenizer(path) if path.is_dir() else _load_gguf_tokenizer(path)), name
 
 
 def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
