@@ -115,7 +115,7 @@ def generate(
     ngram_max: Annotated[Optional[int], typer.Option(help="Longest n-gram looked up (ngram; default 3 for lookup, 4 for adaptive).")] = None,
     ngram_min: Annotated[Optional[int], typer.Option(help="Shortest n-gram looked up (ngram; default 2).")] = None,
     ngram_mode: NgramMode = "lookup",
-    tree: Annotated[Optional[int], typer.Option(help="ngram lookup: verify the continuations of the N most recent distinct matches as one token tree (docs/tree-verification.md); 1 (default) = one chain.")] = None,
+    tree: Annotated[Optional[int], typer.Option(help="Token-tree drafts (docs/tree-verification.md). ngram lookup: the continuations of the N most recent distinct matches; retrieval: the N most frequent continuation prefixes (trie nodes). 1 (default) = one chain.")] = None,
     datastore: Datastore_ = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,

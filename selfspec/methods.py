@@ -99,8 +99,8 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         raise InvalidParameterError(f"--ngram-mode must be one of {', '.join(NGRAM_MODES)}, got {ngram_mode!r}")
     if draft_bits is not None and draft not in ("quantized", "auto"):
         raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
-    if tree is not None and tree != 1 and draft != "ngram":
-        raise InvalidParameterError(f"--tree (token-tree drafts) is for --draft ngram, not {draft!r}")
+    if tree is not None and tree != 1 and draft not in ("ngram", "retrieval"):
+        raise InvalidParameterError(f"--tree (token-tree drafts) is for --draft ngram or retrieval, not {draft!r}")
     sized = {} if max_draft is None else {"max_draft": max_draft}
     from selfspec.drafters.swift import is_online
 
@@ -149,7 +149,8 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
 
         if not datastore:
             raise SelfspecError("--draft retrieval needs --datastore DIR (build one with `selfspec datastore build`)")
-        return RetrievalDrafter.for_model(model, datastore, **sized)
+        trie = {} if tree is None or tree == 1 else {"tree": True, "tree_nodes": tree}
+        return RetrievalDrafter.for_model(model, datastore, **sized, **trie)
     if draft == "model":
         from selfspec.drafters.draft_model import DraftModelDrafter
         from selfspec.models.loading import load_model

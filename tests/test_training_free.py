@@ -180,11 +180,13 @@ def drafters_for(model, plain_ids):
     return {"ngram-lookup": NgramDrafter(), "ngram-adaptive": AdaptiveNgramDrafter(),
             "ngram-adaptive-1": AdaptiveNgramDrafter(ngram_max=3, ngram_min=1, max_draft=5),
             "retrieval": RetrievalDrafter(st),
+            "retrieval-tree": RetrievalDrafter(st, tree=True, tree_nodes=12),
             "auto": AutoDrafter(auto_arms, free, draft_cost_guess={a.name: 0.0 for a in auto_arms})}
 
 
 @pytest.mark.parametrize("fixture", ["llama", "gemma3"])
-@pytest.mark.parametrize("name", ["ngram-lookup", "ngram-adaptive", "ngram-adaptive-1", "retrieval", "auto"])
+@pytest.mark.parametrize("name", ["ngram-lookup", "ngram-adaptive", "ngram-adaptive-1", "retrieval",
+                                  "retrieval-tree", "auto"])
 def test_greedy_lossless(fixture, name, request):
     model = request.getfixturevalue(fixture)
     plain = generate(model, PROMPT, max_new_tokens=40)
@@ -192,7 +194,7 @@ def test_greedy_lossless(fixture, name, request):
     spec = generate(model, PROMPT, max_new_tokens=40, drafter=drafter)
     assert_lossless(model, PROMPT, plain.token_ids, spec.token_ids, name)
     assert spec.stats.drafted > 0, name
-    if name in ("retrieval", "auto"):
+    if name in ("retrieval", "retrieval-tree", "auto"):
         assert spec.stats.accepted > 0  # the corpus holds the answer
 
 
