@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 
-DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized")
+DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "early-exit", "medusa", "hydra")
+TRAINED = ("early-exit", "medusa", "hydra")  # need --drafter-weights DIR from `selfspec train-drafter`
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
 BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
-               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits"}
+               "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits",
+               "weights": "drafter_weights"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def _number(text: str, key: str, value: str, kind):
 
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=3, ngram_min=2,
-                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None):
+                  draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None,
+                  drafter_weights=None):
     """The drafter that `--draft` names, or None for plain decoding. `skip_config` is the skip set
     of layer-skip, and of quantized (which skips nothing without one)."""
     draft = ALIASES.get(draft, draft)
@@ -91,6 +94,10 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
     if draft_bits is not None and draft not in ("quantized", "auto"):
         raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
     sized = {} if max_draft is None else {"max_draft": max_draft}
+    if draft in TRAINED:
+        return _trained_drafter(draft, model, drafter_weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive)
+    if drafter_weights is not None:
+        raise InvalidParameterError(f"--drafter-weights is for --draft {'|'.join(TRAINED)}, not {draft!r}")
     if draft in ("auto", "layer-skip", "quantized"):
         from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
 
@@ -128,6 +135,19 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads)
         return DraftModelDrafter(small, target=model, **sized)
     raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+
+
+def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive):
+    from selfspec.drafters.layerskip import AdaptiveExit
+    from selfspec.train.kinds import BY_DRAFTER
+    from selfspec.train.store import load_drafter
+
+    if weights is None:
+        raise SelfspecError(f"--draft {draft} needs --drafter-weights DIR; train one with `selfspec "
+                            f"train-drafter --model {model.name} --kind {BY_DRAFTER[draft].name} --out DIR`")
+    exit = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
+                        beta1=beta1, beta2=beta2, adaptive=adaptive)
+    return load_drafter(model, weights, draft, exit=exit, **sized)
 
 
 def default_draft(model_spec: str) -> str:
