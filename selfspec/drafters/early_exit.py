@@ -88,6 +88,23 @@ def build_adapter(config, mlp: int, max_len: int) -> Adapter:
     return Adapter(c.hidden, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, mlp, c.rms_eps, max_len)
 
 
+def draft_chain(ctx: DraftContext, limit: int, gamma: float, logits_at) -> tuple[Draft, bool]:
+    """Up to `limit` draft tokens, draft i chosen from `logits_at(i, drafts so far)` `[1, vocab]`
+    as the target would choose; stops after the first whose top probability is below gamma.
+    Returns the draft and whether it stopped that way."""
+    tokens: list[int] = []
+    q_rows: list[torch.Tensor | None] = []
+    for i in range(limit):
+        logits = logits_at(i, tokens)
+        tok, q = ctx.choose(logits, tokens)
+        tokens.append(tok)
+        q_rows.append(q)
+        top = float(q.max()) if q is not None else float(torch.softmax(logits[0], -1).max())
+        if top < gamma:
+            return stack_draft(tokens, q_rows), True
+    return stack_draft(tokens, q_rows), False
+
+
 def default_exit_layer(n_layers: int) -> int:
     """Kangaroo's shallow sub-network: about a sixth of the layers (5 of SmolLM2's 30), at least 1."""
     return max(1, round(n_layers / 6))
@@ -140,24 +157,14 @@ class EarlyExitDrafter:
             cache.k[:L, :, a:p] = saved[0]
             cache.v[:L, :, a:p] = saved[1]
         self._pending = p
-        tokens: list[int] = []
-        q_rows: list[torch.Tensor | None] = []
-        limit = min(self.max_draft, max_tokens)
-        stopped = False
-        while True:
-            tok, q = ctx.choose(logits, tokens)
-            tokens.append(tok)
-            q_rows.append(q)
-            top = float(q.max()) if q is not None else float(torch.softmax(logits[0], -1).max())
-            if top < self.exit.gamma:
-                stopped = True
-                break
-            if len(tokens) >= limit:
-                break
-            logits = self._step(ctx, [tok], p + len(tokens))
-        self._valid = p + len(tokens)  # pending + every draft but the last went through the adapter
+
+        def logits_at(i: int, drafts: list[int]) -> torch.Tensor:
+            return logits if i == 0 else self._step(ctx, drafts[-1:], p + i)
+
+        draft, stopped = draft_chain(ctx, min(self.max_draft, max_tokens), self.exit.gamma, logits_at)
+        self._valid = p + len(draft)  # pending + every draft but the last went through the adapter
         self._hit_max = not stopped
-        return stack_draft(tokens, q_rows)
+        return draft
 
     def update(self, accepted: int, proposed: int) -> None:
         # Adapter KV beyond the pending token and the accepted drafts belongs to rejected drafts.

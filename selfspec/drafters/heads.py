@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfspec.drafters.base import EMPTY, Draft, DraftContext, stack_draft
+from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.early_exit import draft_chain
 from selfspec.drafters.layerskip import AdaptiveExit
 from selfspec.errors import InvalidParameterError
 
@@ -105,29 +106,19 @@ class HeadsDrafter:
         tr = ctx.model.transformer
         h = hidden.float().reshape(-1)  # [hidden]
         limit = min(self.max_draft, max_tokens)
-        tokens: list[int] = []
-        q_rows: list[torch.Tensor | None] = []
         if isinstance(self.heads, MedusaHeads):
             all_logits = tr.logits(self.heads(h)[:limit].to(tr.dtype))  # [limit, vocab]: one head matmul
+
+            def logits_at(i: int, drafts: list[int]) -> torch.Tensor:
+                return all_logits[i: i + 1]
         else:
-            emb = embed(tr, torch.tensor([ctx.tokens[-1]]))  # [1, hidden]: e(x_{t+1}), then the drafts'
-        stopped = False
-        for i in range(limit):
-            if isinstance(self.heads, MedusaHeads):
-                logits = all_logits[i: i + 1]
-            else:
-                logits = tr.logits(self.heads.head(i, h, emb).unsqueeze(0).to(tr.dtype))
-            tok, q = ctx.choose(logits, tokens)
-            tokens.append(tok)
-            q_rows.append(q)
-            top = float(q.max()) if q is not None else float(torch.softmax(logits[0], -1).max())
-            if top < self.exit.gamma:
-                stopped = True
-                break
-            if isinstance(self.heads, HydraHeads):
-                emb = torch.cat((emb, embed(tr, torch.tensor([tok]))))
+            def logits_at(i: int, drafts: list[int]) -> torch.Tensor:
+                emb = embed(tr, torch.tensor(ctx.tokens[-1:] + drafts))  # e(x_{t+1}) and the drafts'
+                return tr.logits(self.heads.head(i, h, emb).unsqueeze(0).to(tr.dtype))
+
+        draft, stopped = draft_chain(ctx, limit, self.exit.gamma, logits_at)
         self._hit_max = not stopped
-        return stack_draft(tokens, q_rows)
+        return draft
 
     def update(self, accepted: int, proposed: int) -> None:
         self.exit.update(accepted, proposed, self._hit_max)
