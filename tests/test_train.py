@@ -237,3 +237,48 @@ def test_distillation_is_cached_and_data_files_are_checked(llama, tmp_path):
 
 def test_shifted_labels():
     assert shifted(torch.tensor([1, 2, 3, 4]), 2).tolist() == [[2, 3], [3, 4], [4, -100], [-100, -100]]
+
+
+@pytest.mark.slow
+def test_cli_trains_resumes_and_generates(tmp_path):
+    """The commands as a user runs them, on a tiny model with SmolLM2's tokenizer and chat template
+    (slow: five fresh processes, ~4 min on a busy 2-core machine)."""
+    import os
+    import subprocess
+    import sys
+
+    from selfspec.models.registry import REGISTRY
+    from tiny import build_tiny_chat
+
+    if not REGISTRY["smollm2-135m"].installed:
+        pytest.skip("needs SmolLM2's tokenizer (smollm2-135m is not installed; `make test` installs it)")
+    folder = build_tiny_chat(tmp_path)
+    env = {**os.environ, "SELFSPEC_CACHE": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "selfspec.cli", *args], capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "Say hello."}\n{"text": "The quick brown fox jumps over the lazy dog again and again."}\n')
+    out = tmp_path / "hydra"
+    common = ["train-drafter", "--model", str(folder), "--kind", "hydra", "--heads", "2", "--data", str(data),
+              "--self-distill", "2", "--distill-tokens", "12", "--batch", "2", "--window", "8",
+              "--checkpoint-every", "2", "--out", str(out), "--json"]
+    first = cli(*common, "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 2 and report["sequences"] == 3 and not report["distill"]["cached"]
+    more = cli(*common, "--steps", "4", "--resume")  # continues; the distilled data comes from the cache
+    assert more.returncode == 0, more.stderr
+    report = json.loads(more.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 4 and report["distill"]["cached"]
+    gen = cli("generate", "--model", str(folder), "--prompt", "Hi", "-n", "8", "--draft", "hydra",
+              "--drafter-weights", str(out), "--compare", "--json")
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout.strip().splitlines()[-1])["compare"]["same_as_plain"]
+    wrong = cli("generate", "--model", str(folder), "--prompt", "Hi", "-n", "4", "--draft", "medusa",
+                "--drafter-weights", str(out))
+    assert wrong.returncode == 2 and "holds a hydra drafter" in wrong.stderr and "Traceback" not in wrong.stderr
+    bad = cli("train-drafter", "--model", str(folder), "--kind", "medusa", "--exit-layer", "2", "--out", str(out))
+    assert bad.returncode == 2 and "--exit-layer is for --kind early-exit-adapter" in bad.stderr
