@@ -96,8 +96,6 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
     sized = {} if max_draft is None else {"max_draft": max_draft}
     if draft in TRAINED:
         return _trained_drafter(draft, model, drafter_weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive)
-    if drafter_weights is not None:
-        raise InvalidParameterError(f"--drafter-weights is for --draft {'|'.join(TRAINED)}, not {draft!r}")
     if draft in ("auto", "layer-skip", "quantized"):
         from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
 
