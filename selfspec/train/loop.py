@@ -121,7 +121,7 @@ def train(kind, model, feats: list[dict], settings: TrainSettings, out: Path, *,
     if resume:
         step, losses, seconds = _load_checkpoint(folder, module, opt, gen, meta)
     tokens_per_step = settings.batch * window
-    t0, start = time.perf_counter(), step
+    t0, start = time.perf_counter(), step  # this session's steps: the bar's tokens/s
     fields = "loss {task.fields[loss]:.3f}  {task.fields[tps]:.0f} tok/s"
     with Bar("training", settings.steps, progress, fields, completed=step, loss=float("nan"), tps=0.0) as bar:
         while step < settings.steps:
@@ -144,7 +144,7 @@ def train(kind, model, feats: list[dict], settings: TrainSettings, out: Path, *,
     tail = losses[-LOSS_WINDOW:]
     summary = {"steps": step, "first_loss": losses[0] if losses else None,
                "final_loss": sum(tail) / len(tail) if tail else None, "train_seconds": round(seconds, 2),
-               "tokens_per_s": round((step - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9), 1),
+               "tokens_per_s": round(step * tokens_per_step / seconds, 1) if seconds else 0.0,
                "window": window, "settings": asdict(settings)}
     save_drafter(Path(out), kind, module, model, **summary)
     return module, summary
