@@ -4,11 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from importlib import resources
 from pathlib import Path
 
 from selfspec.errors import InvalidParameterError
 
-DEFAULT_SEQUENCES = 32
+DEFAULT_SEQUENCES = 48
+DISTILL_PROMPTS = resources.files("selfspec").joinpath("data", "distill.jsonl")
 DEFAULT_DISTILL_TOKENS = 128
 
 
@@ -31,8 +33,8 @@ def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = 
         raise InvalidParameterError(f"--distill-tokens must be >= 1, got {distill_tokens}")
     if data is not None:
         prompts, texts = read_data_file(data)
-    else:
-        prompts, texts = calibration_prompts()[0], []
+    else:  # the skip search's calibration prompts and a set shipped for distillation; never the bench suites
+        prompts, texts = calibration_prompts()[0] + calibration_prompts(DISTILL_PROMPTS)[0], []
     m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
     k = make_kind(kind, m, exit_layer=exit_layer, heads=heads)  # options checked before any work
     sequences, info = [], {"cached": None, "seconds": 0.0, "new_tokens": 0}
