@@ -46,7 +46,7 @@ class KVCache:
         n = len(slots)
         m = next((j for j, s in enumerate(slots) if s != dest + j), n)  # entries before m are in place
         if m < n:
-            index = torch.tensor(slots[m:], dtype=torch.long)
+            index = torch.tensor(slots[m:], dtype=torch.long, device=self.k.device)
             self.k[:, :, dest + m: dest + n] = self.k[:, :, index]
             self.v[:, :, dest + m: dest + n] = self.v[:, :, index]
         self.rollback(dest + n)

@@ -17,6 +17,7 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "weights": (("weights",), "dequantised (fp32/bf16) and quantised (int8/int4) weights, read by later loads"),
     "costs": (("costs",), "forward-pass costs measured for --draft auto"),
     "vocab": (("vocab",), "token frequency rankings for the draft vocabulary subset"),
+    "distill": (("distill",), "self-distillation sequences for `selfspec train-drafter`"),
     "studies": (("studies.db",), "skip-search studies (Optuna SQLite storage)"),
     "online": (("online",), "skip sets found on the fly (--skip-config online), per model, dtype and skip ratio"),
     "compiled": (("inductor",), "torch.compile kernels (--compile)"),

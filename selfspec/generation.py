@@ -128,9 +128,24 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             return greedy_tokens(logits, sampling, presence), None
         return None, probs_from_logits(logits, sampling, presence)
 
+    # Draft heads (drafters/heads.py) read the final hidden state of the row that produced the
+    # pending token: each forward below returns it too, and ctx.extras keeps that row.
+    wants_hidden = bool(getattr(drafter, "wants_hidden", False))
+
+    def forward(x: torch.Tensor, pos: int, **kw) -> torch.Tensor:
+        if not wants_hidden:
+            return tr.forward(x, pos, cache, **kw)
+        logits, ctx.extras["hidden"] = tr.forward(x, pos, cache, return_hidden=True, **kw)
+        return logits
+
+    def keep_hidden(row: int, n_new: int) -> None:
+        if wants_hidden:
+            ctx.extras.update(hidden=ctx.extras["hidden"][row], hidden_for=len(tokens) + n_new)
+
     stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused, device=str(device))
     t0 = time.perf_counter()
-    logits = tr.forward(ids[reused: len(tokens)], reused, cache, last_only=True)
+    logits = forward(ids[reused: len(tokens)], reused, last_only=True)
+    keep_hidden(0, 1)
     # Positions [0, valid) of the cache hold the KV of ids[:valid]: only what a verify accepted
     # counts (drafts and rejected positions lie beyond). It is what `prefix` keeps at the end.
     valid = len(tokens)
@@ -179,7 +194,8 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             t = time.perf_counter()
             k = len(draft)
             if k == 0 and fast_greedy:
-                logits = tr.forward(ids[start: start + 1], start, cache)  # [1, vocab]
+                logits = forward(ids[start: start + 1], start)  # [1, vocab]
+                keep_hidden(0, 1)
                 valid = start + 1
                 tok = int(logits[0].argmax())
                 stats.verify_seconds += time.perf_counter() - t
@@ -190,16 +206,18 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
                 continue
             ids[start + 1: start + 1 + k] = draft.tokens
             if draft.parents is not None:  # a token tree: k nodes, one forward, the accepted path's KV compacted
+                # (no draft-heads drafter proposes trees: the hidden state is only kept for chains)
                 verdict = verify_tree_round(tr, cache, ids[start: start + 1 + k], start, draft, tokens, sampling,
                                             generator)
             else:
-                logits = tr.forward(ids[start: start + 1 + k], start, cache)  # [k+1, vocab]
+                logits = forward(ids[start: start + 1 + k], start)  # [k+1, vocab]
                 target, p_target = choose(logits, draft.tokens)
                 if target is not None:
                     verdict = verify_greedy(draft.tokens, target)
                 else:
                     verdict = verify_sampled(draft.tokens, draft.q_draft, p_target, generator)
                 cache.rollback(start + 1 + verdict.accepted)
+                keep_hidden(verdict.accepted, verdict.accepted + 1)
             valid = start + 1 + verdict.accepted
             stats.verify_seconds += time.perf_counter() - t
             stats.rounds += 1

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 
-DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "retrieval")
+DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "retrieval", "early-exit", "medusa", "hydra")
+TRAINED = ("early-exit", "medusa", "hydra")  # need --drafter-weights DIR from `selfspec train-drafter`
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
 NGRAM_MODES = ("lookup", "adaptive")  # prompt lookup (ngram.py) | online n-gram model (anpd.py)
 BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
@@ -19,7 +20,7 @@ ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
                "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits", "tree": "tree",
-               "mode": "ngram_mode", "store": "datastore"}
+               "mode": "ngram_mode", "store": "datastore", "weights": "drafter_weights"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def _number(text: str, key: str, value: str, kind):
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=None, ngram_min=None,
                   draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None,
-                  ngram_mode="lookup", datastore=None, tree=None):
+                  ngram_mode="lookup", datastore=None, tree=None, drafter_weights=None):
     """The drafter that `--draft` names, or None for plain decoding. `skip_config` is the skip set
     of layer-skip, and of quantized (which skips nothing without one). `ngram_mode` picks prompt
     lookup or the adaptive n-gram model for ngram; `datastore` is the store of retrieval (and an
@@ -106,6 +107,8 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
 
     if is_online(skip_config) and draft != "layer-skip":
         raise InvalidParameterError(f"--skip-config online is for --draft layer-skip, not {draft!r}")
+    if draft in TRAINED:
+        return _trained_drafter(draft, model, drafter_weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive)
     if draft in ("auto", "layer-skip", "quantized"):
         from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter
 
@@ -161,6 +164,19 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads, device=str(model.device))
         return DraftModelDrafter(small, target=model, **sized)
     raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+
+
+def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive):
+    from selfspec.drafters.layerskip import AdaptiveExit
+    from selfspec.train.kinds import BY_DRAFTER
+    from selfspec.train.store import load_drafter
+
+    if weights is None:
+        raise SelfspecError(f"--draft {draft} needs --drafter-weights DIR; train one with `selfspec "
+                            f"train-drafter --model {model.name} --kind {BY_DRAFTER[draft].name} --out DIR`")
+    exit = AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon,
+                        beta1=beta1, beta2=beta2, adaptive=adaptive)
+    return load_drafter(model, weights, draft, exit=exit, **sized)
 
 
 def default_draft(model_spec: str) -> str:

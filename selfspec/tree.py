@@ -38,9 +38,9 @@ class TreeLayout:
                 raise InvalidParameterError(
                     f"tree parents must satisfy -1 <= parents[i] < i; node {r - 1} has parent {p - 1}")
             lines.append(lines[p] + [r])
-        visible = torch.zeros(T, T, dtype=torch.bool)
+        visible = torch.zeros(T, T, dtype=torch.bool, device="cpu")
         visible[[r for r, line in enumerate(lines) for _ in line], [c for line in lines for c in line]] = True
-        depth = torch.tensor([len(line) - 1 for line in lines], dtype=torch.long)
+        depth = torch.tensor([len(line) - 1 for line in lines], dtype=torch.long, device="cpu")
         return cls(depth, visible, tuple(rows))
 
     def path(self, row: int) -> list[int]:
@@ -72,7 +72,7 @@ def tree_from_chains(candidates: list[list[int]], max_nodes: int | None = None) 
                 parents.append(parent)
                 children[(parent, int(tok))] = node
             parent = node
-    return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+    return torch.tensor(tokens, dtype=torch.long, device="cpu"), torch.tensor(parents, dtype=torch.long, device="cpu")
 
 
 def tree_mask(layout: TreeLayout, start: int, first: int, window: int) -> torch.Tensor:
@@ -81,10 +81,10 @@ def tree_mask(layout: TreeLayout, start: int, first: int, window: int) -> torch.
     window is measured in positions: a row at depth d sees cached key j when start + d - j <
     window and an ancestor when their depths differ by less than window."""
     q_pos = start + layout.depth.unsqueeze(1)  # [T, 1]
-    cached = torch.arange(first, start).unsqueeze(0)  # [1, start - first]
-    allowed_cached = (q_pos - cached < window) if window else torch.ones(q_pos.shape[0], start - first, dtype=torch.bool)
+    cached = torch.arange(first, start, device="cpu").unsqueeze(0)  # [1, start - first]
+    allowed_cached = (q_pos - cached < window) if window else torch.ones(q_pos.shape[0], start - first, dtype=torch.bool, device="cpu")
     allowed_new = layout.visible.clone()
     if window:
         allowed_new &= (layout.depth.unsqueeze(1) - layout.depth.unsqueeze(0)) < window
     allowed = torch.cat((allowed_cached.expand(q_pos.shape[0], -1), allowed_new), dim=1)
-    return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    return torch.zeros(allowed.shape, device="cpu").masked_fill_(~allowed, float("-inf"))

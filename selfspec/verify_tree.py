@@ -61,7 +61,7 @@ def _children(layout: TreeLayout) -> list[list[int]]:
 
 def _verdict(path_rows: list[int], node_tokens: list[int], last: int) -> TreeVerdict:
     tokens = [node_tokens[r - 1] for r in path_rows] + [last]
-    return TreeVerdict(len(path_rows), torch.tensor(tokens, dtype=torch.long), tuple(r - 1 for r in path_rows))
+    return TreeVerdict(len(path_rows), torch.tensor(tokens, dtype=torch.long, device="cpu"), tuple(r - 1 for r in path_rows))
 
 
 def verify_tree_greedy(layout: TreeLayout, node_tokens: torch.Tensor, target_tokens: torch.Tensor) -> TreeVerdict:
@@ -118,7 +118,7 @@ def verify_tree_sampled(layout: TreeLayout, node_tokens: torch.Tensor, q_draft: 
 def tree_presence(history: torch.Tensor, node_tokens: torch.Tensor, layout: TreeLayout, vocab: int) -> torch.Tensor:
     """`[n+1, vocab]` bool: the tokens the repetition penalty applies to at each row, the
     history plus the row's own path (as `presence_mask` does for a chain's earlier drafts)."""
-    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen = torch.zeros(vocab, dtype=torch.bool, device="cpu")
     seen[history] = True
     mask = seen.unsqueeze(0).repeat(layout.depth.shape[0], 1)
     rows, cols = layout.visible[:, 1:].nonzero(as_tuple=True)
@@ -147,7 +147,7 @@ def verify_tree_round(tr, cache: KVCache, ids: torch.Tensor, start: int, draft: 
     logits = tr.forward(ids, start, cache, tree=layout)  # [n+1, vocab]
     presence = None
     if sampling.repetition_penalty != 1.0:
-        presence = tree_presence(torch.tensor(history, dtype=torch.long), draft.tokens, layout, vocab).to(logits.device)
+        presence = tree_presence(torch.tensor(history, dtype=torch.long, device="cpu"), draft.tokens, layout, vocab).to(logits.device)
     if sampling.greedy:
         verdict = verify_tree_greedy(layout, draft.tokens, greedy_tokens(logits, sampling, presence))
     else:

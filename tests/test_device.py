@@ -17,6 +17,8 @@ from selfspec.drafters.auto import AutoDrafter
 from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig
 from selfspec.drafters.ngram import NgramDrafter
+from selfspec.drafters.anpd import AdaptiveNgramDrafter
+from selfspec.drafters.swift import OnlineSkipDrafter
 from selfspec.drafters.quantized import QuantizedSelfDrafter
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import generate
@@ -159,6 +161,9 @@ def _drafters(model):
     return {
         "none": lambda: None,
         "ngram": lambda: NgramDrafter(max_draft=4),
+        "ngram-tree": lambda: NgramDrafter(max_draft=4, tree=3),
+        "ngram-adaptive": lambda: AdaptiveNgramDrafter(max_draft=4),
+        "online-skip": lambda: OnlineSkipDrafter.for_model(model, "online:window=8:cache=0:max_iter=4", max_draft=4),
         "layer-skip": lambda: LayerSkipDrafter(config, max_draft=4),
         "layer-skip-subset-head": lambda: LayerSkipDrafter(config, max_draft=4, draft_vocab=40),
         "quantized": lambda: QuantizedSelfDrafter.for_model(model, bits=8),

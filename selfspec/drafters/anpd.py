@@ -99,7 +99,7 @@ class AdaptiveNgramDrafter(CappedDrafter):
         return out
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
-        return Draft(torch.tensor(self.draft_tokens(ctx.tokens, min(self.cap, max_tokens)), dtype=torch.long))
+        return Draft(torch.tensor(self.draft_tokens(ctx.tokens, min(self.cap, max_tokens)), dtype=torch.long, device="cpu"))
 
     def reset(self) -> None:
         super().reset()

@@ -37,10 +37,11 @@ class RetrievalDrafter(CappedDrafter):
         if self.tree:
             return self.propose_tree(ctx, max_tokens)
         tokens, self.last_level = self.store.chain(ctx.tokens, min(self.cap, max_tokens), self.max_len, self.min_len)
-        return Draft(torch.tensor(tokens, dtype=torch.long))
+        return Draft(torch.tensor(tokens, dtype=torch.long, device="cpu"))
 
     def propose_tree(self, ctx: DraftContext, max_tokens: int) -> Draft:
         """Up to `tree_nodes` nodes (at most `max_tokens` deep) of the continuation trie."""
         tokens, parents, self.last_level = self.store.trie(ctx.tokens, min(self.cap, max_tokens), self.tree_nodes,
                                                            self.max_len, self.min_len)
-        return Draft(torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
+        return Draft(torch.tensor(tokens, dtype=torch.long, device="cpu"),
+                     parents=torch.tensor(parents, dtype=torch.long, device="cpu"))

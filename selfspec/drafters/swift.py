@@ -165,7 +165,7 @@ class UcbGp:
 
 
 def _random_rows(n: int, dim: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    rows = torch.zeros(n, dim, dtype=torch.uint8)
+    rows = torch.zeros(n, dim, dtype=torch.uint8, device="cpu")
     picks = torch.rand(n, dim, generator=generator).argsort(dim=1)[:, :size]
     return rows.scatter_(1, picks, 1)
 
@@ -277,9 +277,9 @@ class OnlineSkipDrafter(LayerSkipDrafter):
             return self._seeds.pop(0)
         if self.iterations % self.settings.bayes_every == self.settings.bayes_every - 1 and len(self.observations) >= 2:
             points = self._gp_points()
-            xs = torch.tensor([[int(c) for c in b] for b, _ in points], dtype=torch.uint8)
-            ys = torch.tensor([y for _, y in points])
-            best = torch.tensor([int(c) for c in self._bits(self.best)], dtype=torch.uint8)
+            xs = torch.tensor([[int(c) for c in b] for b, _ in points], dtype=torch.uint8, device="cpu")
+            ys = torch.tensor([y for _, y in points], device="cpu")
+            best = torch.tensor([int(c) for c in self._bits(self.best)], dtype=torch.uint8, device="cpu")
             self.gp_proposals += 1
             return self._decode(self.gp.propose(xs, ys, best, self.size, self.generator))
         return self._decode(_random_rows(1, self.dim, self.size, self.generator)[0])
@@ -300,23 +300,24 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         start = max(0, end - self.settings.window)
         full_top = self._full_tops(ctx, start, end)
         with kept(cache, start, end):
-            draft_top = tr.forward(torch.tensor(tokens[start:end]), start, cache, skip=skip).argmax(-1)
+            draft_top = tr.forward(torch.tensor(tokens[start:end], device=tr.device), start, cache, skip=skip).argmax(-1)
         return draft_top, full_top
 
     def _full_tops(self, ctx: DraftContext, start: int, end: int) -> torch.Tensor:
         """The full model's top-1 at positions [start, end) (module docstring: which and why)."""
         tops, tokens = self._full_top, ctx.tokens
         if tops is None or len(tops) < end:
-            tops = self._full_top = torch.full((max(end, ctx.cache.max_len),), -1, dtype=torch.long)
+            tops = self._full_top = torch.full((max(end, ctx.cache.max_len),), -1, dtype=torch.long,
+                                              device=ctx.model.transformer.device)
         if ctx.sampling.greedy and ctx.sampling.repetition_penalty == 1.0:
             first = max(start, self._prompt_len - 1)  # from here on, the next token is the verify's argmax
             if first < end:
-                tops[first:end] = torch.tensor(tokens[first + 1: end + 1])
+                tops[first:end] = torch.tensor(tokens[first + 1: end + 1], device=tops.device)
         missing = (tops[start:end] < 0).nonzero()[:, 0]
         if len(missing):
             a, b = start + int(missing[0]), start + int(missing[-1]) + 1
             with kept(ctx.cache, a, b):
-                tops[a:b] = ctx.model.transformer.forward(torch.tensor(tokens[a:b]), a, ctx.cache).argmax(-1)
+                tops[a:b] = ctx.model.transformer.forward(torch.tensor(tokens[a:b], device=tops.device), a, ctx.cache).argmax(-1)
         return tops[start:end]
 
     # ------------------------------------------------------------------------- sets and state

@@ -1,0 +1,99 @@
+"""Self-distillation data: the model's own continuations of prompts (no dataset download).
+
+Each prompt is continued by the full model with our own lossless speculative `generate`: the
+first pass over the prompts greedily (what greedy decoding will ask the drafter to predict), further
+passes sampled at temperature 0.8 for variety when more sequences than prompts are asked for.
+Training labels are not these tokens but the target's argmax at every position
+(selfspec/train/kinds.py), so sampled sequences still teach the greedy choice. The token
+sequences are cached under the cache folder, keyed by the model's hash, the prompts and settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from selfspec.errors import InvalidParameterError
+from selfspec.models.registry import cache_dir
+from selfspec.train.progress import Bar
+
+SAMPLED_TEMPERATURE = 0.8
+
+
+def read_data_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """A JSONL file of {"prompt": str} rows (continued by the model) and/or {"text": str} rows
+    (used as they are): (prompts, texts)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise InvalidParameterError(f"cannot read --data {path}: {e.strerror}") from None
+    prompts, texts = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise InvalidParameterError(f"--data {path} line {n} is not JSON") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            prompts.append(row["prompt"])
+        elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+            texts.append(row["text"])
+        else:
+            raise InvalidParameterError(f"--data {path} line {n} has neither a \"prompt\" nor a \"text\" string")
+    if not prompts and not texts:
+        raise InvalidParameterError(f"--data {path} holds no rows")
+    return prompts, texts
+
+
+def _drafter(model):
+    """auto where it can be built (fastest, lossless), else prompt lookup."""
+    from selfspec.errors import SelfspecError
+    from selfspec.methods import build_drafter
+
+    try:
+        return build_drafter("auto", model)
+    except SelfspecError:
+        return build_drafter("ngram", model)
+
+
+def distill(model, prompts: list[list[int]], n: int, max_new_tokens: int, seed: int = 0,
+            progress: bool = True) -> tuple[list[list[int]], dict]:
+    """`n` sequences (prompt + continuation) over `prompts` (cycled) and what it cost:
+    ({"cached": bool, "seconds": float, "new_tokens": int}). Cached per model, prompts and settings."""
+    from selfspec.generation import generate
+    from selfspec.sampling import SamplingParams
+    from selfspec.train.store import model_sha256
+
+    if n < 1:
+        raise InvalidParameterError(f"--self-distill must be >= 1, got {n}")
+    if not prompts:
+        raise InvalidParameterError("no prompts to distill from")
+    settings = {"n": n, "max_new_tokens": max_new_tokens, "seed": seed, "temperature": SAMPLED_TEMPERATURE}
+    key = hashlib.sha256(json.dumps([model_sha256(model), prompts, settings]).encode()).hexdigest()[:24]
+    path = cache_dir() / "distill" / f"{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+        return cached["sequences"], {"cached": True, "seconds": cached["seconds"], "new_tokens": cached["new_tokens"],
+                                     "path": str(path)}
+    except (OSError, ValueError, KeyError):
+        pass
+    drafter = _drafter(model)
+    sequences, seconds, new_tokens = [], 0.0, 0
+    with Bar("self-distilling", n, progress, "{task.fields[tps]:.1f} tok/s", tps=0.0) as bar:
+        for i in range(n):
+            prompt = prompts[i % len(prompts)]
+            greedy = i < len(prompts)
+            sampling = SamplingParams() if greedy else SamplingParams(temperature=SAMPLED_TEMPERATURE, seed=seed * 100003 + i)
+            r = generate(model, prompt, drafter=drafter, sampling=sampling,
+                         max_new_tokens=min(max_new_tokens, model.ctx_size - len(prompt)))
+            sequences.append(list(prompt) + r.token_ids)
+            seconds += r.stats.prefill_seconds + r.stats.decode_seconds
+            new_tokens += r.stats.new_tokens
+            bar.advance(tps=new_tokens / seconds if seconds else 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sequences": sequences, "seconds": seconds, "new_tokens": new_tokens,
+                               "settings": settings}))
+    tmp.replace(path)
+    return sequences, {"cached": False, "seconds": seconds, "new_tokens": new_tokens, "path": str(path)}

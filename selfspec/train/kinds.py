@@ -1,0 +1,176 @@
+"""What each trainable drafter kind needs from training: build its module (fp32, trainable), turn a
+token sequence into features with the frozen backbone (once: the backbone never changes), a loss
+over a batch of feature windows, and the drafter that uses the trained module.
+
+Loss, for every kind: cross-entropy against the target's own greedy choice at each position (the
+argmax of its logits over the distilled sequence). Greedy verification accepts a draft token
+exactly when it equals that argmax, so this is the quantity acceptance depends on; a KL to the
+full distribution would need the 49k-way distribution of every position stored (GBs) or the
+backbone rerun every step, and matters only for sampled decoding.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfspec.errors import InvalidParameterError
+
+IGNORE = -100  # label of positions without a target (past the end of the sequence)
+
+
+class FrozenHead:
+    """The target's final norm and LM head as differentiable fp32 functions (nothing trains here)."""
+
+    def __init__(self, model) -> None:
+        from selfspec.models.quant import dense_weight
+
+        tr = model.transformer
+        self.weight = dense_weight(tr.lm_head).float()  # [vocab, hidden]
+        self.norm = tr.final_norm.float()
+        self.eps = model.config.rms_eps
+        self.softcap = model.config.final_softcap
+
+    def logits(self, hidden: torch.Tensor, norm: bool = False) -> torch.Tensor:
+        if norm:
+            hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.eps)
+        logits = hidden @ self.weight.T
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def shifted(values: torch.Tensor, k: int, fill: int = IGNORE) -> torch.Tensor:
+    """[T] -> [T, k]: row t holds values[t+1 .. t+k] (fill past the end)."""
+    T = values.shape[0]
+    out = torch.full((T, k), fill, dtype=values.dtype)
+    for j in range(k):
+        out[: max(0, T - j - 1), j] = values[j + 1:]
+    return out
+
+
+@torch.inference_mode()
+def _backbone(model, tokens: torch.Tensor, exit_layer: int | None = None):
+    tr = model.transformer
+    cache = tr.new_cache(tokens.shape[0])
+    if exit_layer is not None:
+        return tr.forward(tokens, 0, cache, exit_layer=exit_layer).float()
+    logits, hidden = tr.forward(tokens, 0, cache, return_hidden=True)
+    return logits.argmax(-1), hidden.float()
+
+
+class TrainKind(Protocol):
+    name: str  # the --kind of train-drafter
+    drafter_name: str  # the --draft value that uses it
+    options: dict
+
+    def build(self, model) -> nn.Module: ...
+    def features(self, model, tokens: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def loss(self, module: nn.Module, model, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def drafter(self, module: nn.Module, model, **kwargs): ...
+
+
+class _Kind:
+    _frozen: FrozenHead | None = None
+
+    def head(self, model) -> FrozenHead:
+        """Built on first use and kept: the dense head weight is a copy under prepacked kernels."""
+        if self._frozen is None:
+            self._frozen = FrozenHead(model)
+        return self._frozen
+
+
+class EarlyExitKind(_Kind):
+    name, drafter_name = "early-exit-adapter", "early-exit"
+
+    def __init__(self, model, exit_layer: int | None = None, adapter_mlp: int | None = None, **_) -> None:
+        from selfspec.drafters.early_exit import default_exit_layer
+
+        n = model.config.n_layers
+        exit_layer = default_exit_layer(n) if exit_layer is None else exit_layer
+        if not 1 <= exit_layer < n:
+            raise InvalidParameterError(f"--exit-layer must be in 1..{n - 1} for {model.name!r}, got {exit_layer}")
+        mlp = model.config.hidden if adapter_mlp is None else adapter_mlp
+        self.options = {"exit_layer": exit_layer, "adapter_mlp": mlp}
+
+    def build(self, model) -> nn.Module:
+        from selfspec.drafters.early_exit import build_adapter
+
+        return build_adapter(model.config, self.options["adapter_mlp"], model.transformer.rope_max)
+
+    def features(self, model, tokens):
+        target, _ = _backbone(model, tokens)
+        h = _backbone(model, tokens, self.options["exit_layer"])
+        # label[t]: the target's choice for x_{t+1}, which the adapter's state at t must predict
+        return {"h": h.clone(), "label": target.clone()}
+
+    def loss(self, module, model, batch):
+        return _ce(self.head(model).logits(module(batch["h"]), norm=True), batch["label"])
+
+    def drafter(self, module, model, **kwargs):
+        from selfspec.drafters.early_exit import EarlyExitDrafter
+
+        return EarlyExitDrafter(module, self.options["exit_layer"], **kwargs)
+
+
+class HeadsKind(_Kind):
+    """Medusa and Hydra: K heads on the final hidden state h_t; head i predicts the target's choice
+    at position t+i+1 (i.e. x_{t+i+2})."""
+
+    def __init__(self, model, heads: int | None = None, **_) -> None:
+        heads = 4 if heads is None else heads
+        if not 1 <= heads <= 16:
+            raise InvalidParameterError(f"--heads must be in 1..16, got {heads}")
+        self.options = {"heads": heads}
+
+    def features(self, model, tokens):
+        target, hidden = _backbone(model, tokens)
+        k = self.options["heads"]
+        # labels[t, i] = target[t+i+1]; next_tokens[t, j] = x_{t+1+j} (Hydra's inputs)
+        return {"h": hidden.clone(), "labels": shifted(target, k), "next_tokens": shifted(tokens, k, fill=0)}
+
+    def drafter(self, module, model, **kwargs):
+        from selfspec.drafters.heads import HeadsDrafter
+
+        return HeadsDrafter(module, **kwargs)
+
+
+class MedusaKind(HeadsKind):
+    name = drafter_name = "medusa"
+
+    def build(self, model) -> nn.Module:
+        from selfspec.drafters.heads import MedusaHeads
+
+        return MedusaHeads(model.config.hidden, self.options["heads"])
+
+    def loss(self, module, model, batch):
+        return _ce(self.head(model).logits(module(batch["h"])), batch["labels"])
+
+
+class HydraKind(HeadsKind):
+    name = drafter_name = "hydra"
+
+    def build(self, model) -> nn.Module:
+        from selfspec.drafters.heads import HydraHeads
+
+        return HydraHeads(model.config.hidden, self.options["heads"], model.config.rms_eps)
+
+    def loss(self, module, model, batch):
+        from selfspec.drafters.heads import embed
+
+        emb = embed(model.transformer, batch["next_tokens"])  # [B, T, K, hidden]
+        return _ce(self.head(model).logits(module(batch["h"], emb)), batch["labels"])
+
+
+KINDS = {k.name: k for k in (EarlyExitKind, MedusaKind, HydraKind)}
+BY_DRAFTER = {k.drafter_name: k for k in KINDS.values()}
+
+
+def make_kind(name: str, model, **options) -> TrainKind:
+    if name not in KINDS:
+        raise InvalidParameterError(f"unknown drafter kind {name!r}; kinds: {', '.join(KINDS)}")
+    return KINDS[name](model, **options)
