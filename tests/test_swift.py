@@ -57,7 +57,7 @@ def test_greedy_output_equals_plain_while_optimising(fixture, request):
     assert again.stats.extras["iterations_this_request"] == 0
 
 
-@pytest.mark.parametrize("case", [c if c in ("temperature-1", "repetition-penalty") else
+@pytest.mark.parametrize("case", [c if c == "temperature-1" else
                                   pytest.param(c, marks=pytest.mark.slow) for c in SAMPLING_CASES])
 def test_sampling_matches_target_distribution_while_optimising(peaky, case):
     """test_speculative's distribution check with the online drafter: window 2, so every sample's
