@@ -57,8 +57,8 @@ def test_greedy_output_equals_plain_while_optimising(fixture, request):
     assert again.stats.extras["iterations_this_request"] == 0
 
 
-@pytest.mark.parametrize("case", [c if c == "temperature-1" else
-                                  pytest.param(c, marks=pytest.mark.slow) for c in SAMPLING_CASES])
+@pytest.mark.slow  # 35 s per case; the layer-skip drafting it reuses is distribution-tested in make test
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
 def test_sampling_matches_target_distribution_while_optimising(peaky, case):
     """test_speculative's distribution check with the online drafter: window 2, so every sample's
     generation runs optimisation iterations (the set changes between samples) before drafting.
@@ -276,6 +276,7 @@ def test_bench_method_spec_carries_online_options():
     assert specs[1].options == {"skip_config": "online:ratio=0.3:window=32", "draft_vocab": 0}
 
 
+@pytest.mark.slow  # 19 s: a subprocess loading a model twice
 def test_cli_generate_online_and_save(tmp_path):
     folder = build_tiny_chat(tmp_path)
     out = tmp_path / "found.json"

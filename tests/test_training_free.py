@@ -203,7 +203,8 @@ def wide(tmp_path_factory):
     return tiny_model("llama", tmp_path_factory.mktemp("wide"), ctx_size=64)
 
 
-@pytest.mark.parametrize("name", [pytest.param("ngram-adaptive", marks=pytest.mark.slow), "retrieval"])
+@pytest.mark.slow  # 23 s each; deterministic drafts go through the verifier tested in make test
+@pytest.mark.parametrize("name", ["ngram-adaptive", "retrieval"])
 def test_sampled_matches_target_distribution(wide, name):
     """As tests/test_speculative.py: the second token's distribution against the exact one. The
     prompt starts with the 50 likeliest first tokens and the store holds every token, so that for
