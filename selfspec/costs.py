@@ -76,11 +76,14 @@ class CostModel:
 
 
 def _key(model, threads: int) -> str:
-    from selfspec.machine import cpu_info
+    from selfspec import __version__
+    from selfspec.machine import cpu_info, isa_key
     from selfspec.models.loading import _file_key
 
     info = cpu_info()
-    parts = [info["cpu"], ",".join(info["flags"]), info["torch"], _file_key(Path(model.path)),
+    # The effective instruction set (forced-AVX2 switches included) and our version are part of
+    # the key: a forced-AVX2 run or a new release never reuses another's measurements.
+    parts = [info["cpu"], isa_key(), __version__, info["torch"], _file_key(Path(model.path)),
              model.dtype, model.kernel, str(threads), str(model.ctx_size)]
     device = getattr(model, "device", None)
     if device is not None and device.type != "cpu":  # a GPU's costs are its own (CPU keys unchanged)

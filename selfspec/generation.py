@@ -40,6 +40,8 @@ class SpecStats:
     drafter: str = "none"
     dtype: str = "fp32"
     kernel: str = "F.linear"
+    isa: str = ""  # the instruction-set family the kernels ran with (selfspec.machine.isa)
+    dtype_reason: str = ""  # why this dtype (what `--dtype auto` chose, or that it was asked for)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -310,7 +312,8 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.stats = SpecStats(prompt_tokens=len(prompt_ids), load_seconds=model.load_seconds,
                                drafter=getattr(drafter, "name", "none") if drafter else "none",
-                               dtype=model.dtype, kernel=model.kernel)
+                               dtype=model.dtype, kernel=model.kernel, isa=getattr(model, "isa", ""),
+                               dtype_reason=getattr(model, "dtype_reason", ""))
         self.result: GenerationResult | None = None
         check_request(model, prompt_ids, max_new_tokens)
         self._iter = self._run(drafter, sampling, max_new_tokens, stop, set() if ignore_eos else None)

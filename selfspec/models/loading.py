@@ -36,6 +36,8 @@ class Model:
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
+    isa: str = ""  # instruction-set family of the kernels (selfspec.machine.isa)
+    dtype_reason: str = ""  # why this dtype (`--dtype auto`'s reason, or "asked for")
     # Where the load's time went: weights_seconds, tokenizer_seconds and what the weight cache
     # did (weight_cache: "hit", "written", "not written" or "off").
     load_info: dict = field(default_factory=dict)
@@ -107,7 +109,22 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     info: dict = {}
     transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
                                    device=dev)
-    kernel = transformer.kernel
+    isa = dtype_reason = ""
+    if dev.type == "cpu":
+        from selfspec import kernels
+        from selfspec.machine import AUTO_REASON, isa as machine_isa
+        from selfspec.models.rows import make_row_invariant
+
+        t = time.perf_counter()
+        info["row_policies"] = make_row_invariant(transformer)
+        info["row_probe_seconds"] = time.perf_counter() - t
+        attention = "fixed-order-attention" if kernels.kernel_status() == "fixed-order-c" else "torch-rowwise-attention"
+        kernel = f"{transformer.kernel}+{attention}"
+        isa = machine_isa()
+        dtype_reason = AUTO_REASON if dtype == "auto" else f"--dtype {dtype} as asked"
+    else:
+        kernel = transformer.kernel
+        dtype_reason = f"{dtype_name} on {dev.type}" + (" (--dtype auto)" if dtype == "auto" else "")
     if compile:
         from selfspec.models.compiled import compile_transformer
 
@@ -121,7 +138,8 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     info["tokenizer_seconds"] = time.perf_counter() - t
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
-                 load_seconds=time.perf_counter() - t0, kernel=kernel, load_info=info)
+                 load_seconds=time.perf_counter() - t0, kernel=kernel, isa=isa, dtype_reason=dtype_reason,
+                 load_info=info)
 
 
 def model_path(model: str | Path) -> tuple[Path, str]:

@@ -59,7 +59,7 @@ class Int8Linear(Linear):
         self.out_features, self.in_features = weight.shape
         self.nbytes = self.q.nbytes + self.scale.nbytes + (bias.nbytes if bias is not None else 0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -121,7 +121,7 @@ class Int4Linear(Linear):
         self.out_features, self.in_features = out, inn
         self.nbytes = self.packed.nbytes + self.scales_zeros.nbytes + (bias.nbytes if bias is not None else 0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
                                                        self.scales_zeros).to(x.dtype)
         return y if self.bias is None else y + self.bias

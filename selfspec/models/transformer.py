@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from selfspec import kernels
 from selfspec.cache import KVCache
 from selfspec.models.config import ModelConfig
 from selfspec.tree import TreeLayout, tree_mask
+
+# Longer inputs (prefill) run in chunks of this many tokens: the linears' row invariance is
+# probed up to this row count (selfspec/models/rows.py), so a prompt prefilled at once and one
+# prefilled in parts (prefix reuse) write the same KV bit for bit.
+CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,16 @@ NO_SKIP = SkipSet()
 
 
 class Linear:
-    """y = x W^T (+ b) with PyTorch's default kernel (MKL/oneDNN chosen per call)."""
+    """y = x W^T (+ b) with PyTorch's default kernel (MKL/oneDNN chosen per call).
+
+    `rows` is how a call keeps every output row independent of the other rows (the forward pass
+    must be row-invariant, DESIGN.md "Losslessness, precisely"); `selfspec.models.rows` sets it
+    per machine by a probe at load: "direct" (the kernel already is), "pad1" (the kernel takes
+    another code path for a single row, so one row is computed as two identical rows) or
+    "rowwise" (every row alone, padded: exact whatever the kernel does, and slow)."""
 
     kernel = "F.linear"
+    rows = "direct"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight  # [out, in]
@@ -50,6 +63,15 @@ class Linear:
         self.nbytes = weight.nbytes + (bias.nbytes if bias is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows == "direct" or x.dim() != 2:
+            return self._apply(x)
+        if x.shape[0] == 1:
+            return self._apply(x.expand(2, -1).contiguous())[:1]
+        if self.rows == "pad1":
+            return self._apply(x)
+        return torch.cat([self._apply(x[r: r + 1].expand(2, -1).contiguous())[:1] for r in range(x.shape[0])])
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -67,7 +89,7 @@ class PrepackedLinear(Linear):
         if not keep_weight:
             self.weight = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -167,6 +189,8 @@ class Transformer:
         c = self.config
         T = tokens.shape[0]
         cache.check_room(start, T)
+        if T > CHUNK and tree is None:
+            return self._chunked(tokens, start, cache, skip, last_only, head, exit_layer, return_hidden)
         end = start + T
         x = F.embedding(tokens, self.embed)  # [T, hidden]
         if c.embed_scale != 1.0:
@@ -176,13 +200,12 @@ class Transformer:
             False: tuple(t[rows].unsqueeze(1) for t in self.rope_global),
             True: tuple(t[rows].unsqueeze(1) for t in self.rope_local),
         }
-        masks: dict[int, torch.Tensor | None] = {}
+        masks: dict[int, object] = {}
         for i, layer in enumerate(self.layers if exit_layer is None else self.layers[:exit_layer]):
             window = c.sliding_window[i]
             if i not in skip.attention:
                 if window not in masks:
-                    masks[window] = (self._mask(start, T, window) if tree is None else
-                                     tree_mask(tree, start, self._first_key(start, window), window).to(self.device))
+                    masks[window] = self._visibility(start, T, window, tree)
                 h = self._attention(i, layer, self._norm(x, layer.attn_norm), start, cache,
                                     ropes[window > 0], window, masks[window])
                 if layer.post_attn_norm is not None:
@@ -214,9 +237,49 @@ class Transformer:
         """The final norm applied to a raw residual stream (e.g. an early exit's output)."""
         return self._norm(x, self.final_norm)
 
+    def _chunked(self, tokens, start, cache, skip, last_only, head, exit_layer, return_hidden):
+        """A long input as consecutive forwards of at most CHUNK tokens (see CHUNK)."""
+        T = tokens.shape[0]
+        parts = []
+        for c0 in range(0, T, CHUNK):
+            final = c0 + CHUNK >= T
+            out = self.forward(tokens[c0: c0 + CHUNK], start + c0, cache, skip=skip,
+                               last_only=last_only, head=head,
+                               exit_layer=exit_layer, return_hidden=return_hidden)
+            if final or not last_only:
+                parts.append(out)
+        if last_only:
+            return parts[-1]
+        if return_hidden:
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat(parts)
+
     def _first_key(self, start: int, window: int) -> int:
         # Keys older than the window can never be attended to by the queries at >= start.
         return max(0, start - window + 1) if window else 0
+
+    def _visibility(self, start: int, T: int, window: int, tree: TreeLayout | None):
+        """Which keys each of the T new rows attends to. On the CPU: `(lo [T] int32, visible [T, T]
+        uint8)` for the fixed-order kernel (row t sees cache slots lo[t]..start-1 and the new rows s
+        with visible[t, s]); elsewhere an additive mask `[T, L]` over keys first_key..start+T-1."""
+        if self.device.type != "cpu":
+            if tree is not None:
+                return tree_mask(tree, start, self._first_key(start, window), window).to(self.device)
+            return self._mask(start, T, window)
+        if tree is None:
+            pos = torch.arange(start, start + T, dtype=torch.int32)
+            rel = torch.arange(T).unsqueeze(1) - torch.arange(T).unsqueeze(0)  # row - column
+            visible = rel >= 0
+        else:
+            pos = (start + tree.depth).to(torch.int32)
+            rel = tree.depth.unsqueeze(1) - tree.depth.unsqueeze(0)
+            visible = tree.visible.clone()
+        if window:
+            visible &= rel < window
+            lo = (pos - window + 1).clamp_min(0)
+        else:
+            lo = torch.zeros(T, dtype=torch.int32)
+        return lo.to(torch.int32).contiguous(), visible.to(torch.uint8).contiguous()
 
     def _mask(self, start: int, T: int, window: int) -> torch.Tensor | None:
         """Additive mask `[T, L]` over keys first_key..start+T-1, or None where nothing is masked."""
@@ -231,8 +294,7 @@ class Transformer:
         return torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed, float("-inf"))
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, start: int, cache: KVCache,
-                   rope: tuple[torch.Tensor, torch.Tensor], window: int,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+                   rope: tuple[torch.Tensor, torch.Tensor], window: int, visibility) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
         end = start + T
@@ -249,18 +311,25 @@ class Transformer:
             q, k = qk[:, : c.n_heads], qk[:, c.n_heads:]
         cache.k[i, :, start:end] = k.transpose(0, 1)
         cache.v[i, :, start:end] = v.transpose(0, 1)
+        if self.device.type == "cpu":
+            # Fixed-order attention: each row's result depends on its query and keys only, so a
+            # k-token pass repeats the 1-token passes bit for bit (selfspec/kernels/attention.c).
+            lo, visible = visibility
+            out = kernels.attention(q, cache.k[i], cache.v[i], lo, start, visible, c.query_scale,
+                                    float(c.attn_softcap or 0.0))
+            return layer.wo(out.to(x.dtype).reshape(T, self.q_size))
         first = self._first_key(start, window)
         keys = cache.k[i, :, first:end]  # [kv, L, hd]
         values = cache.v[i, :, first:end]
         # Grouped-query attention without repeating K/V: the query heads sharing one KV head
         # become extra rows of that head's query matrix.
-        q = q.view(T, c.n_kv_heads, self.group, c.head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(T, c.n_kv_heads, self.group, c.head_dim).permute(1, 2, 0, 3)
         q = q.reshape(c.n_kv_heads, self.group * T, c.head_dim)
         scores = torch.matmul(q, keys.transpose(1, 2)).float() * c.query_scale  # [kv, g*T, L]
         if c.attn_softcap:
             scores = torch.tanh(scores / c.attn_softcap) * c.attn_softcap
-        if mask is not None:
-            scores = (scores.view(c.n_kv_heads, self.group, T, -1) + mask).view_as(scores)
+        if visibility is not None:
+            scores = (scores.view(c.n_kv_heads, self.group, T, -1) + visibility).view_as(scores)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)  # [kv, g*T, hd]
         out = out.view(c.n_kv_heads, self.group, T, c.head_dim).permute(2, 0, 1, 3)

@@ -1,0 +1,186 @@
+"""Our own CPU kernels (C, compiled once per machine with the system's C compiler, loaded with
+ctypes), and the exact PyTorch paths used where no compiler is available.
+
+`attention(...)`: fixed-order attention over the KV cache, row-invariant by construction
+(`attention.c` says how). The shared library is built by `make` (`python -m selfspec.kernels
+build`), or on first use, into `SELFSPEC_CACHE/kernels/`, keyed by the source, the compiler flags
+and the compiler's version. It links the OpenMP runtime that PyTorch already loaded (same soname),
+so its threads are PyTorch's threads and `torch.set_num_threads` governs both.
+
+Without a compiler (or with `SELFSPEC_KERNELS=torch`) the same contract is met in PyTorch: each
+query row's attention runs alone, with the 1-token pass's shapes, over a freshly gathered copy of
+exactly its key sequence, so a k-token pass repeats the 1-token pass's computation row by row.
+Slower (about one small matmul pair per row and layer), equally exact; `kernel_status()` says
+which path runs and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("selfspec.kernels")
+
+HERE = Path(__file__).parent
+SOURCES = ("attention.c",)
+# No -ffast-math: the compiler may vectorise across independent lanes but must keep every sum in
+# the order written; -ffp-contract=off: no fused multiply-add the source does not ask for (fmaf).
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+ENV = "SELFSPEC_KERNELS"  # "torch": use the PyTorch paths even where the C kernels build
+
+_lock = threading.Lock()
+_status: dict[str, str] = {}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def library_path(cc: str) -> Path:
+    from selfspec.models.registry import cache_dir
+
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((HERE / name).read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    h.update(_compiler_version(cc).encode())
+    return cache_dir() / "kernels" / f"libselfspec-{h.hexdigest()[:16]}.so"
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernels (if not yet built for this source and compiler) and return the library
+    path. Raises RuntimeError with the reason when that is impossible."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    if not _cpu_has_avx2():
+        raise RuntimeError("this CPU lacks AVX2/FMA, which the compiled kernels need")
+    out = library_path(cc)
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    cmd = [cc, *CFLAGS, *(str(HERE / s) for s in SOURCES), "-o", str(tmp), "-lm"]
+    if verbose:
+        print("building selfspec kernels: " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"compiling the kernels failed: {proc.stderr.strip()[:400]}")
+    os.replace(tmp, out)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _library():
+    """The loaded C library, or None (with `_status["attention"]` saying why)."""
+    if os.environ.get(ENV, "").strip().lower() == "torch":
+        _status["attention"] = f"torch-rowwise ({ENV}=torch)"
+        return None
+    with _lock:
+        try:
+            path = build()
+            lib = ctypes.CDLL(str(path))
+        except (RuntimeError, OSError) as e:
+            _status["attention"] = f"torch-rowwise (no compiled kernel: {e})"
+            log.warning("selfspec's compiled attention kernel is unavailable (%s); using the slower "
+                        "exact PyTorch path", e)
+            return None
+    f = lib.selfspec_attention
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                                                ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
+                                                                ctypes.c_int]
+    _status["attention"] = "fixed-order-c"
+    return lib
+
+
+def kernel_status() -> str:
+    """Which attention path runs: "fixed-order-c", or "torch-rowwise (<why>)"."""
+    _library()
+    return _status["attention"]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, start: int,
+              mask: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """Attention of T query rows over one layer's cache, each row over its own key sequence:
+    cache slots lo[t]..start-1, then start + s for every s with mask[t, s].
+
+    q [T, H, D] (any float dtype); k, v [KV, max_len, D] fp32 or bf16 (contiguous); lo [T] int32;
+    mask [T, T] uint8. Returns [T, H, D] fp32. Row t's result depends on its query and its key
+    sequence only (bit for bit), whatever T is."""
+    lib = _library()
+    if lib is None or k.device.type != "cpu" or k.dtype not in (torch.float32, torch.bfloat16):
+        return _attention_rowwise(q, k, v, lo, start, mask, scale, softcap)
+    T, H, D = q.shape
+    KV, max_len, _ = k.shape
+    q = q.float().contiguous()
+    out = torch.empty(T, H, D, dtype=torch.float32)
+    rc = lib.selfspec_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), T, H, KV, D, max_len,
+                                lo.data_ptr(), start, mask.data_ptr(), scale, softcap,
+                                int(k.dtype == torch.bfloat16))
+    if rc != 0:
+        raise MemoryError("the attention kernel could not allocate its work buffer")
+    return out
+
+
+def _attention_rowwise(q, k, v, lo, start, mask, scale, softcap):
+    """The PyTorch path: one row at a time, the 1-token pass's shapes, fresh contiguous copies of
+    the row's query and keys (so neither a stride nor an alignment differs between passes)."""
+    T, H, D = q.shape
+    KV = k.shape[0]
+    out = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
+    new = torch.arange(start, start + T, device=k.device)
+    for t in range(T):
+        index = torch.cat((torch.arange(int(lo[t]), start, device=k.device), new[mask[t].bool()]))
+        keys = k.index_select(1, index).float()  # [KV, n, D], fresh
+        values = v.index_select(1, index).float()
+        qt = q[t].float().reshape(KV, H // KV, D).clone()
+        scores = torch.matmul(qt, keys.transpose(1, 2)) * scale  # [KV, g, n]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores, dim=-1)
+        out[t] = torch.matmul(probs, values).reshape(H, D)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["build"]:
+        print("usage: python -m selfspec.kernels build", file=sys.stderr)
+        return 2
+    try:
+        path = build(verbose=True)
+    except RuntimeError as e:
+        print(f"selfspec kernels not built: {e}. selfspec will use its slower exact PyTorch "
+              f"attention instead.", file=sys.stderr)
+        return 0  # a working fallback exists: never fail the install
+    print(f"selfspec kernels: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""Row invariance of the linears, decided per machine by a probe at load.
+
+The forward pass must be row-invariant (DESIGN.md, "Losslessness, precisely"): row i of a k-token
+pass bitwise equal to the 1-token pass at that position. Attention is by construction
+(selfspec/kernels/attention.c). Linears depend on the kernel library: oneDNN picks another code
+path for a single row on some shapes (measured: SmolLM2's `w_down`, 1536 input features, fp32
+prepacked and bf16 alike, on an AVX-512-bf16 EPYC), while PyTorch's int8/int4 weight-only
+kernels were invariant for every row count. So each linear is probed once per (instruction set,
+library versions, kernel, shape) on random rows, for every row count a forward uses (1..CHUNK):
+
+- "direct": every row of an M-row call equals the 1-row call on that row;
+- "pad1":   that holds once a 1-row call is computed as two identical rows;
+- "rowwise": neither; each row is then computed alone (padded), exact whatever the kernel does.
+
+Results are cached in `SELFSPEC_CACHE/rows.json`, keyed by `machine.isa_key()`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+
+import torch
+
+from selfspec.models.transformer import CHUNK, Linear, Transformer
+
+log = logging.getLogger("selfspec.rows")
+
+PROBE_ROWS = tuple(range(2, 18)) + tuple(m for m in (24, 32, 48, CHUNK) if m <= CHUNK)
+REF_ROWS = 8  # rows of each M-row call compared with their single-row results
+POLICIES = ("direct", "pad1", "rowwise")
+
+
+def _activation_dtype(lin: Linear) -> torch.dtype:
+    w = getattr(lin, "weight", None)
+    return w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
+
+
+def probe_linear(lin: Linear) -> str:
+    """The cheapest policy under which `lin` is row-invariant on this machine (see module doc)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    X = torch.randn(max(PROBE_ROWS), lin.in_features, generator=g).to(_activation_dtype(lin))
+    n_ref = min(REF_ROWS, X.shape[0])
+    single = [lin._apply(X[r: r + 1].clone()) for r in range(n_ref)]
+    padded = [lin._apply(X[r: r + 1].expand(2, -1).contiguous())[:1] for r in range(n_ref)]
+    multi = {m: lin._apply(X[:m].clone()) for m in PROBE_ROWS}
+
+    def agrees(refs) -> bool:
+        return all(torch.equal(y[r: r + 1], refs[r]) for m, y in multi.items() for r in range(min(m, n_ref)))
+
+    if agrees(single):
+        return "direct"
+    if agrees(padded):
+        return "pad1"
+    return "rowwise"
+
+
+def _key(lin: Linear) -> str:
+    from selfspec import __version__
+    from selfspec.machine import isa_key
+
+    bias = "bias" if lin.bias is not None else "nobias"
+    return (f"{isa_key()}|torch={torch.__version__}|selfspec={__version__}|{type(lin).__name__}|{lin.kernel}|"
+            f"{_activation_dtype(lin)}|{lin.out_features}x{lin.in_features}|{bias}")
+
+
+def _cache_file():
+    from selfspec.models.registry import cache_dir
+
+    return cache_dir() / "rows.json"
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(_cache_file().read_text())
+        return {k: v for k, v in data.items() if v in POLICIES} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(data: dict) -> None:
+    path = _cache_file()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write %s: %s", path, e)
+
+
+def linears(tr: Transformer) -> list[Linear]:
+    """Every linear a full forward pass runs: the layers' four and the LM head."""
+    out = [getattr(layer, n) for layer in tr.layers for n in ("wqkv", "wo", "w_gate_up", "w_down")]
+    return out + [tr.lm_head]
+
+
+def make_row_invariant(tr: Transformer, use_cache: bool = True) -> dict[str, int]:
+    """Set `rows` on every linear of `tr` from the probe (cached); returns how many linears got
+    each policy. Only CPU kernels are probed: on other devices exactness is checked separately."""
+    if tr.device.type != "cpu":
+        return {}
+    cache = _read_cache() if use_cache else {}
+    probed: dict[str, str] = {}
+    counts: Counter = Counter()
+    for lin in linears(tr):
+        key = _key(lin)
+        policy = probed.get(key) or cache.get(key)
+        if policy is None:
+            policy = probed[key] = probe_linear(lin)
+            if policy == "rowwise":
+                log.warning("the %s kernel is not row-invariant on this machine for %dx%d weights: those "
+                            "linears compute one row at a time (exact, slower)", lin.kernel, lin.out_features,
+                            lin.in_features)
+        lin.rows = policy
+        counts[policy] += 1
+    if probed and use_cache:
+        _write_cache({**_read_cache(), **probed})
+    return dict(counts)
