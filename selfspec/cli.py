@@ -122,7 +122,7 @@ def generate(
     drafter_weights: Annotated[Optional[Path], typer.Option(help="--draft early-exit|medusa|hydra: the folder `selfspec train-drafter --out` wrote.")] = None,
     compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
     show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Colour the streamed text: accepted draft tokens green, the target's own tokens magenta (underlined where a draft was rejected); then a summary line (tau, acceptance, speedup vs the cost model's estimate of plain decoding) on stderr. Colour only when stdout is a terminal; with --json or a pipe the text is plain and the JSON gets each token's origin.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="Experimental: torch.compile the decode/draft/verify forward (minutes to compile; measured slower than eager on AVX2, see README).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Experimental, GPU only: torch.compile the decode/draft/verify forward. On the CPU it runs eagerly (compiled CPU graphs are not row-invariant, so output could change; they were also slower).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
 ) -> None:
     """Generate text, streaming it as it is decoded."""

@@ -179,6 +179,22 @@ def test_completion_equals_library_greedy(client, reference, streamed):
     assert finish == want.finish_reason
 
 
+GREEDY_PROMPTS = ("Name three rivers in Europe.", "Write a haiku about the sea.", "What is 12 times 13?")
+
+
+def test_same_greedy_request_same_text_whatever_drafter(client):
+    """A greedy request gives the same text every time (the repeat reuses the first request's KV
+    through the prefix cache) and whatever drafter it asks for: every path is exact."""
+    for prompt in GREEDY_PROMPTS:
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0)
+        texts = {"server default": client.chat.completions.create(**kw).choices[0].message.content,
+                 "repeat": client.chat.completions.create(**kw).choices[0].message.content}
+        for draft in ("none", "auto", "layer-skip"):
+            r = client.chat.completions.create(**kw, extra_body={"selfspec": {"draft": draft}})
+            texts[draft] = r.choices[0].message.content
+        assert len(set(texts.values())) == 1, f"{prompt!r}: {texts}"
+
+
 def test_stop_seed_and_common_params(client, reference):
     want = reference["text"].text
     stop = want.strip().split()[1]  # a word inside the greedy answer

@@ -53,7 +53,13 @@ class CompiledTransformer:
         self.compile_seconds = 0.0
         self.graphs: set[tuple] = set()
         self._compiled = torch.compile(self._forward, dynamic=True, fullgraph=False)
-        if tr.layers[0].wqkv.kernel == "onednn-prepacked":
+        if tr.device.type == "cpu":
+            # Each token-count bucket is its own inductor graph with its own generated reductions
+            # (norms, rope, the linears' lowering), so the row of a k-token pass is not guaranteed
+            # to be the bits of the 1-token pass; the eager forward is (selfspec/models/rows.py).
+            self.compile_status = ("compile-skipped: compiled CPU graphs are not row-invariant, so greedy output "
+                                   "could differ from plain decoding; running eagerly")
+        elif tr.layers[0].wqkv.kernel == "onednn-prepacked":
             # Inductor cannot lower mkldnn._linear_pointwise on our prepacked weights (a
             # LoweringException after minutes of tracing, measured with torch 2.13).
             self.compile_status = "compile-skipped: fp32 oneDNN-prepacked linears have no inductor lowering; running eagerly"
