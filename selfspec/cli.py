@@ -155,11 +155,18 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
     if datastore is not None and draft not in ("retrieval", "auto"):
         raise SelfspecError(f"--datastore is for --draft retrieval (or auto), not {draft!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SelfspecError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
     out = sys.stderr if as_json else sys.stdout
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads, compile=compile, device=device)
     if compile:
         print(f"--compile: {m.transformer.compile_status}", file=sys.stderr)
+    from selfspec.generation import check_request
+
+    # A prompt too long for the context is refused now, before a drafter is built (auto's cost
+    # calibration takes minutes on a new context size).
+    check_request(m, m.encode(text, chat=chat, system=system), max_new_tokens)
     drafter = build_drafter(draft, m, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha,
                             epsilon=epsilon, beta1=beta1, beta2=beta2, adaptive=adaptive, ngram_max=ngram_max,
                             ngram_min=ngram_min, draft_model=draft_model, draft_vocab=draft_vocab,
