@@ -27,7 +27,7 @@ RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 0; 1 
 Seed = Annotated[Optional[int], typer.Option(
     help="Makes a run reproducible for a given drafter. Under sampling, different drafters may give "
          "different (equally distributed) text for the same seed.")]
-Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|int8|int4 (auto: bf16 only where the CPU has native bf16; int8/int4: weight-only quantised linears).")]
+Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|int8|int4 (auto: fp32, the model at full precision, the same answer on every machine; bf16 and int8/int4 weight-only quantised linears change the output and are opt-in).")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: PyTorch's choice).")]
 CtxSize = Annotated[Optional[int], typer.Option("--ctx-size", help="KV cache length (default min(model context, 4096)).")]
 Device = Annotated[str, typer.Option(help="auto|cpu|cuda (auto: CUDA when PyTorch sees a GPU, else the CPU; on CUDA --dtype auto is bf16 and int8/int4 are not available). See docs/gpu.md.")]
