@@ -257,7 +257,9 @@ int selfspec_attention(const float *q, const void *k, const void *v, float *out,
      * blocking changes who computes a row, never how. */
     const int group = H / KV, rows = group * T;
     int threads = omp_get_max_threads();
-    int per_head = (threads + KV - 1) / KV;
+    int a = KV, b = threads; /* per_head = threads / gcd(KV, threads): KV * per_head tasks split evenly */
+    while (b) { int c = a % b; a = b; b = c; }
+    int per_head = threads / (a > 0 ? a : 1);
     if (per_head > rows) per_head = rows;
     if (per_head < 1) per_head = 1;
     int block = (rows + per_head - 1) / per_head;
