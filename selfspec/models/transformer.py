@@ -243,9 +243,11 @@ class Transformer:
         parts = []
         for c0 in range(0, T, CHUNK):
             final = c0 + CHUNK >= T
-            out = self.forward(tokens[c0: c0 + CHUNK], start + c0, cache, skip=skip,
-                               last_only=last_only, head=head,
-                               exit_layer=exit_layer, return_hidden=return_hidden)
+            # An earlier chunk whose output is dropped runs every layer (its KV is needed) but no head.
+            skip_head = last_only and not final and exit_layer is None
+            out = self.forward(tokens[c0: c0 + CHUNK], start + c0, cache, skip=skip, last_only=last_only,
+                               head=head, exit_layer=len(self.layers) if skip_head else exit_layer,
+                               return_hidden=return_hidden)
             if final or not last_only:
                 parts.append(out)
         if last_only:
