@@ -145,3 +145,133 @@ def test_off_switch_and_cache_listing(cache, folders, monkeypatch):
     assert row["entries"] == 1 and row["bytes"] > 0
     assert clear(["weights"]) == row["bytes"] and not cache.exists()
 
+
+
+# ------------------------------------------------------------------------------------- alignment
+# PyTorch's int8 weight-only kernel segfaults on AVX-512 when its weight is not 64-byte aligned
+# and M >= 4 (selfspec/models/quant.py, ALIGN): on such a machine these tests crash, not fail,
+# when an alignment is lost.
+_KERNEL_PARTS = ("weight", "q", "scale", "packed", "scales_zeros", "bias")
+
+
+def _kernel_tensors(tr):
+    """(name, tensor) of every tensor the forward pass reads from the weights: the embedding,
+    norms and each linear's parts (plain, strided ones: oneDNN's prepacked weights are opaque)."""
+    yield "embed", tr.embed
+    yield "final_norm", tr.final_norm
+    linears = {f"L{i}.{n}": getattr(layer, n) for i, layer in enumerate(tr.layers)
+               for n in ("wqkv", "wo", "w_gate_up", "w_down")} | {"lm_head": tr.lm_head}
+    for name, lin in linears.items():
+        for part in _KERNEL_PARTS:
+            t = getattr(lin, part, None)
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                yield f"{name}.{part}", t
+    for i, layer in enumerate(tr.layers):
+        for n in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
+            if getattr(layer, n) is not None:
+                yield f"L{i}.{n}", getattr(layer, n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype, bits, name", DTYPES, ids=[d[2] for d in DTYPES])
+def test_cached_weights_are_aligned_and_run_every_row_count(cache, folders, arch, dtype, bits, name):
+    fresh, _ = _load(folders[arch], dtype, bits, weight_cache=False)
+    assert _load(folders[arch], dtype, bits)[1]["weight_cache"] == "written"
+    assert weightcache.misaligned(_entry(cache, name) / weightcache.WEIGHTS) == []
+    read, info = _load(folders[arch], dtype, bits)
+    assert info["weight_cache"] == "hit"
+    assert info["weight_cache_copies"] == 0  # aligned in the file: nothing had to be copied
+    tensors = dict(_kernel_tensors(read))
+    assert bits is None or {"lm_head.q", "L0.wqkv.q" if bits == 8 else "L0.wqkv.packed"} <= set(tensors)
+    assert [n for n, t in tensors.items() if t.data_ptr() % 64] == []
+    ids = torch.randint(0, 160, (9,), generator=torch.Generator().manual_seed(1))
+    for m in range(1, 10):  # the int8 kernel crashed on misaligned weights from M = 4 on
+        got = read.forward(ids[:m], 0, read.new_cache(64))
+        assert torch.equal(got, fresh.forward(ids[:m], 0, fresh.new_cache(64))), m
+
+
+def _offsets(path):
+    """{name: offset of its data from the file start} of a safetensors file, read independently
+    of the code under test."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_align_data_pads_the_header_so_tensors_start_at_multiples_of_64(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.arange(16.0), "bb": torch.ones(32, dtype=torch.bfloat16),
+               "c": torch.arange(64, dtype=torch.int8), "d": torch.randn(4, 8)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    assert any(o % 64 for o in _offsets(path).values())  # as safetensors writes it: misaligned
+    weightcache.align_data(path)
+    assert all(o % 64 == 0 for o in _offsets(path).values())
+    assert weightcache.misaligned(path) == []
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8 + n - 1:8 + n] == b" " and (8 + n) % 64 == 0
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+        for k, t in tensors.items():
+            assert torch.equal(f.get_tensor(k), t)
+    before = raw
+    weightcache.align_data(path)  # already aligned: left as it is
+    assert path.read_bytes() == before
+
+
+def test_odd_sized_tensors_get_padding_that_loads_never_see(cache, folders):
+    config = _load(folders["llama"], torch.float32, None, weight_cache=False)[0].config
+    tensors = {"a": torch.arange(3.0), "b": torch.arange(16.0), "c": torch.arange(5, dtype=torch.bfloat16),
+               "c2": torch.arange(32, dtype=torch.bfloat16), "d": torch.arange(7, dtype=torch.int8),
+               "e": torch.arange(64, dtype=torch.int8)}
+    key = weightcache.CacheKey("0" * 64, "fp32", "test")
+    assert weightcache.store(key, config, tensors, folders["llama"])
+    weights = key.folder / weightcache.WEIGHTS
+    assert weightcache.misaligned(weights) == []
+    assert sum(n.endswith(weightcache.PAD) for n in _offsets(weights)) == 3  # after a, c and d
+    _, state = weightcache.load(key)
+    assert sorted(state) == sorted(tensors)
+    for name, t in tensors.items():
+        got = state.pop(name)
+        assert got.data_ptr() % 64 == 0 and torch.equal(got, t)
+    assert state.copies == 0
+
+
+def test_misaligned_entry_is_copied_on_load(cache, folders, monkeypatch, caplog):
+    """An entry whose tensors are not aligned (written by another writer) still gives aligned
+    tensors: the load copies them."""
+    config = _load(folders["llama"], torch.float32, None, weight_cache=False)[0].config
+    monkeypatch.setattr(weightcache, "with_padding", lambda t: t)
+    key = weightcache.CacheKey("0" * 64, "fp32", "test")
+    with caplog.at_level(logging.WARNING, logger="selfspec.weightcache"):
+        assert weightcache.store(key, config, {"a": torch.arange(3.0), "b": torch.arange(16.0)}, folders["llama"])
+    assert "not 64-byte aligned" in caplog.text
+    _, state = weightcache.load(key)
+    b = state.pop("b")  # 12 bytes after a multiple of 8: never aligned in the file
+    assert b.data_ptr() % 64 == 0 and torch.equal(b, torch.arange(16.0)) and state.copies == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_linear_from_misaligned_state_is_aligned(bits):
+    from selfspec.models.quant import Int4Linear, Int8Linear
+
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
+    fresh = Int8Linear(w) if bits == 8 else Int4Linear(w)
+
+    def misaligned(t):
+        raw = torch.empty(t.nbytes + 64, dtype=torch.uint8)
+        start = 24 if raw.data_ptr() % 64 == 0 else 64 - raw.data_ptr() % 64 + 24
+        out = raw[start: start + t.nbytes].view(t.dtype).view(t.shape)
+        out.copy_(t)
+        assert out.data_ptr() % 64 == 24
+        return out
+
+    state = {k: misaligned(v) for k, v in fresh.state().items()}
+    lin = (Int8Linear if bits == 8 else Int4Linear).from_state(state)
+    assert all(t.data_ptr() % 64 == 0 for t in lin.state().values())
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(lin(x), fresh(x))

@@ -164,7 +164,8 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
     The weights are built (and cached) on the CPU and moved to `device` one by one.
     `weight_cache` (default: on unless SELFSPEC_WEIGHT_CACHE=0) reads the tensors from the weight
     cache, or computes them and writes the entry there. `info` gets weights_seconds and what the
-    weight cache did (weight_cache: "hit", "written", "not written", "off")."""
+    weight cache did (weight_cache: "hit", "written", "not written", "off"; on a hit,
+    weight_cache_copies: how many cached tensors were copied to be 64-byte aligned)."""
     from selfspec.models import weightcache
 
     t0 = time.perf_counter()
@@ -195,6 +196,8 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
         if key is not None:
             info["weight_cache"] = "written" if weightcache.store(key, config, state, path) else "not written"
     transformer = _from_state(config, state, limit, device)
+    if hit is not None:
+        info["weight_cache_copies"] = state.copies  # tensors copied for alignment (0 unless an odd writer)
     info["weights_seconds"] = time.perf_counter() - t0
     if device.type == "cpu":  # every decoder that verifies is row-invariant (selfspec/models/rows.py)
         from selfspec.models.rows import make_row_invariant

@@ -29,6 +29,18 @@ DEFAULT_INT4_GROUP = 32
 # Q8_0 embedding of both embedded models), which 4 bits would really re-quantise. On SmolLM2 an
 # int4 head cut greedy agreement with fp32 from 95% to 87% (docs/benchmarks.md).
 HEAD_BITS = 8
+# PyTorch's int8 weight-only kernel segfaults on AVX-512 when its weight does not start at a
+# multiple of 64 bytes and M >= 4 (torch 2.13; seen with weights memory-mapped from the weight
+# cache). Every tensor a quantised kernel reads is kept at this alignment, however it was made.
+ALIGN = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its CPU data starts at a multiple of ALIGN bytes, else a contiguous copy
+    (PyTorch's CPU allocator returns 64-byte aligned memory). Other devices: `t` as it is."""
+    if t.device.type != "cpu" or t.data_ptr() % ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def dense_weight(linear: Linear) -> torch.Tensor:
@@ -44,7 +56,8 @@ def dense_weight(linear: Linear) -> torch.Tensor:
 
 class Int8Linear(Linear):
     """Symmetric per-output-channel int8 weights; activations go through bf16, which is what
-    PyTorch's CPU int8 weight-only kernel (`aten._weight_int8pack_mm`) is fast for."""
+    PyTorch's CPU int8 weight-only kernel (`aten._weight_int8pack_mm`) is fast for.
+    Invariant: `q` and `scale` are 64-byte aligned (`aligned`), whichever constructor made them."""
 
     kernel = "int8-weight-only"
     bits = 8
@@ -53,8 +66,8 @@ class Int8Linear(Linear):
         w = weight.float()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [out]
         self.weight = None
-        self.q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(torch.bfloat16)
+        self.q = aligned(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous())
+        self.scale = aligned(scale.to(torch.bfloat16))
         self.bias = bias
         self.out_features, self.in_features = weight.shape
         self.nbytes = self.q.nbytes + self.scale.nbytes + (bias.nbytes if bias is not None else 0)
@@ -72,9 +85,11 @@ class Int8Linear(Linear):
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> "Int8Linear":
-        """The linear whose `state()` this is, without quantising again."""
+        """The linear whose `state()` this is, without quantising again (a misaligned tensor,
+        e.g. one memory-mapped from a file, is copied: see `ALIGN`)."""
         self = cls.__new__(cls)
-        self.weight, self.q, self.scale, self.bias = None, state["q"], state["scale"], state.get("bias")
+        self.weight, self.bias = None, state.get("bias")
+        self.q, self.scale = aligned(state["q"]), aligned(state["scale"])
         self.out_features, self.in_features = self.q.shape
         self.nbytes = sum(t.nbytes for t in state.values())
         return self
@@ -94,7 +109,10 @@ def int4_group(in_features: int, group_size: int) -> int:
 class Int4Linear(Linear):
     """Asymmetric int4 weights in groups of `group_size` input columns (scale and zero point per
     group and output channel), packed once for `aten._weight_int4pack_mm_for_cpu`.
-    Dequantised weight: (q - 8) * scale + zero, q in 0..15 (the convention of that kernel)."""
+    Dequantised weight: (q - 8) * scale + zero, q in 0..15 (the convention of that kernel).
+    Invariant: `packed` and `scales_zeros` are 64-byte aligned (`aligned`), like Int8Linear's
+    weights (only the int8 kernel was seen to crash on misaligned ones; this one gets the same
+    guarantee rather than a probe per PyTorch version)."""
 
     bits = 4
 
@@ -111,9 +129,9 @@ class Int4Linear(Linear):
         zero = lo + 8 * scale
         q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp_(0, 15)
         q = q.to(torch.int32).reshape(out, inn)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # [n_groups, out, 2]: the layout the kernel reads; bf16, the activation dtype it requires.
-        self.scales_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.scales_zeros = aligned(torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16))
         self.group_size = g
         self.kernel = f"int4-weight-only-g{g}"
         self.weight = None
@@ -142,7 +160,7 @@ class Int4Linear(Linear):
     def from_state(cls, state: dict[str, torch.Tensor]) -> "Int4Linear":
         self = cls.__new__(cls)
         self.weight, self.bias = None, state.get("bias")
-        self.packed, self.scales_zeros = state["packed"], state["scales_zeros"]
+        self.packed, self.scales_zeros = aligned(state["packed"]), aligned(state["scales_zeros"])
         self.out_features, self.in_features = self.packed.shape[0], 2 * self.packed.shape[1]
         self.group_size = self.in_features // self.scales_zeros.shape[0]
         self.kernel = f"int4-weight-only-g{self.group_size}"
