@@ -156,7 +156,8 @@ def _attention_rowwise(q, k, v, lo, start, mask, scale, softcap):
     out = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
     new = torch.arange(start, start + T, device=k.device)
     for t in range(T):
-        index = torch.cat((torch.arange(int(lo[t]), start, device=k.device), new[mask[t].bool()]))
+        # lo[t] > start when the row's window starts among the new rows (T > window): no cached key.
+        index = torch.cat((torch.arange(min(int(lo[t]), start), start, device=k.device), new[mask[t].bool()]))
         keys = k.index_select(1, index).float()  # [KV, n, D], fresh
         values = v.index_select(1, index).float()
         qt = q[t].float().reshape(KV, H // KV, D).clone()
