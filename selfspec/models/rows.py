@@ -12,10 +12,18 @@ library versions, kernel, shape) on random rows, for every row count a forward u
 - "pad1":   that holds once a 1-row call is computed as two identical rows;
 - "rowwise": neither; each row is then computed alone (padded), exact whatever the kernel does.
 
+The probe rows are made so that another summation order cannot hide: each is orthogonal (in
+float64) to half of the weight rows, so those outputs are ~0 and consist of rounding only. On
+plain random rows a bf16 output rounds most order changes away: SmolLM2's bf16 `w_down` passed
+such a probe on layer 0's weights (8 rows, every row count) while a 9-token forward's row 4 of
+layer 11 differed from the 1-token pass (tests/test_row_invariance.py); on these rows every one
+of its 30 layers shows the M=1 switch, in bf16 as in fp32.
+
 Results are cached in `SELFSPEC_CACHE/rows.json`, keyed by `machine.isa_key()`.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -30,6 +38,7 @@ log = logging.getLogger("selfspec.rows")
 PROBE_ROWS = tuple(range(2, 18)) + tuple(m for m in (24, 32, 48, CHUNK) if m <= CHUNK)
 REF_ROWS = 8  # rows of each M-row call compared with their single-row results
 POLICIES = ("direct", "pad1", "rowwise")
+PROBE_VERSION = 2  # in the cache key: 1 probed with plain random rows (see the module doc)
 
 
 def _activation_dtype(lin: Linear) -> torch.dtype:
@@ -37,10 +46,26 @@ def _activation_dtype(lin: Linear) -> torch.dtype:
     return w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
 
 
+def probe_rows(lin: Linear, n: int) -> torch.Tensor:
+    """`n` random input rows orthogonal to `lin`'s first min(out, in // 2) weight rows (computed in
+    float64, then cast to the activation dtype), so those outputs are rounding noise and every
+    change of summation order shows in them, even through a bf16 output."""
+    from selfspec.models.quant import dense_weight
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = dense_weight(lin)[: min(lin.out_features, lin.in_features // 2)].double()
+    q, _ = torch.linalg.qr(w.t())  # [in, s], orthonormal
+    x = torch.randn(n, lin.in_features, generator=g, dtype=torch.float64)
+    x = x - (x @ q) @ q.t()
+    return (x / x.std(dim=1, keepdim=True)).to(_activation_dtype(lin))
+
+
 def probe_linear(lin: Linear) -> str:
     """The cheapest policy under which `lin` is row-invariant on this machine (see module doc)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    X = torch.randn(max(PROBE_ROWS), lin.in_features, generator=g).to(_activation_dtype(lin))
+    X = probe_rows(lin, max(PROBE_ROWS))
+    if lin.bias is not None:  # the same kernel call with a zero bias: a bias would round the ~0 outputs away
+        lin = copy.copy(lin)
+        lin.bias = torch.zeros_like(lin.bias)
     n_ref = min(REF_ROWS, X.shape[0])
     single = [lin._apply(X[r: r + 1].clone()) for r in range(n_ref)]
     padded = [lin._apply(X[r: r + 1].expand(2, -1).contiguous())[:1] for r in range(n_ref)]
@@ -61,7 +86,8 @@ def _key(lin: Linear) -> str:
     from selfspec.machine import isa_key
 
     bias = "bias" if lin.bias is not None else "nobias"
-    return (f"{isa_key()}|torch={torch.__version__}|selfspec={__version__}|{type(lin).__name__}|{lin.kernel}|"
+    return (f"{isa_key()}|torch={torch.__version__}|selfspec={__version__}|probe={PROBE_VERSION}|"
+            f"{type(lin).__name__}|{lin.kernel}|"
             f"{_activation_dtype(lin)}|{lin.out_features}x{lin.in_features}|{bias}")
 
 
