@@ -9,19 +9,33 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _load(alias: str):
+def _load(alias: str, dtype: str = "fp32"):
     from selfspec.models.loading import load_model
     from selfspec.models.registry import REGISTRY
 
     entry = REGISTRY[alias]
     if not entry.installed:
         pytest.skip(f"{alias} is not installed ({entry.install_hint}); `make test` installs it")
-    return load_model(alias, dtype="fp32", ctx_size=1024)
+    return load_model(alias, dtype=dtype, ctx_size=1024)
 
 
 @pytest.fixture(scope="session")
 def smollm():
     return _load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm_in(smollm):
+    """`smollm_in(dtype)`: SmolLM2 loaded in `dtype` (fp32, bf16, int8 or int4) with `load_model`,
+    once per session (fp32 is the `smollm` fixture)."""
+    loaded = {"fp32": smollm}
+
+    def get(dtype: str):
+        if dtype not in loaded:
+            loaded[dtype] = _load("smollm2-135m", dtype)
+        return loaded[dtype]
+
+    return get
 
 
 @pytest.fixture(scope="session")

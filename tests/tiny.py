@@ -9,7 +9,9 @@ attention-logit soft-capping), so it is the reference our logits are compared to
 
 `tiny_model(arch, tmp_path)` wraps the loaded decoder in a `selfspec.models.loading.Model` with a
 fake tokenizer, so the generation loop runs on it. Tiny models have no eos ids: generations run
-to max_new_tokens on both sides.
+to max_new_tokens on both sides. `tiny_transformer` loads a bare decoder in any of `DTYPES`.
+(`load_transformer` makes every CPU decoder row-invariant: each linear's row policy comes from
+the probe of selfspec/models/rows.py.)
 """
 from __future__ import annotations
 
@@ -153,6 +155,19 @@ class FakeTokenizer:
 
     def get_vocab(self) -> dict[str, int]:
         return {f"t{i}": i for i in range(self.vocab_size)}
+
+
+DTYPES = ("fp32", "bf16", "int8", "int4")
+
+
+def tiny_transformer(folder: Path, dtype: str = "fp32", ctx_size: int = 64):
+    """The decoder of a tiny checkpoint in `dtype` (one of `DTYPES`), as `load_model` builds it
+    (without the weight cache: tiny folders live in tmp_path)."""
+    from selfspec.models.loading import load_transformer
+
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    bits = {"int8": 8, "int4": 4}.get(dtype)
+    return load_transformer(Path(folder), torch_dtype, ctx_size, weight_bits=bits, weight_cache=False)
 
 
 def tiny_pair(arch: str, tmp_path: Path, ctx_size: int = 64, dtype: torch.dtype = torch.float32):
