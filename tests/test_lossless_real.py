@@ -33,8 +33,7 @@ def check_model(model, prompts, n_new=N_NEW):
         plain = generate(model, prompt, max_new_tokens=n_new)
         for d in drafters(model):
             spec = generate(model, prompt, max_new_tokens=n_new, drafter=d)
-            assert_lossless(model, plain.prompt_ids, plain.token_ids, spec.token_ids, f"{d.name} on {prompt[:30]!r}")
-            assert spec.text == plain.text or spec.token_ids != plain.token_ids
+            assert_lossless(plain.token_ids, spec.token_ids, f"{d.name} on {prompt[:30]!r}")
             s = spec.stats
             assert s.new_tokens == len(spec.token_ids) and s.accepted <= s.drafted
 
@@ -60,7 +59,7 @@ def test_precision_self_draft_is_close_and_lossless(smollm):
     prompt = PROMPTS[2]
     plain = generate(smollm, prompt, max_new_tokens=24)
     spec = generate(smollm, prompt, max_new_tokens=24, drafter=drafter)
-    assert_lossless(smollm, plain.prompt_ids, plain.token_ids, spec.token_ids, "quantized int8")
+    assert_lossless(plain.token_ids, spec.token_ids, "quantized int8")
     assert spec.stats.acceptance_rate > 0.8
     ids = torch.tensor(plain.prompt_ids + plain.token_ids)
     tr = smollm.transformer

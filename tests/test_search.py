@@ -62,7 +62,7 @@ def test_search_writes_a_valid_lossless_config(llama, tmp_path):
     for ids in PROMPTS:
         plain = generate(llama, ids, max_new_tokens=16)
         spec = generate(llama, ids, max_new_tokens=16, drafter=drafter)
-        assert_lossless(llama, ids, plain.token_ids, spec.token_ids, "searched config")
+        assert_lossless(plain.token_ids, spec.token_ids, "searched config")
 
 
 def test_match_rate_scores_agreement_at_a_fixed_skip_fraction(llama, tmp_path):
@@ -98,7 +98,7 @@ def test_quantized_search_records_draft_bits_and_stays_lossless(llama, tmp_path)
     for ids in PROMPTS:
         plain = generate(llama, ids, max_new_tokens=16)
         spec = generate(llama, ids, max_new_tokens=16, drafter=drafter)
-        assert_lossless(llama, ids, plain.token_ids, spec.token_ids, "searched quantized config")
+        assert_lossless(plain.token_ids, spec.token_ids, "searched quantized config")
     with pytest.raises(InvalidParameterError, match="--draft-bits"):
         SearchSettings(draft_bits=3).check()
 

@@ -192,7 +192,7 @@ def test_greedy_lossless(fixture, name, request):
     plain = generate(model, PROMPT, max_new_tokens=40)
     drafter = drafters_for(model, plain.token_ids)[name]
     spec = generate(model, PROMPT, max_new_tokens=40, drafter=drafter)
-    assert_lossless(model, PROMPT, plain.token_ids, spec.token_ids, name)
+    assert_lossless(plain.token_ids, spec.token_ids, name)
     assert spec.stats.drafted > 0, name
     if name in ("retrieval", "retrieval-tree", "auto"):
         assert spec.stats.accepted > 0  # the corpus holds the answer

@@ -124,7 +124,7 @@ def test_tree_forward_equals_chain_forward_of_each_path(models, arch):
     for row in range(len(tokens) + 1):
         path = [r - 1 for r in layout.path(row)]
         ref = tr.forward(torch.cat((prompt, nodes[path])), 0, tr.new_cache(96))[-1]
-        torch.testing.assert_close(out[row], ref, atol=1e-4, rtol=1e-4, msg=f"{arch} row {row}")
+        assert torch.equal(out[row], ref), f"{arch} row {row}"  # row-invariant forward: same bits
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])
@@ -145,8 +145,7 @@ def test_compaction_leaves_the_cache_of_a_plain_forward(models, arch):
         assert cache.length == n
         plain = tr.new_cache(96)
         tr.forward(torch.cat((prompt, torch.tensor(tokens)[path])).long(), 0, plain)
-        torch.testing.assert_close(cache.k[:, :, :n], plain.k[:, :, :n], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cache.v[:, :, :n], plain.v[:, :, :n], atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.k[:, :, :n], plain.k[:, :, :n]) and torch.equal(cache.v[:, :, :n], plain.v[:, :, :n])
 
 
 def test_compiled_wrapper_runs_trees_eagerly(models, monkeypatch):
@@ -212,7 +211,7 @@ def test_random_trees_are_lossless_under_greedy(models, arch):
         plain = generate(model, prompt, max_new_tokens=40, sampling=sampling)
         drafter = RandomTreeDrafter(len(prompt), plain.token_ids, seed=len(arch))
         spec = generate(model, prompt, max_new_tokens=40, sampling=sampling, drafter=drafter)
-        assert_lossless(model, prompt, plain.token_ids, spec.token_ids, f"{arch} penalty {penalty}")
+        assert_lossless(plain.token_ids, spec.token_ids, f"{arch} penalty {penalty}")
         s = spec.stats
         assert s.drafted == sum(len(d) for d in drafter.proposed)  # nodes, not paths
         assert 0 < s.accepted < s.drafted and s.rounds < 40
