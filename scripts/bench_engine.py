@@ -86,7 +86,7 @@ def engine(args) -> None:
 def drafter_of(spec: str, model, args):
     """METHOD[:SKIP][@VOCAB], e.g. layer-skip:int8 (a shipped skip variant) or layer-skip@16384
     (draft head over the context's tokens + 16384 frequent ones)."""
-    from selfspec.methods import build_drafter
+    from selfspec.drafters.factory import build_drafter
 
     spec, _, vocab = spec.partition("@")
     kind, _, skip = spec.partition(":")

@@ -35,9 +35,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from lossless import truncated_copy  # noqa: E402
 from selfspec.drafters.draft_model import DraftModelDrafter  # noqa: E402
-from selfspec.device import device_info, resolve_device, synchronize  # noqa: E402
+from selfspec.hardware import device_info, resolve_device, synchronize  # noqa: E402
 from selfspec.generation import generate  # noqa: E402
-from selfspec.methods import build_drafter, default_draft_model  # noqa: E402
+from selfspec.drafters.factory import build_drafter, default_draft_model  # noqa: E402
 from selfspec.models.loading import load_model  # noqa: E402
 
 FP32_TOL = 1e-2  # max |delta logit| / logit range: different kernels, same precision
@@ -137,7 +137,7 @@ def bench(model_name: str, device: str, out: Path, n: int, short: bool) -> dict:
         lines = (ROOT / "selfspec" / "data" / "suites" / "quick.jsonl").read_text().splitlines()[:2]
         suite = str(out / "short-suite.jsonl")
         Path(suite).write_text("\n".join(lines) + "\n")
-    cmd = [sys.executable, "-m", "selfspec.cli", "bench", "--model", model_name, "--suite", suite,
+    cmd = [sys.executable, "-m", "selfspec.cli.main", "bench", "--model", model_name, "--suite", suite,
            "--methods", methods, "-n", str(n), "--device", device, "--out", str(out / "bench"), "--json"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

@@ -13,12 +13,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from selfspec.costs import calibrate
+from selfspec.drafters.costs import calibrate
 from selfspec.drafters.auto import AutoDrafter
 from selfspec.generation import stream
-from selfspec.methods import build_drafter
+from selfspec.drafters.factory import build_drafter
 from selfspec.models.loading import load_model
-from selfspec.show import STYLES, DraftView, legend_text, plain_step_seconds, summary_line
+from selfspec.draftview import STYLES, DraftView, legend_text, plain_step_seconds, summary_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("Summarise in two sentences: The city council met on Tuesday to discuss the new park on the old "

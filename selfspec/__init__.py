@@ -13,7 +13,7 @@ _EXPORTS = {
     "SpecStats": "selfspec.generation",
     "SamplingParams": "selfspec.sampling",
     "PrefixCache": "selfspec.prefix",
-    "ChatSession": "selfspec.chat",
+    "ChatSession": "selfspec.cli.chat",
     "LayerSkipDrafter": "selfspec.drafters.layerskip",
     "SkipConfig": "selfspec.drafters.layerskip",
     "AdaptiveExit": "selfspec.drafters.layerskip",

@@ -40,7 +40,7 @@ class SpecStats:
     drafter: str = "none"
     dtype: str = "fp32"
     kernel: str = "F.linear"
-    isa: str = ""  # the instruction-set family the kernels ran with (selfspec.machine.isa)
+    isa: str = ""  # the instruction-set family the kernels ran with (selfspec.hardware.isa)
     dtype_reason: str = ""  # why this dtype (what `--dtype auto` chose, or that it was asked for)
     extras: dict = field(default_factory=dict)
 

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from selfspec.cache import KVCache
+from selfspec.kv_cache import KVCache
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfspec.cache import KVCache
+from selfspec.kv_cache import KVCache
 from selfspec.drafters.base import Draft
 from selfspec.errors import InvalidParameterError
 from selfspec.sampling import SamplingParams, greedy_tokens, probs_from_logits, sample

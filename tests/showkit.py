@@ -1,4 +1,4 @@
-"""Helpers for the tests of `selfspec.show`, the stream extension field and the playground (no
+"""Helpers for the tests of `selfspec.draftview`, the stream extension field and the playground (no
 tests here): tokenizers with known text per token, drafters with a known accept/reject pattern,
 and an in-process server on a loopback port."""
 from __future__ import annotations
@@ -115,7 +115,7 @@ class LiveServer:
     def __init__(self, model, drafter, settings) -> None:
         import uvicorn
 
-        from selfspec.server import create_app
+        from selfspec.server.app import create_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfspec.costs import CostModel, calibrate
+from selfspec.drafters.costs import CostModel, calibrate
 from selfspec.drafters.auto import Acceptance, AutoDrafter, best_k, expected_tokens
 from selfspec.drafters.base import Draft
 from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selfspec.bench import BenchSettings, OursRunner, load_suite, run_bench
+from selfspec.bench.run import BenchSettings, OursRunner, load_suite, run_bench
 from selfspec.errors import InvalidParameterError
 
 from tiny import build_tiny
@@ -85,7 +85,7 @@ def test_harness_writes_results_report_and_flags_a_lossy_method(tiny_chat, suite
 def test_cli_runs_each_method_in_its_own_process(tiny_chat, suite, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "selfspec.cli", "bench", "--model", str(tiny_chat), "--suite", str(suite),
+        [sys.executable, "-m", "selfspec.cli.main", "bench", "--model", str(tiny_chat), "--suite", str(suite),
          "--methods", "ngram,llama-cpp", "-n", "5", "--threads", "1", "--out", str(out), "--json"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -111,7 +111,7 @@ def test_cli_runs_each_method_in_its_own_process(tiny_chat, suite, tmp_path):
     (["--model", "/no/such/model.gguf"], "neither a known alias"),
 ])
 def test_cli_bad_input(args, needle, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "bench", "--out", str(tmp_path / "o"), *args],
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli.main", "bench", "--out", str(tmp_path / "o"), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -123,7 +123,7 @@ def test_cli_bad_input(args, needle, tmp_path):
 def test_cli_unwritable_out(tmp_path, suite):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "bench", "--suite", str(suite),
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli.main", "bench", "--suite", str(suite),
                            "--out", str(blocker / "sub")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot write to --out" in proc.stderr
 

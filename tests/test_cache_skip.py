@@ -141,7 +141,7 @@ def test_overwrite_without_rollback_and_chunk_after_rollback(pair):
 
 
 def test_cache_bounds():
-    from selfspec.cache import KVCache
+    from selfspec.kv_cache import KVCache
     from selfspec.errors import ContextOverflowError
 
     cache = KVCache(2, 2, 4, 8)

@@ -9,7 +9,7 @@ import sys
 
 def run(tmp_path, *args):
     env = {**os.environ, "SELFSPEC_CACHE": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", "selfspec.cli", "cache", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "selfspec.cli.main", "cache", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 

@@ -46,7 +46,7 @@ def _cold(model, ids, n: int) -> str:
 def test_terminal_chat_multi_turn_reset_and_ctrl_d(folder):
     env = {**os.environ, "TERM": "dumb", "SELFSPEC_CACHE": os.environ.get("SELFSPEC_CACHE", "")}
     env = {k: v for k, v in env.items() if v}
-    child = pexpect.spawn(sys.executable, ["-m", "selfspec.cli", "chat", "--model", str(folder), "--draft", "none",
+    child = pexpect.spawn(sys.executable, ["-m", "selfspec.cli.main", "chat", "--model", str(folder), "--draft", "none",
                                            "-n", "6", "--dtype", "fp32", "--threads", "1"],
                           env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
@@ -95,7 +95,7 @@ def test_terminal_chat_multi_turn_reset_and_ctrl_d(folder):
 
 
 def test_session_reuses_the_conversation_and_matches_cold_runs(model):
-    from selfspec.chat import ChatSession
+    from selfspec.cli.chat import ChatSession
 
     session = ChatSession(model, max_new_tokens=8)
     before = 0  # prompt tokens of the turn before
@@ -112,7 +112,7 @@ def test_session_reuses_the_conversation_and_matches_cold_runs(model):
 
 
 def test_an_answer_cut_short_stays_in_the_conversation(model):
-    from selfspec.chat import ChatSession
+    from selfspec.cli.chat import ChatSession
 
     session = ChatSession(model, max_new_tokens=40)
     pieces = session.ask("Write a long story.")
@@ -126,7 +126,7 @@ def test_an_answer_cut_short_stays_in_the_conversation(model):
 
 
 def test_raw_text_chat_without_a_template(model):
-    from selfspec.chat import ChatSession
+    from selfspec.cli.chat import ChatSession
 
     session = ChatSession(model, max_new_tokens=6, chat=False)
     assert not session.templated
@@ -143,7 +143,7 @@ def test_raw_text_chat_without_a_template(model):
 
 def test_startup_bench_times_turn_n_with_and_without_reuse(model):
     """`selfspec bench --startup`'s in-process part (its fresh-process loads are too slow for CI)."""
-    from selfspec.bench_startup import StartupSettings, measure_ttft
+    from selfspec.bench.startup import StartupSettings, measure_ttft
 
     r = measure_ttft(model, StartupSettings(turn=3, repeats=1, max_new_tokens=4))
     warm, cold = r["warm"][0], r["cold"][0]

@@ -9,7 +9,7 @@ import pytest
 
 
 def run(*args, stdin=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "selfspec.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "selfspec.cli.main", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout)
 
 

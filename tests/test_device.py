@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lossless import truncated_copy
-from selfspec.device import check_cpu_only, device_dtype, resolve_device
+from selfspec.hardware import check_cpu_only, device_dtype, resolve_device
 from selfspec.drafters.auto import AutoDrafter
 from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig
@@ -104,7 +104,7 @@ def test_dtype_per_device():
                                      ["search", "--out", "{tmp}/s.json"], ["serve"], ["chat"]])
 def test_cli_device_cuda_without_cuda(command, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
-    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", *args, "--device", "cuda", "--model", "smollm2-135m"],
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli.main", *args, "--device", "cuda", "--model", "smollm2-135m"],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selfspec.server import ServerSettings
+from selfspec.server.app import ServerSettings
 from showkit import Alternating, LiveServer, word_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _served(tmp_path):
         from selfspec.models.registry import REGISTRY
 
         if REGISTRY["smollm2-135m"].installed:
-            from selfspec.methods import build_drafter
+            from selfspec.drafters.factory import build_drafter
             from selfspec.models.loading import load_model
 
             model = load_model("smollm2-135m", ctx_size=1024)

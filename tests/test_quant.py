@@ -13,7 +13,7 @@ from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig
 from selfspec.drafters.ngram import NgramDrafter
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
-from selfspec.machine import resolve_dtype
+from selfspec.hardware import resolve_dtype
 from selfspec.models.compiled import bucket
 from selfspec.models.loading import load_transformer
 from selfspec.models.quant import (Int4Linear, Int8Linear, dense_weight, int4_group, int8_view,

@@ -14,7 +14,7 @@ from selfspec.drafters.layerskip import AdaptiveExit, SkipConfig
 from selfspec.drafters.quantized import QuantizedSelfDrafter
 from selfspec.errors import InvalidParameterError, SkipConfigError
 from selfspec.generation import generate
-from selfspec.methods import build_drafter, parse_method
+from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.models.quant import draft_view, extra_weight_bytes, quantize_transformer, weight_bits, weight_bytes
 from selfspec.models.rows import make_row_invariant
 from test_speculative import (PROMPT, SAMPLING_CASES, exact_second_token, second_token_samples,

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from selfspec import kernels
-from selfspec.machine import isa
+from selfspec.hardware import isa
 from selfspec.models.rows import linears, probe_linear, probe_rows
 from selfspec.models.transformer import Linear
 from selfspec.tree import TreeLayout

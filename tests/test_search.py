@@ -22,7 +22,7 @@ from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
 from selfspec.models.registry import REGISTRY
 from selfspec.models.transformer import SkipSet
-from selfspec.search import (Calibration, SearchError, SearchSettings, calibration_prompts, open_storage,
+from selfspec.search.study import (Calibration, SearchError, SearchSettings, calibration_prompts, open_storage,
                              run_search)
 from selfspec.sampling import SamplingParams
 
@@ -110,7 +110,7 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from tiny import FakeTokenizer
     from selfspec.models.loading import Model, load_transformer
-    from selfspec.search import SearchSettings, run_search
+    from selfspec.search.study import SearchSettings, run_search
     tr = load_transformer(Path({folder!r}), torch.float32, 96)
     model = Model(name="llama", path=Path({folder!r}), config=tr.config, transformer=tr,
                   tokenizer=FakeTokenizer(tr.config.vocab_size), dtype="fp32", ctx_size=96, load_seconds=0.0)
@@ -200,7 +200,7 @@ def cli(*args):
     """The `search` command in-process (a subprocess per case would mostly measure imports)."""
     from typer.testing import CliRunner
 
-    from selfspec.cli import app
+    from selfspec.cli.main import app
 
     return CliRunner().invoke(app, ["search", *args])
 

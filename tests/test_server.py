@@ -61,7 +61,7 @@ def live(tmp_path_factory, request):
         pytest.skip(f"{MODEL} is not installed ({REGISTRY[MODEL].install_hint})")
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "selfspec.cli", "serve", "--model", MODEL, "--dtype", "fp32", "--ctx-size", "1024",
+    cmd = [sys.executable, "-m", "selfspec.cli.main", "serve", "--model", MODEL, "--dtype", "fp32", "--ctx-size", "1024",
            "--draft", "ngram", "--port", str(port), "--max-queue", str(MAX_QUEUE), "--request-timeout", "120"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -119,7 +119,7 @@ def assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
 def reference(smollm):
     """Greedy output of the library for the prompts the server gets, with the same drafter."""
     from selfspec.generation import generate
-    from selfspec.methods import build_drafter
+    from selfspec.drafters.factory import build_drafter
 
     drafter = build_drafter("ngram", smollm)
     chat = generate(smollm, CHAT_PROMPT, drafter=drafter, max_new_tokens=12, chat=True)
@@ -413,7 +413,7 @@ def test_metrics_report_requests_tokens_and_speculation(live):
 def test_serve_bad_flags_fail_before_loading(args, needle):
     from typer.testing import CliRunner
 
-    from selfspec.cli import app
+    from selfspec.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", *args])  # in-process: no interpreter start-up to pay
     assert result.exit_code == 2, result.output
@@ -476,7 +476,7 @@ class Trap:
 def tiny(tmp_path_factory):
     import uvicorn
 
-    from selfspec.server import ServerSettings, create_app
+    from selfspec.server.app import ServerSettings, create_app
     from tiny import tiny_model
 
     model = tiny_model("llama", tmp_path_factory.mktemp("tiny"), ctx_size=128)

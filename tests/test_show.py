@@ -1,4 +1,4 @@
-"""Seeing speculation (`selfspec.show`): text attributed to the tokens that produced it, multi-byte
+"""Seeing speculation (`selfspec.draftview`): text attributed to the tokens that produced it, multi-byte
 characters and stop strings included; the stream extension field `selfspec` with a drafter of
 known accept/reject pattern, through the openai client; `generate --show-drafts` (colour only on a
 terminal) and its summary line. Tiny random models only: the whole file takes a few seconds."""
@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from selfspec.generation import Chunk, SpecStats, TextStream, generate, stream
-from selfspec.server import ServerSettings
-from selfspec.show import DraftView, TerminalPainter, estimate, plain_step_seconds, round_origins, summary_line
+from selfspec.server.app import ServerSettings
+from selfspec.draftview import DraftView, TerminalPainter, estimate, plain_step_seconds, round_origins, summary_line
 from showkit import ByteTokenizer, LiveServer, WordTokenizer, word_model
 from test_speculative import ScriptedDrafter
 from tiny import one_thread
@@ -211,7 +211,7 @@ def test_summary_line_and_estimate():
 def test_plain_step_from_auto_costs_or_the_cache(model, tmp_path, monkeypatch):
     import torch
 
-    from selfspec.costs import _key
+    from selfspec.drafters.costs import _key
 
     assert plain_step_seconds(model, SimpleNamespace(costs=SimpleNamespace(step=0.02))) == 0.02
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
@@ -228,7 +228,7 @@ def test_generate_show_drafts_plain_when_not_a_terminal(model, monkeypatch, tmp_
     from typer.testing import CliRunner
 
     import selfspec.models.loading as loading
-    from selfspec.cli import app
+    from selfspec.cli.main import app
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: model)
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))

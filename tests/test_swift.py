@@ -17,10 +17,10 @@ from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig
 from selfspec.drafters.swift import OnlineSettings, OnlineSkipDrafter, UcbGp, _random_rows, _swaps, cache_file
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
-from selfspec.methods import build_drafter
+from selfspec.drafters.factory import build_drafter
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams, make_generator
-from selfspec.search import model_identity
+from selfspec.search.study import model_identity
 from test_speculative import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, gemma3, llama,  # noqa: F401
                               peaky, second_token_samples, total_variation)
 from tiny import build_tiny_chat, one_thread
@@ -269,7 +269,7 @@ def test_spec_options_and_other_drafters(llama):
 
 
 def test_bench_method_spec_carries_online_options():
-    from selfspec.methods import parse_methods
+    from selfspec.drafters.factory import parse_methods
 
     specs = parse_methods("ar,layer-skip:skip=online:ratio=0.3:window=32,vocab=0,ngram")
     assert [s.kind for s in specs] == ["none", "layer-skip", "ngram"]
@@ -283,7 +283,7 @@ def test_cli_generate_online_and_save(tmp_path):
     env = {**os.environ, "SELFSPEC_CACHE": str(tmp_path / "cache")}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--model", str(folder),
+        return subprocess.run([sys.executable, "-m", "selfspec.cli.main", "generate", "--model", str(folder),
                                "--prompt", "Tell me a story about a cat and a dog.", "-n", "24", "--dtype", "fp32",
                                "--draft", "layer-skip", *args], capture_output=True, text=True, env=env, timeout=300)
 

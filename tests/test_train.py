@@ -14,7 +14,7 @@ from selfspec.drafters.heads import HeadsDrafter
 from selfspec.drafters.layerskip import AdaptiveExit
 from selfspec.errors import DrafterError, InvalidParameterError, SelfspecError
 from selfspec.generation import generate
-from selfspec.methods import build_drafter, parse_method
+from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.sampling import SamplingParams
 from selfspec.train.data import distill, read_data_file
 from selfspec.train.kinds import KINDS, make_kind, shifted
@@ -257,7 +257,7 @@ def test_cli_trains_resumes_and_generates(tmp_path):
     env = {**os.environ, "SELFSPEC_CACHE": str(tmp_path / "cache")}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "selfspec.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "selfspec.cli.main", *args], capture_output=True, text=True,
                               timeout=300, env=env)
 
     data = tmp_path / "data.jsonl"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lossless import assert_lossless
-from selfspec.costs import CostModel
-from selfspec.datastore import Datastore, tokenizer_identity
+from selfspec.drafters.costs import CostModel
+from selfspec.drafters.datastore import Datastore, tokenizer_identity
 from selfspec.drafters.anpd import AdaptiveNgramDrafter, NgramIndex
 from selfspec.drafters.auto import AutoDrafter
 from selfspec.drafters.base import Draft
@@ -23,7 +23,7 @@ from selfspec.drafters.ngram import CappedDrafter, NgramDrafter
 from selfspec.drafters.retrieval import RetrievalDrafter
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import generate
-from selfspec.methods import build_drafter, parse_methods
+from selfspec.drafters.factory import build_drafter, parse_methods
 from test_speculative import N_SAMPLES, SAMPLING_CASES, exact_second_token, second_token_samples, total_variation
 from tiny import tiny_model
 
@@ -313,7 +313,7 @@ def test_datastore_build_cli(tmp_path):
     (corpus / "a.py").write_text("def add(a, b):\n    return a + b\n" * 20)
     (corpus / "b.bin").write_bytes(b"\xff\xfe\x00binary")
     (corpus / ".hidden").write_text("skipped")
-    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "datastore", "build", "--model", "smollm2-135m",
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli.main", "datastore", "build", "--model", "smollm2-135m",
                            "--corpus", str(corpus), "--out", str(tmp_path / "store"), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -322,12 +322,12 @@ def test_datastore_build_cli(tmp_path):
     assert "built in" in proc.stderr
     st = Datastore.load(tmp_path / "store")
     assert st.meta["model"] == "smollm2-135m" and np.all(st.tokens[st.suffixes[:-1]] <= st.tokens[st.suffixes[1:]])
-    bad = subprocess.run([sys.executable, "-m", "selfspec.cli", "datastore", "build", "--corpus", str(tmp_path / "nope"),
+    bad = subprocess.run([sys.executable, "-m", "selfspec.cli.main", "datastore", "build", "--corpus", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_datastore_flag_needs_a_drafter_that_reads_it():
-    proc = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--prompt", "hi", "--draft", "ngram",
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli.main", "generate", "--prompt", "hi", "--draft", "ngram",
                            "--datastore", "/nonexistent"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--datastore is for --draft retrieval" in proc.stderr

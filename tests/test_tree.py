@@ -15,7 +15,7 @@ from selfspec.drafters.base import EMPTY, Draft, DraftContext
 from selfspec.drafters.ngram import NgramDrafter, lookup_candidates
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import SpecStats, decode_tokens, generate
-from selfspec.methods import build_drafter, parse_method
+from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
 from selfspec.tree import TreeLayout, tree_from_chains, tree_mask
 from selfspec.verify_tree import tree_presence, verify_tree_greedy, verify_tree_sampled

@@ -139,7 +139,7 @@ def test_off_switch_and_cache_listing(cache, folders, monkeypatch):
     assert not cache.exists()
     monkeypatch.delenv(weightcache.ENV)
     _load(folders["llama"], torch.float32, None)
-    from selfspec.cachedir import clear, entries
+    from selfspec.paths import clear, entries
 
     row = next(r for r in entries() if r["kind"] == "weights")
     assert row["entries"] == 1 and row["bytes"] > 0

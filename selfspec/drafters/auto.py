@@ -5,7 +5,7 @@ whenever no drafter is expected to pay.
 For a drafter whose drafts are accepted token by token with probability a, a round with k drafts
 yields E(k) = 1 + a + ... + a^k tokens (the bonus or correction token included) and costs
 T(k) = k * c_draft + c_verify(k). Plain decoding yields 1 token per c_verify(0) = c_step. We take
-argmax_k E(k) / T(k) over k = 0..K with the costs of `selfspec.costs` (calibrated at load, refined
+argmax_k E(k) / T(k) over k = 0..K with the costs of `selfspec.drafters.costs` (calibrated at load, refined
 from every round the loop runs: the time between a proposal and its verdict is that round's
 verify) and a per drafter estimate of a that forgets old rounds, so a change of task moves it
 within a few rounds. A drafter whose best k is 0 is switched off and re-probed with a short draft
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from selfspec.costs import MAX_K, CostModel
+from selfspec.drafters.costs import MAX_K, CostModel
 from selfspec.drafters.base import EMPTY, Draft, DraftContext
 
 MAX_LEVEL = 8  # match lengths from here on share one acceptance estimate
@@ -256,7 +256,7 @@ class AutoDrafter:
         when one is given, the model's layer-skip config (given or shipped), a precision
         self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one) and a
         draft model when one is named."""
-        from selfspec.costs import calibrate
+        from selfspec.drafters.costs import calibrate
         from selfspec.drafters.anpd import AdaptiveNgramDrafter
         from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
         from selfspec.drafters.ngram import NgramDrafter
@@ -279,7 +279,7 @@ class AutoDrafter:
             guess["layer-skip"] = max(0.05, kept) * costs.step
         have = weight_bits(model.transformer) or 32
         bits = draft_bits or (8 if have > 8 else 4)
-        if bits < have and model.device.type == "cpu":  # int8/int4 kernels are CPU-only (selfspec/device.py)
+        if bits < have and model.device.type == "cpu":  # int8/int4 kernels are CPU-only (selfspec/hardware.py)
             kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
             drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))
             guess["quantized"] = 0.5 * costs.step  # int8 or int4 GEMV: about half an fp32 step (README)

@@ -9,7 +9,7 @@ import torch
 from selfspec.sampling import SamplingParams, greedy_tokens, presence_mask, probs_from_logits, sample
 
 if TYPE_CHECKING:
-    from selfspec.cache import KVCache
+    from selfspec.kv_cache import KVCache
     from selfspec.models.loading import Model
 
 EMPTY = torch.empty(0, dtype=torch.long)

@@ -216,7 +216,7 @@ class LayerSkipDrafter:
         if self.config.draft_bits is None:
             return target
         if self._draft is None or self._draft[0] is not target:
-            from selfspec.device import check_cpu_only
+            from selfspec.hardware import check_cpu_only
             from selfspec.models.quant import draft_view
 
             check_cpu_only(f"a skip config with draft_bits {self.config.draft_bits}", target.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfspec.device import check_cpu_only
+from selfspec.hardware import check_cpu_only
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
 from selfspec.errors import InvalidParameterError
 from selfspec.models.quant import DRAFT_BITS, draft_view, weight_bits

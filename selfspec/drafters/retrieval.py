@@ -1,6 +1,6 @@
 """Retrieval drafts (after REST, He et al., NAACL 2024): continue the context with what followed its
 longest suffix in a token datastore built from the user's corpus (`selfspec datastore build`,
-selfspec/datastore.py). No model cost; pays where the output repeats the corpus (code against a
+selfspec/drafters/datastore.py). No model cost; pays where the output repeats the corpus (code against a
 library, answers from docs). Deterministic: verified as a one-hot q.
 
 `propose` returns a chain (the most frequent continuation). With `tree=True` it returns REST's
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from selfspec.datastore import Datastore
+from selfspec.drafters.datastore import Datastore
 from selfspec.drafters.base import Draft, DraftContext
 from selfspec.drafters.ngram import CappedDrafter, check_ngram_args
 

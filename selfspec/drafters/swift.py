@@ -186,7 +186,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
     name = "layer-skip"
 
     def __init__(self, model, settings: OnlineSettings | None = None, **kwargs) -> None:
-        from selfspec.search import SkipSpace, model_identity, seed_sets
+        from selfspec.search.study import SkipSpace, model_identity, seed_sets
 
         self.settings = s = settings or OnlineSettings()
         s.check()
@@ -373,7 +373,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
 def cache_file(name: str, sha: str, settings: OnlineSettings, dtype: str) -> Path:
     """Where the online state of a model (name, sha256) at this dtype and skip ratio lives in the
     cache folder."""
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import cache_dir
 
     key = json.dumps([settings.skip_ratio, settings.keep_first, settings.keep_last])
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from selfspec.models.registry import cache_dir
+from selfspec.paths import cache_dir
 
 CALIBRATION_BYTES = 2_000_000
 

@@ -53,7 +53,7 @@ def _compiler_version(cc: str) -> str:
 
 
 def library_path(cc: str) -> Path:
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import cache_dir
 
     h = hashlib.sha256()
     for name in SOURCES:

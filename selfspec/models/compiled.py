@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from selfspec.cache import KVCache
+from selfspec.kv_cache import KVCache
 from selfspec.models.transformer import NO_SKIP, Linear, SkipSet, Transformer
 
 MAX_BUCKET = 16
@@ -34,7 +34,7 @@ def bucket(n: int) -> int:
 
 
 def _use_selfspec_cache() -> None:
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 

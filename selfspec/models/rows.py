@@ -83,7 +83,7 @@ def probe_linear(lin: Linear) -> str:
 
 def _key(lin: Linear) -> str:
     from selfspec import __version__
-    from selfspec.machine import isa_key
+    from selfspec.hardware import isa_key
 
     bias = "bias" if lin.bias is not None else "nobias"
     return (f"{isa_key()}|torch={torch.__version__}|selfspec={__version__}|probe={PROBE_VERSION}|"
@@ -92,7 +92,7 @@ def _key(lin: Linear) -> str:
 
 
 def _cache_file():
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import cache_dir
 
     return cache_dir() / "rows.json"
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from selfspec import kernels
-from selfspec.cache import KVCache
+from selfspec.kv_cache import KVCache
 from selfspec.models.config import ModelConfig
 from selfspec.tree import TreeLayout, tree_mask
 
@@ -145,7 +145,7 @@ class Transformer:
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.dtype = embed.dtype
-        self.device = embed.device  # every tensor of a forward is made here (selfspec/device.py)
+        self.device = embed.device  # every tensor of a forward is made here (selfspec/hardware.py)
         c = config
         self.q_size = c.n_heads * c.head_dim
         self.kv_size = c.n_kv_heads * c.head_dim

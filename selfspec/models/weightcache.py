@@ -45,7 +45,8 @@ import torch
 
 from selfspec.models.config import ModelConfig
 from selfspec.models.quant import ALIGN, aligned
-from selfspec.models.registry import cache_dir, file_sha256, sha256_file
+from selfspec.paths import cache_dir
+from selfspec.models.registry import file_sha256, sha256_file
 
 log = logging.getLogger("selfspec.weightcache")
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from selfspec.errors import InvalidParameterError
-from selfspec.models.registry import cache_dir
+from selfspec.paths import cache_dir
 from selfspec.train.progress import Bar
 
 SAMPLED_TEMPERATURE = 0.8
@@ -49,7 +49,7 @@ def read_data_file(path: str | Path) -> tuple[list[str], list[str]]:
 def _drafter(model):
     """auto where it can be built (fastest, lossless), else prompt lookup."""
     from selfspec.errors import SelfspecError
-    from selfspec.methods import build_drafter
+    from selfspec.drafters.factory import build_drafter
 
     try:
         return build_drafter("auto", model)

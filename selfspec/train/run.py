@@ -19,7 +19,7 @@ def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = 
                   distill_tokens: int = DEFAULT_DISTILL_TOKENS, settings, resume: bool = False,
                   dtype: str = "fp32", threads: int | None = None, ctx_size: int | None = None,
                   chat: bool | None = None, progress: bool = True) -> dict:
-    from selfspec.calibration import calibration_prompts
+    from selfspec.search.calibration import calibration_prompts
     from selfspec.models.loading import load_model
     from selfspec.train.data import distill, read_data_file
     from selfspec.train.kinds import make_kind

@@ -1,15 +1,24 @@
-"""What lives in the cache folder (CONVENTIONS.md, "Models and files") and how to clear it.
+"""The cache folder: where it is (`cache_dir`), what lives in it (CONVENTIONS.md, "Models and
+files") and how to clear it.
 
 Everything selfspec writes outside the repo is under `cache_dir()` (SELFSPEC_CACHE, default
 ~/.cache/selfspec); each kind below can be deleted safely: it is rebuilt on next use.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from selfspec.errors import InvalidParameterError
-from selfspec.models.registry import cache_dir
+
+
+def cache_dir() -> Path:
+    """Root of everything selfspec caches (assembled GGUFs, tokenizers...): `SELFSPEC_CACHE`."""
+    root = Path(os.environ.get("SELFSPEC_CACHE") or Path.home() / ".cache" / "selfspec")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
 
 KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "models": (("models", "verified.json"), "GGUF files assembled from split packages, and their verified hashes"),

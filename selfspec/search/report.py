@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from selfspec.search import SearchError, SkipSpace, feasible_trials, open_storage, redact
+from selfspec.search.study import SearchError, SkipSpace, feasible_trials, open_storage, redact
 
 
 def load_study(url: str, study_name: str | None = None):

@@ -62,7 +62,7 @@ class Calibration:
         self._match: list[tuple] | None = None
         self.bits = getattr(settings, "draft_bits", None)
         if self.bits is not None:
-            from selfspec.device import check_cpu_only
+            from selfspec.hardware import check_cpu_only
 
             check_cpu_only("search --draft quantized", model.device)
         # A precision self-draft's low-bit copy, built once for all trials.

@@ -34,7 +34,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from selfspec.calibration import Calibration, calibration_prompts  # noqa: F401 (calibration_prompts: API)
+from selfspec.search.calibration import Calibration, calibration_prompts  # noqa: F401 (calibration_prompts: API)
 from selfspec.drafters.layerskip import SkipConfig, shipped_config
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.models.transformer import SkipSet
@@ -165,7 +165,7 @@ def _as_set(pairs) -> SkipSet:
 
 # ------------------------------------------------------------------------- storage and study
 def default_storage() -> str:
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import cache_dir
 
     return f"sqlite:///{cache_dir() / 'studies.db'}"
 

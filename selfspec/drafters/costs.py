@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from selfspec.device import synchronize
+from selfspec.hardware import synchronize
 
 MAX_K = 8
 EMA = 0.1  # weight of one online observation
@@ -77,7 +77,7 @@ class CostModel:
 
 def _key(model, threads: int) -> str:
     from selfspec import __version__
-    from selfspec.machine import cpu_info, isa_key
+    from selfspec.hardware import cpu_info, isa_key
     from selfspec.models.loading import _file_key
 
     info = cpu_info()
@@ -94,7 +94,7 @@ def _key(model, threads: int) -> str:
 
 
 def _path(model) -> Path:
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import cache_dir
 
     return cache_dir() / "costs" / f"{_key(model, torch.get_num_threads())}.json"
 

@@ -189,7 +189,7 @@ def plain_step_seconds(model, drafter=None) -> float | None:
     costs = getattr(drafter, "costs", None)
     if costs is not None and getattr(costs, "step", None):
         return float(costs.step)
-    from selfspec.costs import cached_costs
+    from selfspec.drafters.costs import cached_costs
 
     cached = cached_costs(model)
     return cached.step if cached is not None and cached.step > 0 else None

@@ -1,6 +1,6 @@
 """`selfspec bench --startup`: the two waits users feel besides decode speed.
 
-1. Load time, cold vs warm. Each load runs in a fresh process (`python -m selfspec.bench_startup`):
+1. Load time, cold vs warm. Each load runs in a fresh process (`python -m selfspec.bench.startup`):
    cold with this model's weight-cache entries deleted first (the process dequantises, builds and
    writes the entry), warm with the entry present (it reads it). The model file itself is in the
    OS page cache both times: cold means "no weight cache", not "cold disk". Reported: the
@@ -78,7 +78,7 @@ def _child(job: dict) -> dict:
 
 def measure_ttft(model, s: StartupSettings) -> dict:
     """Turn `s.turn` of CONVERSATION: time to first token with the session's KV, then cold."""
-    from selfspec.chat import ChatSession
+    from selfspec.cli.chat import ChatSession
     from selfspec.generation import stream
 
     for _ in stream(model, model.encode("Say hello."), max_new_tokens=4):  # one-off kernel set-up
@@ -132,7 +132,7 @@ def _fresh(settings: StartupSettings, ttft: bool = False, log: Path | None = Non
     t0 = time.time()
     err = open(log, "a") if log else subprocess.DEVNULL
     try:
-        proc = subprocess.run([sys.executable, "-m", "selfspec.bench_startup"], input=json.dumps(job),
+        proc = subprocess.run([sys.executable, "-m", "selfspec.bench.startup"], input=json.dumps(job),
                               stdout=subprocess.PIPE, stderr=err, text=True)
     finally:
         if log:
@@ -148,8 +148,9 @@ def _fresh(settings: StartupSettings, ttft: bool = False, log: Path | None = Non
 # ---------------------------------------------------------------------------------------- parent
 def clear_weight_cache(settings: StartupSettings) -> int:
     """Delete this model's weight-cache entries of this dtype; returns how many."""
-    from selfspec.machine import resolve_dtype
-    from selfspec.models.registry import REGISTRY, cache_dir
+    from selfspec.hardware import resolve_dtype
+    from selfspec.paths import cache_dir
+    from selfspec.models.registry import REGISTRY
     from selfspec.models.weightcache import FOLDER, model_sha256
 
     path = REGISTRY[settings.model].path() if settings.model in REGISTRY else Path(settings.model).expanduser()
@@ -168,7 +169,7 @@ def run_startup(settings: StartupSettings, out_dir: Path, command: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "startup-workers.log"
     log.write_text("")
-    from selfspec.machine import cpu_info
+    from selfspec.hardware import cpu_info
 
     progress("cold load (weight cache emptied) ...")
     clear_weight_cache(settings)

@@ -6,7 +6,7 @@ the same threads, a warm-up generation first, and every prompt x repeat timed ar
 the progress bar, collects the runs, compares each method's greedy output with plain decoding and
 writes DIR/results.json, DIR/report.md and PNG charts (CONVENTIONS.md, "Benchmark").
 
-Methods are `selfspec.methods` specs: our drafters (`none`, `layer-skip`, `ngram`, `model`, with
+Methods are `selfspec.drafters.factory` specs: our drafters (`none`, `layer-skip`, `ngram`, `model`, with
 options such as `layer-skip:skip=F`) and other engines (`hf`, `hf-lookup`: transformers `generate`
 greedy and with prompt lookup; `llama-cpp`, `llama-cpp-lookup`: llama-cpp-python on the same GGUF).
 A missing optional engine is reported as "not installed", never as an error.
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from selfspec.errors import InvalidParameterError, SelfspecError
-from selfspec.methods import BENCH_DEFAULT, MethodSpec, parse_method
+from selfspec.drafters.factory import BENCH_DEFAULT, MethodSpec, parse_method
 
 EVENT = "@@selfspec-bench "  # prefix of worker event lines (anything else on stdout is ignored)
 SUITES = ("quick", "full", "code")
-SUITE_DIR = Path(__file__).parent / "data" / "suites"
+SUITE_DIR = Path(__file__).parents[1] / "data" / "suites"
 WARMUP_PROMPT = "Say hello."
 
 
@@ -209,7 +209,7 @@ class OursRunner(Runner):
     """Our engine with one of our drafters (or none)."""
 
     def __init__(self, spec: MethodSpec, settings: BenchSettings, model=None) -> None:
-        from selfspec.methods import build_drafter
+        from selfspec.drafters.factory import build_drafter
         from selfspec.models.loading import load_model
 
         opts = dict(spec.options)
@@ -269,7 +269,7 @@ class HFRunner(Runner):
         else:
             self.hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
         self.hf.eval()
-        from selfspec.device import resolve_device
+        from selfspec.hardware import resolve_device
 
         self.device = resolve_device(settings.device)
         self.hf.to(self.device)
@@ -408,7 +408,7 @@ def run_method(spec: MethodSpec, settings: BenchSettings, prompts: list[Prompt],
 
 
 def _worker_main() -> None:
-    """`python -m selfspec.bench` reads one job (JSON) on stdin and prints events on stdout."""
+    """`python -m selfspec.bench.run` reads one job (JSON) on stdin and prints events on stdout."""
     job = json.loads(sys.stdin.read())
     settings = BenchSettings(**job["settings"])
     prompts = [Prompt(p["id"], p["category"], tuple(p["turns"])) for p in job["prompts"]]
@@ -435,7 +435,7 @@ def _subprocess_events(spec: MethodSpec, settings: BenchSettings, prompts: list[
     job = {"method": spec.text, "settings": asdict(settings),
            "prompts": [{"id": p.id, "category": p.category, "turns": list(p.turns)} for p in prompts]}
     with open(log, "a") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "selfspec.bench"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "selfspec.bench.run"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, text=True)
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()
@@ -478,8 +478,8 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
         import torch
 
         settings.threads = torch.get_num_threads()
-    from selfspec.device import device_info, resolve_device
-    from selfspec.machine import cpu_info
+    from selfspec.hardware import device_info, resolve_device
+    from selfspec.hardware import cpu_info
 
     device = resolve_device(settings.device)  # `cuda` without a GPU fails here, before any worker
     settings.device = str(device)
@@ -520,7 +520,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
     results = {"command": command, "machine": machine, "settings": {**asdict(settings), "prompts": len(prompts)},
                "methods": methods, "runs": runs}
     _write_json(out_dir / "results.json", results)
-    from selfspec.bench_report import write_report
+    from selfspec.bench.report import write_report
 
     write_report(results, out_dir)
     return results

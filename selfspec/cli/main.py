@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.errors import SelfspecError
-from selfspec.methods import BENCH_DEFAULT, DRAFTS, build_drafter, default_draft
+from selfspec.drafters.factory import BENCH_DEFAULT, DRAFTS, build_drafter, default_draft
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lossless speculative decoding for local LLMs on CPU.")
@@ -43,7 +43,8 @@ def _fail(message: str) -> None:
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
     """List the embedded models."""
-    from selfspec.models.registry import REGISTRY, cache_dir
+    from selfspec.paths import cache_dir
+    from selfspec.models.registry import REGISTRY
 
     rows = []
     for e in REGISTRY.values():
@@ -181,7 +182,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
     gen = stream(m, text, drafter=drafter, **kwargs)
     painter = None
     if show_drafts:
-        from selfspec import show
+        from selfspec import draftview as show
 
         colour = not as_json and out.isatty()  # never into a pipe or a file
         painter = show.TerminalPainter(out, show.DraftView(m.tokenizer, gen.stats), colour=colour)
@@ -226,7 +227,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
 def _check_save_skip_config(drafter, path: Path) -> None:
     """Before generating: --save-skip-config needs a layer-skip drafter and a writable file."""
     from selfspec.drafters.layerskip import SkipConfig
-    from selfspec.search import check_out
+    from selfspec.search.study import check_out
 
     if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
         raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
@@ -267,7 +268,7 @@ def chat(
 ) -> None:
     """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
     conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
-    from selfspec import chat as chat_mod
+    from selfspec.cli import chat as chat_mod
     from selfspec.models.loading import load_model
     from selfspec.sampling import SamplingParams
 
@@ -327,7 +328,7 @@ def serve(
     /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
     try:
         from selfspec.sampling import SamplingParams
-        from selfspec.server import ServerSettings, choosable_drafts, run, warm_up
+        from selfspec.server.app import ServerSettings, choosable_drafts, run, warm_up
 
         defaults = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
@@ -385,9 +386,9 @@ def bench(
     """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
     if startup:
         return _bench_startup(out, model, dtype, threads, ctx_size, max_new_tokens, repeats, as_json)
-    from selfspec.bench import BenchSettings, run_bench
-    from selfspec.bench_report import ALL, summarise
-    from selfspec.methods import ENGINES, parse_methods
+    from selfspec.bench.run import BenchSettings, run_bench
+    from selfspec.bench.report import ALL, summarise
+    from selfspec.drafters.factory import ENGINES, parse_methods
 
     try:
         specs = parse_methods(methods)
@@ -422,7 +423,7 @@ def bench(
 
 
 def _bench_startup(out, model, dtype, threads, ctx_size, max_new_tokens, repeats, as_json) -> None:
-    from selfspec.bench_startup import StartupSettings, run_startup
+    from selfspec.bench.startup import StartupSettings, run_startup
 
     try:
         _check_model_spec(model)
@@ -565,7 +566,7 @@ def _search(*, model, out, prompts, suite, trials, timeout, storage, study_name,
             report_dir, as_json, device="auto") -> None:
     import optuna
 
-    from selfspec import search as ss
+    from selfspec.search import study as ss
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or ss.default_storage()
@@ -647,7 +648,7 @@ def _search_progress(objective: str):
 
 
 def _search_report(url, study_name, out, report_dir, as_json) -> None:
-    from selfspec.search_report import best_rows, load_study, write_charts
+    from selfspec.search.report import best_rows, load_study, write_charts
 
     study = load_study(url, study_name)
     rows = best_rows(study)
@@ -685,7 +686,7 @@ def datastore_build(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")] = False,
 ) -> None:
     """Tokenize a corpus (code, docs) with the model's tokenizer and index it for retrieval drafts."""
-    from selfspec.datastore import build_command
+    from selfspec.drafters.datastore import build_command
 
     try:
         report = build_command(model, corpus, out)
@@ -702,8 +703,8 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("list")
 def cache_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
     """What the cache folder holds, by kind."""
-    from selfspec.cachedir import entries
-    from selfspec.models.registry import cache_dir
+    from selfspec.paths import entries
+    from selfspec.paths import cache_dir
 
     rows = entries()
     if as_json:
@@ -724,7 +725,7 @@ def cache_clear(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Delete cached files; each kind is rebuilt on next use."""
-    from selfspec.cachedir import KINDS, clear
+    from selfspec.paths import KINDS, clear
 
     kinds = kinds or []
     for k in kinds:

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server (`selfspec serve`): /v1/models, /v1/completions,
 /v1/chat/completions (streamed as server-sent events when asked), /health and /metrics, and the
-playground page at / (selfspec/static/). Stream chunks carry which tokens were accepted drafts in
-the extension field `selfspec` (selfspec/show.py).
+playground page at / (selfspec/server/static/). Stream chunks carry which tokens were accepted drafts in
+the extension field `selfspec` (selfspec/draftview.py).
 
 One worker thread runs every generation in arrival order: the model and its KV cache are not
 thread-safe, and on a CPU two generations at once would only share the same cores. It is fed by a
@@ -35,13 +35,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import Generation, GenerationResult, stream
-from selfspec.methods import ALIASES, build_drafter
+from selfspec.drafters.factory import ALIASES, build_drafter
 from selfspec.prefix import PrefixCache
 from selfspec.sampling import SamplingParams
-from selfspec.server_api import ApiError, ChatRequest, CompletionRequest, Reply, parse_request, usage_of
-from selfspec.server_worker import POLL_SECONDS, Job, Metrics, Worker
+from selfspec.server.api import ApiError, ChatRequest, CompletionRequest, Reply, parse_request, usage_of
+from selfspec.server.worker import POLL_SECONDS, Job, Metrics, Worker
 
-log = logging.getLogger("selfspec.server")
+log = logging.getLogger("selfspec.server.app")
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
@@ -371,7 +371,7 @@ _STATIC_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self
 
 
 def _static(name: str) -> str:
-    return resources.files("selfspec").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("selfspec.server").joinpath("static", name).read_text(encoding="utf-8")
 
 
 class _ClientGone(Exception):

@@ -18,10 +18,10 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from selfspec.generation import Generation, GenerationResult
-from selfspec.server_api import ApiError
-from selfspec.show import DraftView
+from selfspec.server.api import ApiError
+from selfspec.draftview import DraftView
 
-log = logging.getLogger("selfspec.server")
+log = logging.getLogger("selfspec.server.app")
 
 POLL_SECONDS = 0.25  # how often the idle worker checks for a stop, and a waiting handler for its client
 
