@@ -12,12 +12,16 @@ message on a new line after the last answer.
 from __future__ import annotations
 
 import sys
-from typing import Iterator, TextIO
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional, TextIO
 
+import typer
+
+from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, command, load, sampling_params, split_drafter
 from selfspec.errors import ContextOverflowError, SelfspecError
-from selfspec.generation import Generation, SpecStats, stream
-from selfspec.prefix import PrefixCache
-from selfspec.sampling import SamplingParams
+
+if TYPE_CHECKING:  # torch: imported when a session starts, not for `--help`
+    from selfspec.generation import Generation, SpecStats
+    from selfspec.sampling import SamplingParams
 
 HELP = "/reset starts over, /stats shows the last turn's numbers, /exit or Ctrl-D quits; Ctrl-C stops an answer."
 
@@ -27,6 +31,9 @@ class ChatSession:
 
     def __init__(self, model, drafter=None, sampling: SamplingParams | None = None, max_new_tokens: int = 512,
                  system: str | None = None, chat: bool | None = None) -> None:
+        from selfspec.prefix import PrefixCache
+        from selfspec.sampling import SamplingParams
+
         self.model = model
         self.drafter = drafter
         self.sampling = sampling or SamplingParams()
@@ -57,6 +64,8 @@ class ChatSession:
     def ask(self, message: str) -> Iterator[str]:
         """Stream the answer to `message`. The conversation keeps what was streamed, also when
         the caller stops early (close the iterator, or Ctrl-C inside it)."""
+        from selfspec.generation import stream
+
         ids = self.prompt_ids(message)
         room = self.model.ctx_size - len(ids)
         if room < 1:
@@ -138,3 +147,33 @@ def run(session: ChatSession, out: TextIO = sys.stdout) -> int:
             out.write(f"error: {e}")
         out.write("\n")
         out.flush()
+
+
+@command(interrupted="interrupted")
+def open_session(
+    model=MODEL,
+    system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
+    chat_template: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one; a model without one chats in raw text, continuing the conversation's text).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
+    sampling=SAMPLING,
+    drafter=DRAFTER,
+) -> ChatSession:
+    from selfspec.drafters.factory import build_drafter
+
+    sampling = sampling_params(sampling)
+    draft, options = split_drafter(drafter, model.model)
+    if max_new_tokens < 1:
+        raise SelfspecError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    m = load(model)
+    drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
+    return ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system, chat=chat_template)
+
+
+def chat(**options) -> None:
+    """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
+    conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
+    raise typer.Exit(run(open_session(**options)))
+
+
+chat.__signature__ = open_session.__signature__  # the options of open_session; the loop outside its handlers
+chat.__annotations__ = open_session.__annotations__

@@ -1,0 +1,79 @@
+"""`selfspec bench`: methods against our plain decoding on a prompt suite, or --startup."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from selfspec.cli.options import MODEL, SAMPLING, Json, check_model_spec, command
+from selfspec.drafters.factory import BENCH_DEFAULT
+
+
+@command(interrupted="interrupted")
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
+    model=MODEL,
+    suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
+                                              "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
+                                              "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
+                                              "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
+                                              "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
+    sampling=SAMPLING,
+    repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
+    startup: Annotated[bool, typer.Option("--startup", help="Instead of methods on a suite: load time cold vs warm (weight cache emptied / present, fresh processes; --repeats warm loads, at least 3) and time to first token of turn 5 of a chat with and without prompt-prefix reuse (-n tokens per answer). Writes startup.json and startup.md.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
+    if startup:
+        model.pop("device")  # --startup loads on the default device
+        return _startup(out, max_new_tokens, repeats, as_json, **model)
+    from selfspec.bench.report import ALL, summarise
+    from selfspec.bench.run import BenchSettings, run_bench
+    from selfspec.drafters.factory import ENGINES, parse_methods
+
+    specs = parse_methods(methods)
+    settings = BenchSettings(suite=suite, methods=[s.text for s in specs], max_new_tokens=max_new_tokens,
+                             repeats=repeats, chat=chat, **sampling, **model)
+    check_model_spec(model.model)
+    results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
+    s = summarise(results)
+    status = {m["method"]: m for m in results["methods"]}
+    lines = []
+    for m in s["methods"]:
+        row = s["table"].get(m, {}).get(ALL)
+        if row is None:
+            lines.append(f"{m:24s} {status[m]['status']}: {status[m]['reason']}")
+            continue
+        engine = status[m]["kind"] in ENGINES
+        flag = {True: "same as plain", None: "",
+                False: "differs from plain (another engine's numerics)" if engine else "OUTPUT DIFFERS FROM PLAIN"}[row["same"]]
+        lines.append(f"{m:24s} {row['tokens_per_s']:7.1f} tok/s  {row['speedup']:.2f}x  {flag}")
+    print("\n".join(lines) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        sys.stdout.write(json.dumps({"out": str(out), "summary": {m: s["table"][m].get(ALL) for m in s["methods"]
+                                                                  if s["table"].get(m)},
+                                     "methods": results["methods"]}) + "\n")
+
+
+def _startup(out, max_new_tokens, repeats, as_json, *, model, dtype, threads, ctx_size) -> None:
+    from selfspec.bench.startup import StartupSettings, run_startup
+
+    check_model_spec(model)
+    settings = StartupSettings(model=model, dtype=dtype, threads=threads, ctx_size=ctx_size,
+                               max_new_tokens=max_new_tokens, repeats=max(repeats, 3))
+    results = run_startup(settings, out, command="selfspec " + " ".join(sys.argv[1:]),
+                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    text = (Path(out) / "startup.md").read_text()
+    print(text + f"report: {Path(out) / 'startup.md'}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        t = results["ttft"]
+        sys.stdout.write(json.dumps({"out": str(out), "cold_load_seconds": results["cold_load"]["load_seconds"],
+                                     "warm_load_seconds": results["warm_load_seconds"],
+                                     "ttft_cold_seconds": t["cold_ttft_seconds"], "ttft_warm_seconds": t["warm_ttft_seconds"],
+                                     "ttft_speedup": t["speedup"], "same_output": t["same_output"]}) + "\n")

@@ -1,0 +1,74 @@
+"""`selfspec models` (the embedded models) and `selfspec cache list|clear` (the cache folder)."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from selfspec.cli.options import Json, command
+from selfspec.errors import SelfspecError
+
+app = typer.Typer(no_args_is_help=True, help="List or clear the cache folder (SELFSPEC_CACHE, default ~/.cache/selfspec).")
+
+
+def _table(*columns: str, rows, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, title=title)
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def models(as_json: Json = False) -> None:
+    """List the embedded models."""
+    from selfspec.models.registry import REGISTRY
+    from selfspec.paths import cache_dir
+
+    rows = []
+    for e in REGISTRY.values():
+        parts = e.part_paths()
+        assembled = cache_dir() / "models" / e.file_name
+        path = (str(parts[0]) if len(parts) == 1 else str(assembled) if assembled.is_file()
+                else f"{len(parts)} parts, assembled on first use") if parts else "-"
+        rows.append({"alias": e.alias, "arch": e.arch, "layers": e.n_layers, "params": e.params,
+                     "installed": parts is not None, "path": path,
+                     "install": None if parts else e.install_hint})
+    if as_json:
+        return typer.echo(json.dumps({"models": rows}))
+    _table("alias", "arch", "layers", "params", "installed", "file",
+           rows=[(r["alias"], r["arch"], str(r["layers"]), r["params"], "yes" if r["installed"] else "no",
+                  r["path"] if r["installed"] else f"install: {r['install']}") for r in rows])
+
+
+@app.command("list")
+def cache_list(as_json: Json = False) -> None:
+    """What the cache folder holds, by kind."""
+    from selfspec.paths import cache_dir, entries
+
+    rows = entries()
+    if as_json:
+        return typer.echo(json.dumps({"cache_dir": str(cache_dir()), "kinds": rows}))
+    _table("kind", "size", "entries", "what", title=str(cache_dir()),
+           rows=[(r["kind"], f"{r['bytes'] / 2**20:.1f} MiB", str(r["entries"]), r["what"]) for r in rows])
+
+
+@app.command("clear")
+@command()
+def cache_clear(
+    kinds: Annotated[Optional[list[str]], typer.Argument(help="Kinds to delete (see `selfspec cache list`); all when none given.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete cached files; each kind is rebuilt on next use."""
+    from selfspec.paths import KINDS, clear
+
+    kinds = kinds or []
+    for k in kinds:
+        if k not in KINDS:
+            raise SelfspecError(f"unknown cache kind {k!r}; kinds: {', '.join(KINDS)}")
+    if not yes and not typer.confirm(f"delete {', '.join(kinds) or 'everything'} from the cache?", err=True):
+        raise typer.Exit(1)
+    freed = clear(kinds)
+    typer.echo(f"freed {freed / 2**20:.1f} MiB")

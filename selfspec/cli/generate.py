@@ -1,0 +1,134 @@
+"""`selfspec generate`: one prompt, the answer streamed as it is decoded."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, Json, command, load, sampling_params, split_drafter
+from selfspec.errors import SelfspecError
+
+
+@command(interrupted="interrupted")
+def generate(
+    model=MODEL,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (else --prompt-file or stdin).")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from a file.")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the model's chat template (default: when it has one).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
+    sampling=SAMPLING,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeat for several.")] = None,
+    drafter=DRAFTER,
+    save_skip_config: Annotated[Optional[Path], typer.Option(help="After generating, write the layer-skip drafter's skip config here (with --skip-config online: the set found so far).")] = None,
+    compare: Annotated[bool, typer.Option(help="Also run plain decoding and report the speedup and whether the output is identical.")] = False,
+    show_drafts: Annotated[bool, typer.Option("--show-drafts", help="Colour the streamed text: accepted draft tokens green, the target's own tokens magenta (underlined where a draft was rejected); then a summary line (tau, acceptance, speedup vs the cost model's estimate of plain decoding) on stderr. Colour only when stdout is a terminal; with --json or a pipe the text is plain and the JSON gets each token's origin.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Experimental, GPU only: torch.compile the decode/draft/verify forward. On the CPU it runs eagerly (compiled CPU graphs are not row-invariant, so output could change; they were also slower).")] = False,
+    as_json: Json = False,
+) -> None:
+    """Generate text, streaming it as it is decoded."""
+    from selfspec.drafters.factory import build_drafter
+    from selfspec.generation import check_request, stream
+
+    text = _read_prompt(prompt, prompt_file)
+    if not text.strip():
+        raise SelfspecError("the prompt is empty; give some text")
+    sampling = sampling_params(sampling)
+    draft, options = split_drafter(drafter, model.model)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SelfspecError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+    out = sys.stderr if as_json else sys.stdout
+    m = load(model, compile=compile)
+    if compile:
+        print(f"--compile: {m.transformer.compile_status}", file=sys.stderr)
+    # A prompt too long for the context is refused now, before a drafter is built (auto's cost
+    # calibration takes minutes on a new context size).
+    check_request(m, m.encode(text, chat=chat, system=system), max_new_tokens)
+    drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
+    if save_skip_config is not None:
+        _check_save_skip_config(drafter, save_skip_config)
+    kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
+    if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
+        for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
+            pass
+    gen = stream(m, text, drafter=drafter, **kwargs)
+    painter = None
+    if show_drafts:
+        from selfspec import draftview as show
+
+        colour = not as_json and out.isatty()  # never into a pipe or a file
+        painter = show.TerminalPainter(out, show.DraftView(m.tokenizer, gen.stats), colour=colour)
+    for chunk in gen:
+        if painter is not None:
+            painter.write(chunk)
+            continue
+        out.write(chunk.text)
+        out.flush()
+    out.write("\n")
+    result = gen.result
+    report = result.to_dict()
+    line = _summary(result.stats)
+    if painter is not None:
+        painter.legend()
+        step = show.plain_step_seconds(m, drafter)
+        report["show_drafts"] = {"origins": painter.view.origins[: len(result.token_ids)],
+                                 **show.estimate(result.stats, step)}
+        drafts_line = show.summary_line(result.stats, step)
+    if compare:
+        plain = stream(m, text, drafter=None, **kwargs)
+        for _ in plain:
+            pass
+        base = plain.result
+        speedup = result.stats.tokens_per_s / base.stats.tokens_per_s if base.stats.tokens_per_s else 0.0
+        same = base.token_ids == result.token_ids
+        report["compare"] = {"plain_tokens_per_s": base.stats.tokens_per_s, "speedup": speedup,
+                             "same_as_plain": same}
+        line += f" | plain {base.stats.tokens_per_s:.1f} tok/s -> speedup {speedup:.2f}x, " + (
+            "output identical to plain decoding" if same else "OUTPUT DIFFERS from plain decoding")
+    print(line, file=sys.stderr)
+    if painter is not None:
+        print(drafts_line, file=sys.stderr)
+    if save_skip_config is not None:
+        drafter.config.save(save_skip_config)
+        report["skip_config"] = str(save_skip_config)
+        print(f"wrote the skip config to {save_skip_config}", file=sys.stderr)
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise SelfspecError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text()
+        except OSError as e:
+            raise SelfspecError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from None
+    if prompt is not None:
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise SelfspecError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    return sys.stdin.read()
+
+
+def _check_save_skip_config(drafter, path: Path) -> None:
+    """Before generating: --save-skip-config needs a layer-skip drafter and a writable file."""
+    from selfspec.drafters.layerskip import SkipConfig
+    from selfspec.search.study import check_out
+
+    if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
+        raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
+    check_out(path, flag="--save-skip-config")
+
+
+def _summary(s) -> str:
+    parts = [f"{s.new_tokens} tokens", f"{s.tokens_per_s:.1f} tok/s (decode)", f"prefill {s.prefill_seconds:.2f}s",
+             f"load {s.load_seconds:.1f}s", f"draft {s.drafter}", f"dtype {s.dtype}"]
+    if s.drafter != "none":
+        parts += [f"tau {s.mean_accepted_tokens:.2f}", f"accepted {100 * s.acceptance_rate:.0f}%"]
+    if "compile_seconds" in s.extras:
+        parts.append(f"compile {s.extras['compile_seconds']:.1f}s")
+    return "[" + ", ".join(parts) + "]"

@@ -1,0 +1,154 @@
+"""`selfspec search`: the skip set of self-speculative decoding (Bayesian search, Optuna), and
+--report on a study."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from selfspec.cli.options import MODEL, SAMPLING, Json, check_model_spec, command, load, sampling_params
+from selfspec.errors import SelfspecError
+
+
+@command(interrupted="interrupted: finished trials are kept in the study; run the same command again to resume")
+def search(
+    model=MODEL,
+    out: Annotated[Optional[Path], typer.Option(help="Write the skip-config JSON here (atomically).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Calibration prompts, JSONL with a \"prompt\" per line (default: the shipped calibration set).")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="Use the bench suite NAME as calibration prompts instead.")] = None,
+    trials: Annotated[int, typer.Option(help="Finished trials wanted in the study, counting those of earlier runs and other workers.")] = 40,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many minutes.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna RDB URL (default sqlite:///<cache>/studies.db). SQLite for one machine; a postgresql:// or mysql:// URL lets workers on many machines share a study.")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Default: derived from the model, objective and settings, so the same command resumes.")] = None,
+    objective: Annotated[str, typer.Option(help="tokens_per_s (measured self-speculative decoding) | match_rate (SWIFT proxy: draft top-1 == full model's, at a fixed skip fraction).")] = "tokens_per_s",
+    sampler: Annotated[str, typer.Option(help="gp | tpe.")] = "gp",
+    keep_first: Annotated[int, typer.Option(help="Never skip sub-layers of the first N layers.")] = 1,
+    keep_last: Annotated[int, typer.Option(help="Never skip sub-layers of the last N layers.")] = 1,
+    max_skip_fraction: Annotated[float, typer.Option(help="Most sub-layers a set may skip, as a fraction of all of them.")] = 0.5,
+    skip_fraction: Annotated[float, typer.Option(help="match_rate: the fraction every set skips (at least); also the size of the seeded starting sets.")] = 0.25,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="New tokens per calibration prompt and trial.")] = 32,
+    max_draft: Annotated[int, typer.Option(help="Most draft tokens per round.")] = 8,
+    draft_vocab: Annotated[Optional[int], typer.Option(help="As in generate: draft head over the context's tokens plus N frequent ones.")] = None,
+    draft: Annotated[str, typer.Option(help="layer-skip (full-precision draft) | quantized (the skip set of a precision self-draft: int8/int4 weights and skipped sub-layers; the config records draft_bits).")] = "layer-skip",
+    draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized: 8 or 4 (default 8).")] = None,
+    sampling=SAMPLING,
+    report: Annotated[bool, typer.Option("--report", help="Print the study's best trials and write PNG charts; no search.")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option(help="Folder for the --report charts (default: next to --out, else the current folder).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Find the skip set of self-speculative decoding for a model (Bayesian search), resumable and
+    shareable between worker processes; writes the skip-config JSON for --draft layer-skip."""
+    import optuna
+
+    from selfspec.search import study as ss
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or ss.default_storage()
+    if report:
+        return _search_report(url, study_name, out, report_dir, as_json)
+    settings = ss.SearchSettings(trials=trials, objective=objective, sampler=sampler, keep_first=keep_first,
+                                 keep_last=keep_last, max_skip_fraction=max_skip_fraction,
+                                 skip_fraction=skip_fraction, seed=sampling.seed or 0, max_new_tokens=max_new_tokens,
+                                 max_draft=max_draft, draft_vocab=draft_vocab, timeout_minutes=timeout,
+                                 draft_bits=_search_bits(draft, draft_bits))
+    settings.check()
+    params = sampling_params(sampling)
+    if out is None:
+        raise SelfspecError("give --out FILE.json, where the skip config will be written")
+    check_model_spec(model.model)
+    ss.check_out(out)
+    texts, source = ss.calibration_prompts(prompts, suite)
+    ss.check_spec_study(ss.open_storage(url), study_name, model.model)  # before minutes of loading
+    m = load(model)
+    print(f"measuring plain decoding on {len(texts)} calibration prompts ({source}) ...", file=sys.stderr, flush=True)
+    on_progress, bar = _search_progress(objective)
+    try:
+        result = ss.run_search(m, texts, settings, params, out=out, storage=url, study_name=study_name,
+                               prompts_source=source, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    c = result.config
+    line = (f"best of {result.trials} trials ({result.ran} run now), study {result.study_name!r}: {objective} "
+            f"{c.objective['value']:.4g}; skips {len(c.attention)} attention + {len(c.mlp)} MLP sub-layers; "
+            f"{result.tokens_per_s:.1f} tok/s vs plain {result.baseline_tokens_per_s:.1f} "
+            f"({c.search['speedup']:.2f}x, tau {c.search['tau']:.2f}); wrote {out}")
+    print(line, file=sys.stderr)
+    if as_json:
+        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out)}) + "\n")
+
+
+def _search_bits(draft: str, draft_bits: int | None) -> int | None:
+    if draft not in ("layer-skip", "quantized"):
+        raise SelfspecError(f"search --draft must be layer-skip or quantized, got {draft!r}")
+    if draft == "layer-skip" and draft_bits is not None:
+        raise SelfspecError("--draft-bits is for search --draft quantized")
+    return (draft_bits or 8) if draft == "quantized" else None
+
+
+def _search_progress(objective: str):
+    """(callback, rich bar or None): a live bar on a terminal (trial k/N, best so far, skip
+    fraction of the trial running, ETA); one line per trial into a log file."""
+    if not sys.stderr.isatty():
+        def lines(p) -> None:
+            if p.event == "baseline":
+                print(f"plain decoding: {p.value:.2f} tok/s; {p.done} of {p.total} trials done before",
+                      file=sys.stderr, flush=True)
+            if p.event == "trial":
+                value = "-" if p.value is None else f"{p.value:.4g}"
+                best = "-" if p.best is None else f"{p.best:.4g}"
+                print(f"trial {p.done}/{p.total}: {objective} {value}, best {best}", file=sys.stderr, flush=True)
+        return lines, None
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("best {task.fields[best]}"), TextColumn("skip {task.fields[skip]}"),
+                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    task = None
+
+    def update(p) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("search", total=p.total, best="-", skip="-", note="")
+        if p.event == "baseline":
+            bar.console.print(f"plain decoding: {p.value:.2f} tok/s")
+        fields = {"best": "-" if p.best is None else f"{p.best:.4g}",
+                  "note": "waiting for other workers" if p.event == "wait" else ""}
+        if p.skip_fraction is not None:
+            fields["skip"] = f"{100 * p.skip_fraction:.0f}%"
+        bar.update(task, completed=p.done, **fields)
+
+    return update, bar
+
+
+def _search_report(url, study_name, out, report_dir, as_json) -> None:
+    from selfspec.search.report import best_rows, load_study, write_charts
+
+    study = load_study(url, study_name)
+    rows = best_rows(study)
+    folder = report_dir or (out.parent if out is not None else Path("."))
+    charts = write_charts(study, folder)
+    if as_json:
+        sys.stdout.write(json.dumps({"study": study.study_name, "best": rows, "charts": [str(p) for p in charts]}) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    objective = study.user_attrs.get("objective", "value")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    table = Table("trial", objective, "skip", "tau", "accepted", "attention", "mlp",
+                  title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(done)} finished trials)")
+    for r in rows:
+        table.add_row(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
+                      "-" if r["tau"] is None else f"{r['tau']:.2f}",
+                      "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%",
+                      " ".join(map(str, r["attention"])), " ".join(map(str, r["mlp"])))
+    Console().print(table)
+    for p in charts:
+        print(f"wrote {p}", file=sys.stderr)
