@@ -6,20 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import Json, command
+from selfspec.cli.options import Json, command, table
 from selfspec.errors import SelfspecError
 
 app = typer.Typer(no_args_is_help=True, help="List or clear the cache folder (SELFSPEC_CACHE, default ~/.cache/selfspec).")
-
-
-def _table(*columns: str, rows, title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*columns, title=title)
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
 
 
 def models(as_json: Json = False) -> None:
@@ -38,7 +28,7 @@ def models(as_json: Json = False) -> None:
                      "install": None if parts else e.install_hint})
     if as_json:
         return typer.echo(json.dumps({"models": rows}))
-    _table("alias", "arch", "layers", "params", "installed", "file",
+    table("alias", "arch", "layers", "params", "installed", "file",
            rows=[(r["alias"], r["arch"], str(r["layers"]), r["params"], "yes" if r["installed"] else "no",
                   r["path"] if r["installed"] else f"install: {r['install']}") for r in rows])
 
@@ -51,7 +41,7 @@ def cache_list(as_json: Json = False) -> None:
     rows = entries()
     if as_json:
         return typer.echo(json.dumps({"cache_dir": str(cache_dir()), "kinds": rows}))
-    _table("kind", "size", "entries", "what", title=str(cache_dir()),
+    table("kind", "size", "entries", "what", title=str(cache_dir()),
            rows=[(r["kind"], f"{r['bytes'] / 2**20:.1f} MiB", str(r["entries"]), r["what"]) for r in rows])
 
 

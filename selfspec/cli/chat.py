@@ -150,14 +150,16 @@ def run(session: ChatSession, out: TextIO = sys.stdout) -> int:
 
 
 @command(interrupted="interrupted")
-def open_session(
+def chat(
     model=MODEL,
     system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
     chat_template: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one; a model without one chats in raw text, continuing the conversation's text).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
     sampling=SAMPLING,
     drafter=DRAFTER,
-) -> ChatSession:
+) -> None:
+    """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
+    conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
     from selfspec.drafters.factory import build_drafter
 
     sampling = sampling_params(sampling)
@@ -166,14 +168,5 @@ def open_session(
         raise SelfspecError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     m = load(model)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
-    return ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system, chat=chat_template)
-
-
-def chat(**options) -> None:
-    """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
-    conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
-    raise typer.Exit(run(open_session(**options)))
-
-
-chat.__signature__ = open_session.__signature__  # the options of open_session; the loop outside its handlers
-chat.__annotations__ = open_session.__annotations__
+    session = ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system, chat=chat_template)
+    raise typer.Exit(run(session))

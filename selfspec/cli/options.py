@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -23,21 +22,16 @@ from selfspec.errors import SelfspecError
 DEFAULT_MODEL = "smollm2-135m"
 
 
-@dataclass(frozen=True)
-class Opt:
-    type: Any  # Annotated[type, typer.Option(...)]
-    default: Any
-
-
-def _opt(default, type_, *decls: str, **info) -> Opt:
-    return Opt(Annotated[type_, typer.Option(*decls, **info)], default)
+def _opt(default, type_, *decls: str, **info) -> tuple:
+    """(the parameter's annotation for typer, its default)"""
+    return Annotated[type_, typer.Option(*decls, **info)], default
 
 
 DRAFT_HELP = (f"{'|'.join(DRAFTS)} ({', '.join(TRAINED)}: trained, need --drafter-weights). auto (the default) "
               "picks the drafter and draft length per round from costs measured on this machine (serve: and keeps "
               "learning them and each drafter's acceptance across requests), and decodes plainly when no drafter pays.")
 
-OPTIONS: dict[str, Opt] = {
+OPTIONS: dict[str, tuple] = {  # parameter name -> (annotation, default)
     # the model and how it runs
     "model": _opt(DEFAULT_MODEL, str, "--model", "-m", help="Registry alias (see `selfspec models`), .gguf file or HF folder."),
     "dtype": _opt("auto", str, help="auto|fp32|bf16|int8|int4 (auto: fp32, the model at full precision, the same answer on every machine; bf16 and int8/int4 weight-only quantised linears change the output and are opt-in)."),
@@ -112,8 +106,8 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
         for p in own:
             if isinstance(p.default, Group):
                 groups[p.name] = p.default.names
-                params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=OPTIONS[n].type,
-                                             default=p.default.defaults.get(n, OPTIONS[n].default))
+                params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=OPTIONS[n][0],
+                                             default=p.default.defaults.get(n, OPTIONS[n][1]))
                            for n in p.default.names]
             else:
                 params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
@@ -126,7 +120,8 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
             try:
                 return func(**args)
             except SelfspecError as e:
-                fail(str(e))
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2)
             except KeyboardInterrupt:
                 if interrupted is None:
                     raise
@@ -139,11 +134,6 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper
     return decorate
-
-
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def sampling_params(v: Values):
@@ -183,3 +173,14 @@ def check_model_spec(model: str) -> None:
             raise ModelLoadError(f"model {model!r} is not installed; install: {REGISTRY[model].install_hint}")
     elif not Path(model).expanduser().exists():
         raise ModelLoadError(f"model {model!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
+
+
+def table(*columns: str, rows, title: str | None = None) -> None:
+    """Print a rich table of `rows` (tuples of strings)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(*columns, title=title)
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)

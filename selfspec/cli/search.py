@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, SAMPLING, Json, check_model_spec, command, load, sampling_params
+from selfspec.cli.options import MODEL, SAMPLING, Json, check_model_spec, command, load, sampling_params, table
 from selfspec.errors import SelfspecError
 
 
@@ -137,18 +137,12 @@ def _search_report(url, study_name, out, report_dir, as_json) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"study": study.study_name, "best": rows, "charts": [str(p) for p in charts]}) + "\n")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    objective = study.user_attrs.get("objective", "value")
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    table = Table("trial", objective, "skip", "tau", "accepted", "attention", "mlp",
-                  title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(done)} finished trials)")
-    for r in rows:
-        table.add_row(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
-                      "-" if r["tau"] is None else f"{r['tau']:.2f}",
-                      "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%",
-                      " ".join(map(str, r["attention"])), " ".join(map(str, r["mlp"])))
-    Console().print(table)
+    table("trial", study.user_attrs.get("objective", "value"), "skip", "tau", "accepted", "attention", "mlp",
+          title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(done)} finished trials)",
+          rows=[(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
+                 "-" if r["tau"] is None else f"{r['tau']:.2f}",
+                 "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%",
+                 " ".join(map(str, r["attention"])), " ".join(map(str, r["mlp"]))) for r in rows])
     for p in charts:
         print(f"wrote {p}", file=sys.stderr)
