@@ -31,15 +31,15 @@ def bench(
 ) -> None:
     """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
     if startup:
-        model.pop("device")  # --startup loads on the default device
-        return _startup(out, max_new_tokens, repeats, as_json, **model)
+        del model.device  # --startup loads on the default device
+        return _startup(out, max_new_tokens, repeats, as_json, **vars(model))
     from selfspec.bench.report import ALL, summarise
     from selfspec.bench.run import BenchSettings, run_bench
     from selfspec.drafters.factory import ENGINES, parse_methods
 
     specs = parse_methods(methods)
     settings = BenchSettings(suite=suite, methods=[s.text for s in specs], max_new_tokens=max_new_tokens,
-                             repeats=repeats, chat=chat, **sampling, **model)
+                             repeats=repeats, chat=chat, **vars(sampling), **vars(model))
     check_model_spec(model.model)
     results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
     s = summarise(results)

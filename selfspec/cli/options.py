@@ -2,8 +2,8 @@
 and `command`, which gives a command function its shared options and its error handling.
 
 A command names a group where its options go, e.g. `sampling=SAMPLING`: `--help` lists the
-group's options there, and the function receives their values as one `Values` (a dict that also
-reads as attributes). A group may be narrowed to some of its options or given other defaults:
+group's options there, and the function receives their values as one namespace (`vars()` of it
+is a dict of them). A group may be narrowed to some of its options or given other defaults:
 `MODEL("model", "dtype", dtype="fp32")`. Importing this module must not import torch (`--help`
 and argument errors stay fast).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -85,16 +86,6 @@ DRAFTER = Group("draft", "skip_config", "draft_bits", "max_draft", "gamma", "alp
                 "draft_vocab", "drafter_weights")
 
 
-class Values(dict):
-    """The values of a group's options, by parameter name; also as attributes."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 def command(interrupted: str | Callable[[dict], str] | None = None):
     """Decorator: expand the function's Group parameters into their options (for typer) and pack
     their values back; a SelfspecError prints one `error: ...` line and exits 2; Ctrl-C prints
@@ -116,7 +107,7 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
 
         def wrapper(**kw):
             args = {n: kw.pop(n) for n in list(kw) if not any(n in g for g in groups.values())}
-            args.update({g: Values({n: kw[n] for n in ns}) for g, ns in groups.items()})
+            args.update({g: SimpleNamespace(**{n: kw[n] for n in ns}) for g, ns in groups.items()})
             try:
                 return func(**args)
             except SelfspecError as e:
@@ -136,7 +127,7 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
     return decorate
 
 
-def sampling_params(v: Values):
+def sampling_params(v: SimpleNamespace):
     """The SamplingParams of the SAMPLING options (checked there)."""
     from selfspec.sampling import SamplingParams
 
@@ -144,9 +135,9 @@ def sampling_params(v: Values):
                           repetition_penalty=v.repetition_penalty, seed=v.seed)
 
 
-def split_drafter(v: Values, model: str, *, datastore_check: bool = True) -> tuple[str, dict]:
+def split_drafter(v: SimpleNamespace, model: str, *, datastore_check: bool = True) -> tuple[str, dict]:
     """(the --draft value, defaulted and checked; the other DRAFTER options as build_drafter keywords)."""
-    options = dict(v)
+    options = dict(vars(v))
     draft = options.pop("draft") or default_draft(model)
     if draft not in DRAFTS:
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
@@ -155,7 +146,7 @@ def split_drafter(v: Values, model: str, *, datastore_check: bool = True) -> tup
     return draft, options
 
 
-def load(v: Values, **extra):
+def load(v: SimpleNamespace, **extra):
     """Load the MODEL options' model, saying so on stderr."""
     from selfspec.models.loading import load_model
 

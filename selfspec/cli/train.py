@@ -38,7 +38,7 @@ def train_drafter(
     settings = TrainSettings(steps=steps, batch=batch, window=window, lr=lr, seed=seed,
                              checkpoint_every=checkpoint_every)
     result = run(kind=kind, out=out, exit_layer=exit_layer, heads=heads, data=data, self_distill=self_distill,
-                 distill_tokens=distill_tokens, settings=settings, resume=resume, chat=chat, **model)
+                 distill_tokens=distill_tokens, settings=settings, resume=resume, chat=chat, **vars(model))
     d = result["distill"]
     print(f"{result['kind']}: {result['sequences']} sequences, {result['tokens']} tokens "
           f"(distilled in {d['seconds']:.1f} s{', cached' if d['cached'] else ''}); features {result['feature_seconds']:.1f} s; "
