@@ -303,7 +303,7 @@ def test_exact_under_forced_avx2():
               "or (fallback_is_row_invariant and gemma2 and fp32) or probe_finds or (smollm and (fp32 or bf16))")
     proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider",
                            "-k", subset, "-m", "not slow"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     print(f"forced AVX2 rerun (exit {proc.returncode}):\n{tail}")
     assert proc.returncode == 0, f"the row-invariance subset failed under forced AVX2:\n{tail}"
