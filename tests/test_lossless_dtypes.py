@@ -21,7 +21,7 @@ from selfspec.drafters.quantized import QuantizedSelfDrafter
 from selfspec.drafters.retrieval import RetrievalDrafter
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
-from selfspec.methods import build_drafter
+from selfspec.drafters.factory import build_drafter
 from tiny import DTYPES
 
 FAST_PROMPTS = (PROMPTS[1], PROMPTS[2])  # code; a grounded summary (n-gram drafts get accepted)
@@ -36,7 +36,7 @@ _plain: dict = {}
 def stdlib_store(model):
     """A retrieval datastore over a corpus every machine has (the standard library's json
     package), built once per model."""
-    from selfspec.datastore import build_store, corpus_files
+    from selfspec.drafters.datastore import build_store, corpus_files
 
     if model.name not in _stores:
         _stores[model.name] = build_store(model.tokenizer, model.name, corpus_files([Path(json.__file__).parent]))
