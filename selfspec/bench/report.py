@@ -10,6 +10,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from selfspec.paths import atomic_write_text
+
 ALL = "all"
 
 
@@ -118,7 +120,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
     if charts:
         lines += [""] + [f"![{name}]({name})" for name in charts]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

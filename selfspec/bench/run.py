@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.paths import atomic_write_json
 from selfspec.drafters.factory import BENCH_DEFAULT, MethodSpec, parse_method
 
 EVENT = "@@selfspec-bench "  # prefix of worker event lines (anything else on stdout is ignored)
@@ -234,20 +235,15 @@ class OursRunner(Runner):
 
 
 def _model_path(spec: str) -> Path:
-    from selfspec.models.registry import REGISTRY
+    from selfspec.models.loading import model_path
 
-    if spec in REGISTRY:
-        return REGISTRY[spec].path()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise SelfspecError(f"model {spec!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
-    return path
+    return model_path(spec)[0]
 
 
 def _tokenizer(path: Path):
-    from selfspec.models import loading
+    from selfspec.models.loading import tokenizer_at
 
-    return loading._load_hf_tokenizer(path) if path.is_dir() else loading._load_gguf_tokenizer(path)
+    return tokenizer_at(path)
 
 
 class HFRunner(Runner):
@@ -519,7 +515,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
     _mark_same_as_plain(runs, specs, settings)
     results = {"command": command, "machine": machine, "settings": {**asdict(settings), "prompts": len(prompts)},
                "methods": methods, "runs": runs}
-    _write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "results.json", results)
     from selfspec.bench.report import write_report
 
     write_report(results, out_dir)
@@ -543,12 +539,6 @@ def _prepare_out(out_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise InvalidParameterError(f"cannot write to --out {out_dir}: {e.strerror}") from None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _mark_same_as_plain(runs: list[dict], specs: list[MethodSpec], settings: BenchSettings) -> None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from collections import Counter
 
 import torch
 
+from selfspec.paths import atomic_write_json
 from selfspec.models.transformer import CHUNK, Linear, Transformer
 
 log = logging.getLogger("selfspec.rows")
@@ -107,10 +107,8 @@ def _read_cache() -> dict:
 
 def _write_cache(data: dict) -> None:
     path = _cache_file()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(path, data, sort_keys=True)
     except OSError as e:
         log.warning("could not write %s: %s", path, e)
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from selfspec.paths import atomic_write_json
 from selfspec.errors import InvalidParameterError
 from selfspec.paths import cache_dir
 from selfspec.train.progress import Bar
@@ -92,8 +93,6 @@ def distill(model, prompts: list[list[int]], n: int, max_new_tokens: int, seed: 
             new_tokens += r.stats.new_tokens
             bar.advance(tps=new_tokens / seconds if seconds else 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sequences": sequences, "seconds": seconds, "new_tokens": new_tokens,
-                               "settings": settings}))
-    tmp.replace(path)
+    atomic_write_json(path, {"sequences": sequences, "seconds": seconds, "new_tokens": new_tokens,
+                             "settings": settings}, indent=None)
     return sequences, {"cached": False, "seconds": seconds, "new_tokens": new_tokens, "path": str(path)}
