@@ -75,6 +75,17 @@ AUTO_REASON = ("fp32: the model at full activation precision gives the same answ
                "opt-in (--dtype)")
 
 
+def set_threads(threads: int | None) -> None:
+    """Set PyTorch's (and so our kernels') CPU thread count for the whole process; None leaves it.
+    Process-wide: entry points (the CLI commands, worker processes) call it, and `load_model` for
+    a caller that passes `threads`."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SelfspecError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     """The float dtype the decoder computes in, and the dtype's name as reported in stats.
 

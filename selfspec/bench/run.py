@@ -254,8 +254,9 @@ class HFRunner(Runner):
         import torch
         from transformers import AutoModelForCausalLM
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        from selfspec.hardware import set_threads
+
+        set_threads(settings.threads or None)
         t0 = time.perf_counter()
         path = _model_path(settings.model)
         dtype = {"bf16": torch.bfloat16}.get(spec.options.get("dtype", settings.dtype), torch.float32)
@@ -294,8 +295,6 @@ class HFRunner(Runner):
         if settings.temperature > 0:
             kw.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
                       top_p=settings.top_p, min_p=settings.min_p or None)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if settings.repetition_penalty != 1.0:
@@ -305,7 +304,12 @@ class HFRunner(Runner):
         clock = Clock()
         x = torch.tensor([prompt_ids], device=self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        seeded = kw.get("do_sample") and settings.seed is not None
+        # HF samples from the global generator: seed it in a fork, leaving the process's own alone
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                   enabled=bool(seeded)), torch.inference_mode():
+            if seeded:
+                torch.manual_seed(settings.seed)
             out = self.hf.generate(x, attention_mask=torch.ones_like(x), streamer=clock, **kw)
         t1 = time.perf_counter()
         ids = out[0, len(prompt_ids):].tolist()
@@ -405,6 +409,8 @@ def run_method(spec: MethodSpec, settings: BenchSettings, prompts: list[Prompt],
 
 def _worker_main() -> None:
     """`python -m selfspec.bench.run` reads one job (JSON) on stdin and prints events on stdout."""
+    from selfspec.hardware import set_threads
+
     job = json.loads(sys.stdin.read())
     settings = BenchSettings(**job["settings"])
     prompts = [Prompt(p["id"], p["category"], tuple(p["turns"])) for p in job["prompts"]]
@@ -415,6 +421,7 @@ def _worker_main() -> None:
         out.flush()
 
     try:
+        set_threads(settings.threads or None)  # this worker process's own threads
         run_method(parse_method(job["method"]), settings, prompts, emit)
     except SelfspecError as e:
         emit({"event": "error", "message": str(e)})
@@ -594,10 +601,6 @@ class _Progress:
     def skip(self, n: int) -> None:
         if self.enabled and n:
             self.p.update(self.task, advance=n)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
 
 
 if __name__ == "__main__":

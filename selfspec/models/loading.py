@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from selfspec.kv_cache import KVCache
-from selfspec.hardware import CPU, check_cpu_only, device_dtype, resolve_device
+from selfspec.hardware import CPU, check_cpu_only, device_dtype, resolve_device, set_threads
 from selfspec.errors import ModelLoadError, SelfspecError
 from selfspec.hardware import WEIGHT_BITS, resolve_dtype
 from selfspec.models.config import ModelConfig
@@ -100,10 +100,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     weight cache when it has them (selfspec/models/weightcache.py). `device`: cpu, cuda or auto
     (selfspec/hardware.py; on CUDA, dtype auto is bf16)."""
     t0 = time.perf_counter()
-    if threads is not None:
-        if threads < 1:
-            raise SelfspecError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)  # process-wide; kept for library callers that pass `threads`
     dev = resolve_device(device)
     torch_dtype, dtype_name = resolve_dtype(device_dtype(dtype, dev))
     path, name = model_path(model)

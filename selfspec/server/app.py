@@ -492,11 +492,23 @@ def warm_up(model, drafter) -> None:
         pass
 
 
+def log_to_stderr() -> None:
+    """selfspec's log lines (INFO and up) on stderr while serving, unless the program already
+    configured logging; only selfspec's loggers, never the process's root logger."""
+    ours = logging.getLogger("selfspec")
+    if logging.getLogger().handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def run(model, drafter, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     app = create_app(model, drafter, settings)
     log.info("serving %s (draft %s, ctx %d) on http://%s:%d/v1%s", settings.model_id,
              getattr(drafter, "name", "none"), model.ctx_size, host, port,
