@@ -29,10 +29,6 @@ class MethodSpec:
     kind: str  # canonical: a DRAFTS or ENGINES value
     options: dict = field(default_factory=dict)  # keyword -> value, keys from OPTION_KEYS values
 
-    @property
-    def is_engine(self) -> bool:
-        return self.kind in ENGINES
-
 
 def parse_method(text: str) -> MethodSpec:
     """`layer-skip:skip=F,vocab=0` -> MethodSpec; a clear error for anything unknown."""
@@ -179,9 +175,12 @@ def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1,
     return load_drafter(model, weights, draft, exit=exit, **sized)
 
 
-def default_draft(model_spec: str) -> str:
-    """`auto` (cost-aware: never meant to be slower than plain decoding) for every model."""
-    return "auto"
+DEFAULT_DRAFT = "auto"  # cost-aware: never meant to be slower than plain decoding; for every model
+
+
+def default_draft(model_spec: str | None = None) -> str:
+    """`DEFAULT_DRAFT`, whatever the model (the argument is accepted for older callers, unused)."""
+    return DEFAULT_DRAFT
 
 
 def default_draft_model(model_spec: str) -> str | None:

@@ -294,8 +294,6 @@ REGISTRY: dict[str, RegistryEntry] = {
     )
 }
 
-DEFAULT_MODEL = "smollm2-135m"
-
 
 def main(argv: list[str] | None = None) -> int:
     """`assemble ALIAS...`: assemble and verify installed split models now rather than on first load."""
