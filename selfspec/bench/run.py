@@ -22,9 +22,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable
+
+from pydantic import Field, model_validator
 
 from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.jsonl import NonBlank, NonEmpty, Row, read_rows
 from selfspec.paths import atomic_write_json
 from selfspec.drafters.factory import BENCH_DEFAULT, MethodSpec, parse_method
 
@@ -58,37 +61,27 @@ def load_suite(suite: str) -> list[Prompt]:
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidParameterError(f"cannot read suite {path}: {e}") from None
         where = str(path)
-    prompts, seen = [], set()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        prompts.append(_prompt(line, f"{where}, line {n}"))
-        if prompts[-1].id in seen:
-            raise InvalidParameterError(f"{where}, line {n}: duplicate id {prompts[-1].id!r}")
-        seen.add(prompts[-1].id)
-    if not prompts:
-        raise InvalidParameterError(f"{where} has no prompts")
-    return prompts
+    rows = read_rows(text, where, SuiteRow)
+    ids = [row.id for row in rows]
+    if dup := next((i for n, i in enumerate(ids) if i in ids[:n]), None):
+        raise InvalidParameterError(f"{where}: duplicate id {dup!r}")
+    return [Prompt(row.id, row.category, (row.prompt,) if row.prompt is not None else tuple(row.turns))
+            for row in rows]
 
 
-def _prompt(line: str, where: str) -> Prompt:
-    try:
-        obj = json.loads(line)
-    except ValueError as e:
-        raise InvalidParameterError(f"{where}: not JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise InvalidParameterError(f"{where}: expected an object with id, category and prompt or turns")
-    pid, category = obj.get("id"), obj.get("category", "default")
-    if not isinstance(pid, str) or not pid:
-        raise InvalidParameterError(f"{where}: \"id\" must be a non-empty string")
-    if not isinstance(category, str) or not category:
-        raise InvalidParameterError(f"{where}: \"category\" must be a non-empty string")
-    if ("prompt" in obj) == ("turns" in obj):
-        raise InvalidParameterError(f"{where}: give exactly one of \"prompt\" (a string) or \"turns\" (a list)")
-    turns = [obj["prompt"]] if "prompt" in obj else obj["turns"]
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise InvalidParameterError(f"{where}: the prompt and every turn must be non-empty strings")
-    return Prompt(pid, category, tuple(turns))
+class SuiteRow(Row):
+    """A bench prompt: `{"id", "category", "prompt"}`, or `"turns": [...]` for a conversation."""
+
+    id: NonEmpty
+    category: NonEmpty = "default"
+    prompt: NonBlank | None = None
+    turns: Annotated[list[NonBlank], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _prompt_or_turns(self):
+        if (self.prompt is None) == (self.turns is None):
+            raise ValueError('give exactly one of "prompt" (a string) or "turns" (a list)')
+        return self
 
 
 # -------------------------------------------------------------------------------------- settings

@@ -13,8 +13,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from selfspec.paths import atomic_write_json
+from pydantic import model_validator
+
 from selfspec.errors import InvalidParameterError
+from selfspec.jsonl import Row, read_rows
+from selfspec.paths import atomic_write_json
 from selfspec.paths import cache_dir
 from selfspec.train.progress import Bar
 
@@ -25,26 +28,30 @@ def read_data_file(path: str | Path) -> tuple[list[str], list[str]]:
     """A JSONL file of {"prompt": str} rows (continued by the model) and/or {"text": str} rows
     (used as they are): (prompts, texts)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        text = Path(path).read_text()
     except OSError as e:
         raise InvalidParameterError(f"cannot read --data {path}: {e.strerror}") from None
     prompts, texts = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise InvalidParameterError(f"--data {path} line {n} is not JSON") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            prompts.append(row["prompt"])
-        elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-            texts.append(row["text"])
-        else:
-            raise InvalidParameterError(f"--data {path} line {n} has neither a \"prompt\" nor a \"text\" string")
-    if not prompts and not texts:
-        raise InvalidParameterError(f"--data {path} holds no rows")
+    for row in read_rows(text, f"--data {path}", DataRow):
+        (prompts if row.is_prompt else texts).append(row.prompt if row.is_prompt else row.text)
     return prompts, texts
+
+
+class DataRow(Row):
+    """A distillation row: `{"prompt": str}` (continued by the model) or `{"text": str}`."""
+
+    prompt: str | None = None
+    text: str | None = None
+
+    @property
+    def is_prompt(self) -> bool:
+        return bool(self.prompt and self.prompt.strip())
+
+    @model_validator(mode="after")
+    def _prompt_or_text(self):
+        if not self.is_prompt and not (self.text and self.text.strip()):
+            raise ValueError('has neither a "prompt" nor a "text" string')
+        return self
 
 
 def _drafter(model):
