@@ -1,5 +1,6 @@
-"""The cache folder: where it is (`cache_dir`), what lives in it (CONVENTIONS.md, "Models and
-files") and how to clear it.
+"""The cache folder: where it is (`cache_dir`), what lives in it (`KINDS`) and how to clear it;
+and atomic writes (`atomic_output`, `atomic_write_text`, `atomic_write_json`) for every file
+selfspec writes, so a crash or a concurrent reader never sees half a file.
 
 Everything selfspec writes outside the repo is under `cache_dir()` (SELFSPEC_CACHE, default
 ~/.cache/selfspec); each kind below can be deleted safely: it is rebuilt on next use.

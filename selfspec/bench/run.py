@@ -4,7 +4,7 @@ Each method runs in a fresh worker process (peak RSS per method: ru_maxrss never
 the same threads, a warm-up generation first, and every prompt x repeat timed around decoding only
 (prefill is reported separately). Workers stream one event per line on stdout; the parent drives
 the progress bar, collects the runs, compares each method's greedy output with plain decoding and
-writes DIR/results.json, DIR/report.md and PNG charts (CONVENTIONS.md, "Benchmark").
+writes DIR/results.json, DIR/report.md and PNG charts.
 
 Methods are `selfspec.drafters.factory` specs: our drafters (`none`, `layer-skip`, `ngram`, `model`, with
 options such as `layer-skip:skip=F`) and other engines (`hf`, `hf-lookup`: transformers `generate`
@@ -171,7 +171,7 @@ class Runner:
         raise NotImplementedError
 
     def run(self, prompt: Prompt, settings: BenchSettings) -> dict:
-        """All turns of a prompt; the run record of CONVENTIONS.md (without method/repeat/rss)."""
+        """All turns of a prompt: one run record of results.json (without method/repeat/rss)."""
         answers, ids, turns = [], [], []
         for i in range(len(prompt.turns)):
             prompt_ids = _encode(self.tokenizer, list(prompt.turns[: i + 1]), answers, self.chat)

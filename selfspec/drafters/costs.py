@@ -1,4 +1,5 @@
-"""What a forward pass costs on this machine, measured (DESIGN.md, "Performance model").
+"""What a forward pass costs on this machine, measured: on a CPU it grows with the tokens per pass
+in steps that differ per machine and dtype, so `auto` decides from measurements, not a formula.
 
 `CostModel.verify[k]` is the time of one forward over 1 + k tokens (k drafts plus the pending
 token), so `verify[0]` is one plain decode step. It is calibrated at load with a few forward passes

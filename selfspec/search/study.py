@@ -2,7 +2,7 @@
 ACL 2024, Sec. 3.2): one boolean per attention and per MLP sub-layer, optimised with Optuna (GP
 sampler by default, TPE on request) over real measurements on calibration prompts.
 
-Objectives (DESIGN.md, "Skip-set search"):
+Objectives:
 - `tokens_per_s`: decode tokens/s of self-speculative generation on the calibration prompts,
   short generations, the user's sampling settings; what Draft & Verify's own search measures.
 - `match_rate` (SWIFT, Xia et al., ICLR 2025): how often the draft's top token equals the full

@@ -10,8 +10,8 @@ before queueing, so a bad request is refused at once, never after waiting its tu
 only decodes. A client that disconnects, or a request older than --request-timeout, sets its job's
 cancel flag and the worker drops that generation at the end of the current round.
 
-The wire format (schemas, bodies, error object) is in `server_api.py`; status codes follow
-CONVENTIONS.md ("Server").
+The wire format (schemas, bodies, error object) is in `selfspec/server/api.py`; status codes
+are OpenAI's, so OpenAI clients handle our errors as they handle theirs.
 """
 from __future__ import annotations
 
