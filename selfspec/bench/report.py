@@ -6,6 +6,7 @@ short ones, as they do for a user. Speedup is that rate over our plain decoding'
 """
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -146,6 +147,13 @@ def _cost_model_table(results: dict, table: dict, cats: list[str]) -> list[str]:
 
 
 def _charts(s: dict, results: dict, out_dir: Path) -> list[str]:
+    from selfspec.errors import MissingExtraError, require_extra
+
+    try:
+        require_extra("plots", "matplotlib", what="the bench charts")
+    except MissingExtraError as e:  # the measurements are worth keeping without their charts
+        logging.getLogger("selfspec.bench").warning("no charts: %s", e)
+        return []
     import matplotlib
 
     matplotlib.use("Agg")

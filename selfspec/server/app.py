@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 
+from selfspec.errors import require_extra
+
+require_extra("server", "fastapi", "uvicorn", "prometheus_client", what="selfspec serve")
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -33,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.errors import InvalidParameterError, SelfspecError  # noqa: E402 (after the extra's check)
 from selfspec.generation import Generation, GenerationResult, stream
 from selfspec.drafters.factory import ALIASES, build_drafter
 from selfspec.prefix import PrefixCache
