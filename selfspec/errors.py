@@ -28,3 +28,18 @@ class SkipConfigError(SelfspecError):
 
 class DrafterError(SelfspecError):
     """A drafter cannot be used with this model (vocabulary mismatch, missing config...)."""
+
+
+class MissingExtraError(SelfspecError, ImportError):
+    """A feature needs optional packages that are not installed (an extra: `selfspec[server]`...)."""
+
+
+def require_extra(extra: str, *modules: str, what: str | None = None) -> None:
+    """Raise `MissingExtraError` naming `pip install 'selfspec[EXTRA]'` when any of `modules` is
+    not installed (looked up without importing them)."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{', '.join(missing)} not installed (needed for {what or 'this'}); "
+                                f"install the {extra!r} extra: pip install 'selfspec[{extra}]'")

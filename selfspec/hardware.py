@@ -1,5 +1,6 @@
-"""The hardware the decoder runs on: what this CPU can do and the dtype we pick for it (DESIGN.md,
-"Machines differ"), and the device (`--device cpu|cuda|auto`, docs/gpu.md).
+"""The hardware the decoder runs on: what this CPU can do and the dtype we pick for it (machines
+differ in their instruction sets, so the fastest exact dtype does too), and the device
+(`--device cpu|cuda|auto`, docs/gpu.md).
 
 The decoder, KV cache, sampling, drafters and verification are device-agnostic: every tensor
 they create during decoding is made on the model's device (`Transformer.device`). Token ids that
@@ -75,6 +76,17 @@ AUTO_REASON = ("fp32: the model at full activation precision gives the same answ
                "opt-in (--dtype)")
 
 
+def set_threads(threads: int | None) -> None:
+    """Set PyTorch's (and so our kernels') CPU thread count for the whole process; None leaves it.
+    Process-wide: entry points (the CLI commands, worker processes) call it, and `load_model` for
+    a caller that passes `threads`."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SelfspecError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     """The float dtype the decoder computes in, and the dtype's name as reported in stats.
 
@@ -147,7 +159,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def device_info(device: torch.device) -> dict:
-    """What a benchmark's `machine` block says about the device (CONVENTIONS.md, "Benchmark")."""
+    """What a benchmark's `machine` block says about the device (results.json's `machine`)."""
     if device.type != "cuda":
         return {"device": str(device)}
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}

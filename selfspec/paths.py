@@ -1,13 +1,17 @@
-"""The cache folder: where it is (`cache_dir`), what lives in it (CONVENTIONS.md, "Models and
-files") and how to clear it.
+"""The cache folder: where it is (`cache_dir`), what lives in it (`KINDS`) and how to clear it;
+and atomic writes (`atomic_output`, `atomic_write_text`, `atomic_write_json`) for every file
+selfspec writes, so a crash or a concurrent reader never sees half a file.
 
 Everything selfspec writes outside the repo is under `cache_dir()` (SELFSPEC_CACHE, default
 ~/.cache/selfspec); each kind below can be deleted safely: it is rebuilt on next use.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from selfspec.errors import InvalidParameterError
@@ -18,6 +22,38 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SELFSPEC_CACHE") or Path.home() / ".cache" / "selfspec")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temporary path beside `path` for the caller (or a tool it runs) to write; on
+    success it replaces `path` in one step, so readers see the old file or the whole new one,
+    never half a file; on failure the temporary file is deleted. The temporary name keeps the
+    suffix (np.save, safetensors) and is unique per process and thread."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, obj, *, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """`obj` as JSON (ending in a newline when indented), written atomically (`atomic_output`)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys)
+    atomic_write_text(path, text + "\n" if indent is not None else text)
 
 
 KINDS = {  # name -> (paths relative to the cache folder, what it holds)

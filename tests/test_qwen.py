@@ -1,4 +1,4 @@
-"""The Qwen2.5-Coder pair (issue #11): assembling split GGUFs, our decoder against transformers on
+"""The Qwen2.5-Coder pair (a real draft/target pair): assembling split GGUFs, our decoder against transformers on
 the 0.5B, and the 1.5B target with the 0.5B as a real draft model.
 
 The assembly tests use small fake parts and always run; the rest needs `make models` and skips

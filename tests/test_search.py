@@ -1,4 +1,4 @@
-"""Skip-set search (issue 5) on tiny random models: a valid, lossless config; resume after a kill;
+"""Skip-set search on tiny random models: a valid, lossless config; resume after a kill;
 two workers on one SQLite study; bad input refused before anything is written."""
 from __future__ import annotations
 

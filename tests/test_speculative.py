@@ -12,7 +12,7 @@ from lossless import truncated_copy
 from selfspec.drafters.base import EMPTY, Draft, DraftContext
 from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
-from selfspec.drafters.ngram import NgramDrafter, lookup
+from selfspec.drafters.ngram import NgramDrafter, lookup_match
 from selfspec.errors import DrafterError, SkipConfigError
 from selfspec.generation import generate, stream
 from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
@@ -150,9 +150,10 @@ def test_layerskip_and_ngram_and_draft_model_lossless_on_tiny(gemma3):
 
 def test_ngram_lookup_finds_latest_longest_match():
     t = torch.tensor([1, 2, 3, 9, 1, 2, 3, 7, 8, 4, 2, 3])
-    assert lookup(t, 3, 1, 3).tolist() == [7, 8, 4]  # "2 3" matched, latest occurrence
-    assert lookup(torch.tensor([5, 6, 7]), 3, 1, 4).tolist() == []
-    assert lookup(torch.tensor([1, 2, 1]), 2, 1, 4).tolist() == [2, 1]
+    got, n = lookup_match(t, 3, 1, 3)
+    assert got.tolist() == [7, 8, 4] and n == 2  # "2 3" matched, latest occurrence
+    assert lookup_match(torch.tensor([5, 6, 7]), 3, 1, 4)[0].tolist() == []
+    assert lookup_match(torch.tensor([1, 2, 1]), 2, 1, 4)[0].tolist() == [2, 1]
 
 
 def test_adaptive_exit_update_hand_computed():

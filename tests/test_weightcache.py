@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from selfspec.models import weightcache
+from selfspec.models import registry, weightcache
 from selfspec.models.loading import load_transformer
 from tiny import build_tiny, one_thread
 
@@ -67,7 +67,7 @@ def test_cached_weights_give_the_logits_of_fresh_ones(cache, folders, arch, dtyp
     assert torch.equal(_logits(written), ref) and torch.equal(_logits(read), ref)
     manifest = json.loads((_entry(cache, name) / weightcache.MANIFEST).read_text())
     assert manifest["key"]["dtype"] == name
-    assert manifest["key"]["model_sha256"] == weightcache.model_sha256(folders[arch])
+    assert manifest["key"]["model_sha256"] == registry.model_identity(folders[arch])
 
 
 def _corrupt_data(path):
@@ -275,3 +275,37 @@ def test_quantised_linear_from_misaligned_state_is_aligned(bits):
     assert all(t.data_ptr() % 64 == 0 for t in lin.state().values())
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
     assert torch.equal(lin(x), fresh(x))
+
+
+def test_every_record_names_an_hf_folder_by_one_hash_and_old_hashes_still_load(cache, folders, caplog):
+    """Skip configs, studies, trained drafters and the weight cache record the same model hash;
+    a skip config, study or drafter written with an older selfspec's hash of the folder loads."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from selfspec.drafters.layerskip import SkipConfig
+    from selfspec.errors import SkipConfigError
+    from selfspec.search.study import model_identity
+    from selfspec.train.store import model_sha256
+
+    folder = folders["llama"]
+    model = SimpleNamespace(name=folder.name, path=folder, config=SimpleNamespace(n_layers=2))
+    sha = registry.model_identity(folder)
+    assert model_identity(model) == (folder.name, sha)
+    assert model_sha256(model) == sha
+    assert weightcache.key_for(folder, "fp32", "dense").model_sha256 == sha
+    SkipConfig(model="renamed", n_layers=2, model_sha256=sha).check_model(model)
+
+    legacy = hashlib.sha256()  # what `selfspec search` recorded before: name NUL hash, weights first
+    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        legacy.update(f.name.encode() + b"\0" + registry.sha256_file(f).encode())
+    assert legacy.hexdigest() != sha
+    with caplog.at_level(logging.WARNING, logger="selfspec.models.registry"):
+        SkipConfig(model="renamed", n_layers=2, model_sha256=legacy.hexdigest()).check_model(model)
+    assert "older hash" in caplog.text
+    with pytest.raises(SkipConfigError):
+        SkipConfig(model="renamed", n_layers=2, model_sha256="ab" * 32).check_model(model)
+    gguf = cache.parent / "m.gguf"
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    assert registry.model_identity(gguf) == hashlib.sha256(gguf.read_bytes()).hexdigest()

@@ -202,9 +202,9 @@ def one_thread():
 def build_tiny_chat(tmp_path: Path) -> Path:
     """A tiny random Llama with SmolLM2's vocabulary, saved with SmolLM2's real tokenizer (chat
     template included): a model folder that `load_model` and the CLI load in well under a second."""
-    from selfspec.models.loading import _load_gguf_tokenizer
+    from selfspec.models.loading import load_gguf_tokenizer
     from selfspec.models.registry import REGISTRY
 
     _, folder = build_tiny("llama", tmp_path, vocab_size=49152, max_position_embeddings=512)
-    _load_gguf_tokenizer(REGISTRY["smollm2-135m"].path()).save_pretrained(str(folder))
+    load_gguf_tokenizer(REGISTRY["smollm2-135m"].path()).save_pretrained(str(folder))
     return folder

@@ -6,9 +6,12 @@ short ones, as they do for a user. Speedup is that rate over our plain decoding'
 """
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from selfspec.paths import atomic_write_text
 
 ALL = "all"
 
@@ -118,7 +121,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
     if charts:
         lines += [""] + [f"![{name}]({name})" for name in charts]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -144,6 +147,13 @@ def _cost_model_table(results: dict, table: dict, cats: list[str]) -> list[str]:
 
 
 def _charts(s: dict, results: dict, out_dir: Path) -> list[str]:
+    from selfspec.errors import MissingExtraError, require_extra
+
+    try:
+        require_extra("plots", "matplotlib", what="the bench charts")
+    except MissingExtraError as e:  # the measurements are worth keeping without their charts
+        logging.getLogger("selfspec.bench").warning("no charts: %s", e)
+        return []
     import matplotlib
 
     matplotlib.use("Agg")

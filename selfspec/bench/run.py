@@ -4,7 +4,7 @@ Each method runs in a fresh worker process (peak RSS per method: ru_maxrss never
 the same threads, a warm-up generation first, and every prompt x repeat timed around decoding only
 (prefill is reported separately). Workers stream one event per line on stdout; the parent drives
 the progress bar, collects the runs, compares each method's greedy output with plain decoding and
-writes DIR/results.json, DIR/report.md and PNG charts (CONVENTIONS.md, "Benchmark").
+writes DIR/results.json, DIR/report.md and PNG charts.
 
 Methods are `selfspec.drafters.factory` specs: our drafters (`none`, `layer-skip`, `ngram`, `model`, with
 options such as `layer-skip:skip=F`) and other engines (`hf`, `hf-lookup`: transformers `generate`
@@ -22,9 +22,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable
+
+from pydantic import Field, model_validator
 
 from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.jsonl import NonBlank, NonEmpty, Row, read_rows
+from selfspec.paths import atomic_write_json
 from selfspec.drafters.factory import BENCH_DEFAULT, MethodSpec, parse_method
 
 EVENT = "@@selfspec-bench "  # prefix of worker event lines (anything else on stdout is ignored)
@@ -57,37 +61,27 @@ def load_suite(suite: str) -> list[Prompt]:
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidParameterError(f"cannot read suite {path}: {e}") from None
         where = str(path)
-    prompts, seen = [], set()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        prompts.append(_prompt(line, f"{where}, line {n}"))
-        if prompts[-1].id in seen:
-            raise InvalidParameterError(f"{where}, line {n}: duplicate id {prompts[-1].id!r}")
-        seen.add(prompts[-1].id)
-    if not prompts:
-        raise InvalidParameterError(f"{where} has no prompts")
-    return prompts
+    rows = read_rows(text, where, SuiteRow)
+    ids = [row.id for row in rows]
+    if dup := next((i for n, i in enumerate(ids) if i in ids[:n]), None):
+        raise InvalidParameterError(f"{where}: duplicate id {dup!r}")
+    return [Prompt(row.id, row.category, (row.prompt,) if row.prompt is not None else tuple(row.turns))
+            for row in rows]
 
 
-def _prompt(line: str, where: str) -> Prompt:
-    try:
-        obj = json.loads(line)
-    except ValueError as e:
-        raise InvalidParameterError(f"{where}: not JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise InvalidParameterError(f"{where}: expected an object with id, category and prompt or turns")
-    pid, category = obj.get("id"), obj.get("category", "default")
-    if not isinstance(pid, str) or not pid:
-        raise InvalidParameterError(f"{where}: \"id\" must be a non-empty string")
-    if not isinstance(category, str) or not category:
-        raise InvalidParameterError(f"{where}: \"category\" must be a non-empty string")
-    if ("prompt" in obj) == ("turns" in obj):
-        raise InvalidParameterError(f"{where}: give exactly one of \"prompt\" (a string) or \"turns\" (a list)")
-    turns = [obj["prompt"]] if "prompt" in obj else obj["turns"]
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise InvalidParameterError(f"{where}: the prompt and every turn must be non-empty strings")
-    return Prompt(pid, category, tuple(turns))
+class SuiteRow(Row):
+    """A bench prompt: `{"id", "category", "prompt"}`, or `"turns": [...]` for a conversation."""
+
+    id: NonEmpty
+    category: NonEmpty = "default"
+    prompt: NonBlank | None = None
+    turns: Annotated[list[NonBlank], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _prompt_or_turns(self):
+        if (self.prompt is None) == (self.turns is None):
+            raise ValueError('give exactly one of "prompt" (a string) or "turns" (a list)')
+        return self
 
 
 # -------------------------------------------------------------------------------------- settings
@@ -177,7 +171,7 @@ class Runner:
         raise NotImplementedError
 
     def run(self, prompt: Prompt, settings: BenchSettings) -> dict:
-        """All turns of a prompt; the run record of CONVENTIONS.md (without method/repeat/rss)."""
+        """All turns of a prompt: one run record of results.json (without method/repeat/rss)."""
         answers, ids, turns = [], [], []
         for i in range(len(prompt.turns)):
             prompt_ids = _encode(self.tokenizer, list(prompt.turns[: i + 1]), answers, self.chat)
@@ -234,20 +228,15 @@ class OursRunner(Runner):
 
 
 def _model_path(spec: str) -> Path:
-    from selfspec.models.registry import REGISTRY
+    from selfspec.models.loading import model_path
 
-    if spec in REGISTRY:
-        return REGISTRY[spec].path()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise SelfspecError(f"model {spec!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
-    return path
+    return model_path(spec)[0]
 
 
 def _tokenizer(path: Path):
-    from selfspec.models import loading
+    from selfspec.models.loading import tokenizer_at
 
-    return loading._load_hf_tokenizer(path) if path.is_dir() else loading._load_gguf_tokenizer(path)
+    return tokenizer_at(path)
 
 
 class HFRunner(Runner):
@@ -258,8 +247,9 @@ class HFRunner(Runner):
         import torch
         from transformers import AutoModelForCausalLM
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        from selfspec.hardware import set_threads
+
+        set_threads(settings.threads or None)
         t0 = time.perf_counter()
         path = _model_path(settings.model)
         dtype = {"bf16": torch.bfloat16}.get(spec.options.get("dtype", settings.dtype), torch.float32)
@@ -298,8 +288,6 @@ class HFRunner(Runner):
         if settings.temperature > 0:
             kw.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
                       top_p=settings.top_p, min_p=settings.min_p or None)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if settings.repetition_penalty != 1.0:
@@ -309,7 +297,12 @@ class HFRunner(Runner):
         clock = Clock()
         x = torch.tensor([prompt_ids], device=self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        seeded = kw.get("do_sample") and settings.seed is not None
+        # HF samples from the global generator: seed it in a fork, leaving the process's own alone
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                   enabled=bool(seeded)), torch.inference_mode():
+            if seeded:
+                torch.manual_seed(settings.seed)
             out = self.hf.generate(x, attention_mask=torch.ones_like(x), streamer=clock, **kw)
         t1 = time.perf_counter()
         ids = out[0, len(prompt_ids):].tolist()
@@ -409,6 +402,8 @@ def run_method(spec: MethodSpec, settings: BenchSettings, prompts: list[Prompt],
 
 def _worker_main() -> None:
     """`python -m selfspec.bench.run` reads one job (JSON) on stdin and prints events on stdout."""
+    from selfspec.hardware import set_threads
+
     job = json.loads(sys.stdin.read())
     settings = BenchSettings(**job["settings"])
     prompts = [Prompt(p["id"], p["category"], tuple(p["turns"])) for p in job["prompts"]]
@@ -419,6 +414,7 @@ def _worker_main() -> None:
         out.flush()
 
     try:
+        set_threads(settings.threads or None)  # this worker process's own threads
         run_method(parse_method(job["method"]), settings, prompts, emit)
     except SelfspecError as e:
         emit({"event": "error", "message": str(e)})
@@ -519,7 +515,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
     _mark_same_as_plain(runs, specs, settings)
     results = {"command": command, "machine": machine, "settings": {**asdict(settings), "prompts": len(prompts)},
                "methods": methods, "runs": runs}
-    _write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "results.json", results)
     from selfspec.bench.report import write_report
 
     write_report(results, out_dir)
@@ -543,12 +539,6 @@ def _prepare_out(out_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise InvalidParameterError(f"cannot write to --out {out_dir}: {e.strerror}") from None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _mark_same_as_plain(runs: list[dict], specs: list[MethodSpec], settings: BenchSettings) -> None:
@@ -604,10 +594,6 @@ class _Progress:
     def skip(self, n: int) -> None:
         if self.enabled and n:
             self.p.update(self.task, advance=n)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
 
 
 if __name__ == "__main__":

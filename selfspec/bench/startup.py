@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.paths import atomic_write_json, atomic_write_text
 
 EVENT = "@@selfspec-startup "
 # A conversation whose turns build on each other, as a chat does (N <= 8).
@@ -150,13 +151,14 @@ def clear_weight_cache(settings: StartupSettings) -> int:
     """Delete this model's weight-cache entries of this dtype; returns how many."""
     from selfspec.hardware import resolve_dtype
     from selfspec.paths import cache_dir
-    from selfspec.models.registry import REGISTRY
-    from selfspec.models.weightcache import FOLDER, model_sha256
+    from selfspec.models.loading import model_path
+    from selfspec.models.registry import model_identity
+    from selfspec.models.weightcache import FOLDER
 
-    path = REGISTRY[settings.model].path() if settings.model in REGISTRY else Path(settings.model).expanduser()
+    path = model_path(settings.model)[0]
     dtype = resolve_dtype(settings.dtype)[1]
     n = 0
-    for entry in (cache_dir() / FOLDER).glob(f"{model_sha256(path)[:16]}-{dtype}-*"):
+    for entry in (cache_dir() / FOLDER).glob(f"{model_identity(path)[:16]}-{dtype}-*"):
         shutil.rmtree(entry, ignore_errors=True)
         n += 1
     return n
@@ -184,8 +186,8 @@ def run_startup(settings: StartupSettings, out_dir: Path, command: str | None = 
                "warm_load_seconds": statistics.median(w["load_seconds"] for w in warm),
                "warm_process_seconds": statistics.median(w["process_seconds"] for w in warm),
                "ttft": ttft}
-    (out_dir / "startup.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "startup.md").write_text(report(results))
+    atomic_write_json(out_dir / "startup.json", results)
+    atomic_write_text(out_dir / "startup.md", report(results))
     return results
 
 

@@ -1,4 +1,5 @@
-"""What a forward pass costs on this machine, measured (DESIGN.md, "Performance model").
+"""What a forward pass costs on this machine, measured: on a CPU it grows with the tokens per pass
+in steps that differ per machine and dtype, so `auto` decides from measurements, not a formula.
 
 `CostModel.verify[k]` is the time of one forward over 1 + k tokens (k drafts plus the pending
 token), so `verify[0]` is one plain decode step. It is calibrated at load with a few forward passes
@@ -8,7 +9,6 @@ from the verify rounds the generation loop actually runs.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from selfspec.paths import atomic_write_json
 from selfspec.hardware import synchronize
 
 MAX_K = 8
@@ -70,20 +71,18 @@ class CostModel:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"verify": self.verify}))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"verify": self.verify}, indent=None)
 
 
 def _key(model, threads: int) -> str:
     from selfspec import __version__
     from selfspec.hardware import cpu_info, isa_key
-    from selfspec.models.loading import _file_key
+    from selfspec.models.loading import file_key
 
     info = cpu_info()
     # The effective instruction set (forced-AVX2 switches included) and our version are part of
     # the key: a forced-AVX2 run or a new release never reuses another's measurements.
-    parts = [info["cpu"], isa_key(), __version__, info["torch"], _file_key(Path(model.path)),
+    parts = [info["cpu"], isa_key(), __version__, info["torch"], file_key(Path(model.path)),
              model.dtype, model.kernel, str(threads), str(model.ctx_size)]
     device = getattr(model, "device", None)
     if device is not None and device.type != "cpu":  # a GPU's costs are its own (CPU keys unchanged)

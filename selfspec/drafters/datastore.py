@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from selfspec.paths import atomic_output, atomic_write_json
 from selfspec.errors import SelfspecError
 
 FORMAT = 1
@@ -69,9 +70,10 @@ class Datastore:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "tokens.npy", self.tokens)
-        np.save(folder / "suffixes.npy", self.suffixes)
-        (folder / "meta.json").write_text(json.dumps(self.meta, indent=1))
+        for name, array in (("tokens.npy", self.tokens), ("suffixes.npy", self.suffixes)):
+            with atomic_output(folder / name) as tmp:
+                np.save(tmp, array)
+        atomic_write_json(folder / "meta.json", self.meta)  # last: a folder with meta.json is whole
 
     @classmethod
     def load(cls, folder: str | Path) -> "Datastore":

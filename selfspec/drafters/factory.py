@@ -1,5 +1,5 @@
 """Names of decoding methods and how to build their drafters, shared by `generate`, `bench`,
-`search` and `serve` (CONVENTIONS.md, "Benchmark" and "CLI").
+`search` and `serve`, so a method means the same in every command.
 
 A method spec is `kind[:key=value[,key=value...]]`, e.g. `layer-skip:skip=my.json`,
 `model:draft=qwen2.5-coder-0.5b`, `none:dtype=bf16`. Kinds are the `--draft` values plus other
@@ -28,10 +28,6 @@ class MethodSpec:
     text: str  # as the user wrote it; the run's label
     kind: str  # canonical: a DRAFTS or ENGINES value
     options: dict = field(default_factory=dict)  # keyword -> value, keys from OPTION_KEYS values
-
-    @property
-    def is_engine(self) -> bool:
-        return self.kind in ENGINES
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -179,9 +175,12 @@ def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1,
     return load_drafter(model, weights, draft, exit=exit, **sized)
 
 
-def default_draft(model_spec: str) -> str:
-    """`auto` (cost-aware: never meant to be slower than plain decoding) for every model."""
-    return "auto"
+DEFAULT_DRAFT = "auto"  # cost-aware: never meant to be slower than plain decoding; for every model
+
+
+def default_draft(model_spec: str | None = None) -> str:
+    """`DEFAULT_DRAFT`, whatever the model (the argument is accepted for older callers, unused)."""
+    return DEFAULT_DRAFT
 
 
 def default_draft_model(model_spec: str) -> str | None:

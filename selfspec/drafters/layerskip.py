@@ -9,13 +9,13 @@ copy of the weights exists.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from selfspec.paths import atomic_write_text
 from selfspec.drafters.base import Draft, DraftContext, stack_draft
 from selfspec.errors import InvalidParameterError, SkipConfigError
 from selfspec.models.transformer import SkipSet
@@ -23,7 +23,8 @@ from selfspec.models.transformer import SkipSet
 
 @dataclass(frozen=True)
 class SkipConfig:
-    """The skip-config JSON of CONVENTIONS.md."""
+    """A skip config: which sub-layers the draft skips, for which model; the JSON that
+    `selfspec search` writes and `--skip-config` reads."""
 
     model: str
     n_layers: int
@@ -83,11 +84,19 @@ class SkipConfig:
                 f"{model.name!r} has {model.config.n_layers}; run `selfspec search --model {model.name}`"
             )
         names = {model.name, model.path.name}
-        if self.model not in names and not (self.model_sha256 and self.model_sha256 == _sha_of(model)):
+        if self.model not in names and not self._same_sha(model):
             raise SkipConfigError(
                 f"this skip config is for model {self.model!r}, not {model.name!r}; "
                 f"run `selfspec search --model {model.name}`"
             )
+
+    def _same_sha(self, model) -> bool:
+        from selfspec.models.registry import REGISTRY, identity_matches
+
+        entry = REGISTRY.get(model.name)
+        if entry is not None:
+            return self.model_sha256 == entry.sha256
+        return identity_matches(self.model_sha256, model.path, "skip config")
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -95,20 +104,9 @@ class SkipConfig:
         return json.dumps(d, indent=2)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)  # atomic: never a half-written config
+        atomic_write_text(path, self.to_json() + "\n")  # never a half-written config
 
 
-def _sha_of(model) -> str:
-    from selfspec.models.registry import REGISTRY, sha256_file
-
-    entry = REGISTRY.get(model.name)
-    if entry is not None:
-        return entry.sha256
-    path = Path(model.path)
-    return sha256_file(path) if path.is_file() else ""  # an HF folder has no single file to hash
 
 
 def shipped_config(alias: str, variant: str | None = None) -> SkipConfig | None:

@@ -18,13 +18,9 @@ def _hits(tokens: torch.Tensor, n: int) -> torch.Tensor:
     return (windows == tokens[length - n:]).all(dim=1).nonzero().flatten()
 
 
-def lookup(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> torch.Tensor:
-    """Continuation `[<= max_tokens]` of the latest earlier match of the longest suffix n-gram."""
-    return lookup_match(tokens, ngram_max, ngram_min, max_tokens)[0]
-
-
 def lookup_match(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int) -> tuple[torch.Tensor, int]:
-    """`lookup`, and the n of the match (0: none)."""
+    """Continuation `[<= max_tokens]` of the latest earlier match of the longest suffix n-gram,
+    and the n of the match (0: none)."""
     for n in range(min(ngram_max, tokens.shape[0] - 1), ngram_min - 1, -1):
         hits = _hits(tokens, n)
         if hits.numel():
@@ -36,7 +32,7 @@ def lookup_match(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_token
 def lookup_candidates(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tokens: int,
                       count: int) -> list[list[int]]:
     """Up to `count` distinct continuations: longest n-gram first, latest match first within one
-    n (so the first is `lookup`'s)."""
+    n (so the first is `lookup_match`'s)."""
     found: list[list[int]] = []
     for n in range(min(ngram_max, tokens.shape[0] - 1), ngram_min - 1, -1):
         for hit in reversed(_hits(tokens, n).tolist()):

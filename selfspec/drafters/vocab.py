@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from selfspec.paths import atomic_write_json
 from selfspec.paths import cache_dir
 
 CALIBRATION_BYTES = 2_000_000
@@ -50,9 +51,7 @@ def frequency_ranking(model) -> list[int]:
     order = torch.argsort(counts, descending=True, stable=True)
     ranking = order[: int((counts > 0).sum())].tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ranking))
-    tmp.replace(path)
+    atomic_write_json(path, ranking, indent=None)
     return ranking
 
 

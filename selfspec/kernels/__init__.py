@@ -14,6 +14,7 @@ Slower (about one small matmul pair per row and layer), equally exact; `kernel_s
 which path runs and why.
 """
 from __future__ import annotations
+from selfspec.paths import atomic_output
 
 import ctypes
 import hashlib
@@ -83,15 +84,13 @@ def build(verbose: bool = False) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    cmd = [cc, *CFLAGS, *(str(HERE / s) for s in SOURCES), "-o", str(tmp), "-lm"]
-    if verbose:
-        print("building selfspec kernels: " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"compiling the kernels failed: {proc.stderr.strip()[:400]}")
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        cmd = [cc, *CFLAGS, *(str(HERE / s) for s in SOURCES), "-o", str(tmp), "-lm"]
+        if verbose:
+            print("building selfspec kernels: " + " ".join(cmd), file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling the kernels failed: {proc.stderr.strip()[:400]}")
     return out
 
 

@@ -41,12 +41,9 @@ class ModelConfig:
     attn_softcap: float | None = None  # Gemma-2
     final_softcap: float | None = None  # Gemma-2
     qkv_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Gemma-3
-    sandwich_norm: bool = False  # Gemma-2/3: extra norms after attention and MLP
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
     activation: str = "silu"  # "silu" or "gelu_tanh"
     query_scale: float = 0.0  # attention score scale; 0 -> 1/sqrt(head_dim)
-    tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -102,7 +99,7 @@ class ModelConfig:
             return cls(**common, sliding_window=(window,) * n_layers if window else ())
         if arch == "qwen2":
             return cls(**common, qkv_bias=True)
-        gemma = dict(sandwich_norm=True, embed_scale=math.sqrt(hidden), activation="gelu_tanh")
+        gemma = dict(embed_scale=math.sqrt(hidden), activation="gelu_tanh")
         if arch == "gemma2":
             # Gemma-2 alternates local (even layers) and global attention.
             return cls(
@@ -117,7 +114,6 @@ class ModelConfig:
         return cls(
             **common,
             **gemma,
-            qk_norm=True,
             sliding_window=tuple(0 if (i + 1) % 6 == 0 else window for i in range(n_layers)),
             rope_theta_local=10000.0,
         )
@@ -153,7 +149,6 @@ class ModelConfig:
             context_length=int(cfg.get("max_position_embeddings", 4096)),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope["global"],
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch != "llama")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_ids(eos),
         )
@@ -168,7 +163,6 @@ class ModelConfig:
             return cls(**common, qkv_bias=True)
         windows = _layer_windows(cfg, n_layers, arch)
         gemma = dict(
-            sandwich_norm=True,
             embed_scale=math.sqrt(hidden),
             activation="gelu_tanh",
             sliding_window=windows,
@@ -177,7 +171,7 @@ class ModelConfig:
         if arch == "gemma2":
             return cls(**common, **gemma, attn_softcap=cfg.get("attn_logit_softcapping"),
                        final_softcap=cfg.get("final_logit_softcapping"))
-        return cls(**common, **gemma, qk_norm=True, rope_theta_local=rope["local"],
+        return cls(**common, **gemma, rope_theta_local=rope["local"],
                    attn_softcap=cfg.get("attn_logit_softcapping"),
                    final_softcap=cfg.get("final_logit_softcapping"))
 
@@ -188,7 +182,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return cls(**{**d, "sliding_window": tuple(d["sliding_window"]), "eos_token_ids": tuple(d["eos_token_ids"])})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}  # older fields: dropped
+        return cls(**{**known, "sliding_window": tuple(d["sliding_window"]), "eos_token_ids": tuple(d["eos_token_ids"])})
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:

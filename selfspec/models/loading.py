@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from selfspec.kv_cache import KVCache
-from selfspec.hardware import CPU, check_cpu_only, device_dtype, resolve_device
+from selfspec.hardware import CPU, check_cpu_only, device_dtype, resolve_device, set_threads
 from selfspec.errors import ModelLoadError, SelfspecError
 from selfspec.hardware import WEIGHT_BITS, resolve_dtype
 from selfspec.models.config import ModelConfig
@@ -100,10 +100,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     weight cache when it has them (selfspec/models/weightcache.py). `device`: cpu, cuda or auto
     (selfspec/hardware.py; on CUDA, dtype auto is bf16)."""
     t0 = time.perf_counter()
-    if threads is not None:
-        if threads < 1:
-            raise SelfspecError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)  # process-wide; kept for library callers that pass `threads`
     dev = resolve_device(device)
     torch_dtype, dtype_name = resolve_dtype(device_dtype(dtype, dev))
     path, name = model_path(model)
@@ -131,7 +128,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     # weights (safetensors reads hold the GIL; prepacking takes both cores) slowed each other down
     # more than they overlapped (docs/benchmarks.md, "Start-up and multi-turn").
     t = time.perf_counter()
-    tokenizer = _load_hf_tokenizer(path) if path.is_dir() else _load_gguf_tokenizer(path)
+    tokenizer = tokenizer_at(path)
     info["tokenizer_seconds"] = time.perf_counter() - t
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
@@ -154,7 +151,12 @@ def model_path(model: str | Path) -> tuple[Path, str]:
 def load_tokenizer(model: str | Path):
     """(tokenizer, name) of a model without loading its weights."""
     path, name = model_path(model)
-    return (_load_hf_tokenizer(path) if path.is_dir() else _load_gguf_tokenizer(path)), name
+    return tokenizer_at(path), name
+
+
+def tokenizer_at(path: Path):
+    """The tokenizer of the HF folder or GGUF file `path` (a GGUF's converted once, then cached)."""
+    return load_hf_tokenizer(path) if path.is_dir() else load_gguf_tokenizer(path)
 
 
 def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
@@ -432,17 +434,18 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _file_key(path: Path) -> str:
+def file_key(path: Path) -> str:
+    """A short key of one version of a file (path, size, mtime), for cache entries derived from it."""
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
 
 
-def _load_gguf_tokenizer(path: Path):
+def load_gguf_tokenizer(path: Path):
     """transformers converts a GGUF vocabulary in seconds (25 s for Gemma's 262k); we convert once
     and keep the result in the cache folder."""
     from transformers import AutoTokenizer
 
-    cached = cache_dir() / "tokenizers" / _file_key(path)
+    cached = cache_dir() / "tokenizers" / file_key(path)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     try:
@@ -518,7 +521,7 @@ def _hf_tensor(handle, key: str, gemma_norm: bool) -> torch.Tensor:
     return t + 1.0 if gemma_norm else t  # Gemma's RMSNorm scales by (1 + w)
 
 
-def _load_hf_tokenizer(path: Path):
+def load_hf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:

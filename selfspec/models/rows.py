@@ -1,7 +1,8 @@
 """Row invariance of the linears, decided per machine by a probe at load.
 
-The forward pass must be row-invariant (DESIGN.md, "Losslessness, precisely"): row i of a k-token
-pass bitwise equal to the 1-token pass at that position. Attention is by construction
+The forward pass must be row-invariant: row i of a k-token pass bitwise equal to the 1-token pass
+at that position, or verifying k drafts at once could pick another token than plain decoding
+(lossless means equal token ids). Attention is by construction
 (selfspec/kernels/attention.c). Linears depend on the kernel library: oneDNN picks another code
 path for a single row on some shapes (measured: SmolLM2's `w_down`, 1536 input features, fp32
 prepacked and bf16 alike, on an AVX-512-bf16 EPYC), while PyTorch's int8/int4 weight-only
@@ -26,11 +27,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from collections import Counter
 
 import torch
 
+from selfspec.paths import atomic_write_json
 from selfspec.models.transformer import CHUNK, Linear, Transformer
 
 log = logging.getLogger("selfspec.rows")
@@ -107,10 +108,8 @@ def _read_cache() -> dict:
 
 def _write_cache(data: dict) -> None:
     path = _cache_file()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(path, data, sort_keys=True)
     except OSError as e:
         log.warning("could not write %s: %s", path, e)
 

@@ -48,7 +48,7 @@ class Linear:
     """y = x W^T (+ b) with PyTorch's default kernel (MKL/oneDNN chosen per call).
 
     `rows` is how a call keeps every output row independent of the other rows (the forward pass
-    must be row-invariant, DESIGN.md "Losslessness, precisely"); `selfspec.models.rows` sets it
+    must be row-invariant, so verification equals plain decoding); `selfspec.models.rows` sets it
     per machine by a probe at load: "direct" (the kernel already is), "pad1" (the kernel takes
     another code path for a single row, so one row is computed as two identical rows) or
     "rowwise" (every row alone, padded: exact whatever the kernel does, and slow)."""

@@ -45,8 +45,8 @@ import torch
 
 from selfspec.models.config import ModelConfig
 from selfspec.models.quant import ALIGN, aligned
-from selfspec.paths import cache_dir
-from selfspec.models.registry import file_sha256, sha256_file
+from selfspec.paths import atomic_output, atomic_write_json, cache_dir
+from selfspec.models.registry import model_identity, sha256_file
 
 log = logging.getLogger("selfspec.weightcache")
 
@@ -77,16 +77,6 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def model_sha256(path: Path) -> str:
-    """SHA-256 of a GGUF file, or of an HF folder's config.json and safetensors files (a hash of
-    their hashes). Large files are hashed once per file version (`registry.file_sha256`)."""
-    if path.is_file():
-        return file_sha256(path)
-    files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -114,7 +104,7 @@ class CacheKey:
 
 
 def key_for(path: Path, dtype: str, layout: str) -> CacheKey:
-    return CacheKey(model_sha256(path), dtype, layout)
+    return CacheKey(model_identity(path), dtype, layout)
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -229,7 +219,7 @@ def _verified_manifest(key: CacheKey, folder: Path) -> dict:
         if sha256_file(path) != manifest["sha256"]:
             raise CorruptEntry(f"{WEIGHTS} was modified after it was written (SHA-256 differs)")
         manifest["mtime_ns"] = st.st_mtime_ns
-        _write_json(folder / MANIFEST, manifest)
+        atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
 
@@ -287,7 +277,7 @@ def store(key: CacheKey, config: ModelConfig, tensors: dict[str, torch.Tensor], 
                     "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "size": weights.stat().st_size,
                     "header_sha256": _header_sha256(weights), "sha256": sha256_file(weights),
                     "mtime_ns": weights.stat().st_mtime_ns, "tensors": sorted(tensors)}
-        _write_json(tmp / MANIFEST, manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
         _remove_stale(key)
         shutil.rmtree(folder, ignore_errors=True)
         try:
@@ -324,18 +314,13 @@ def align_data(path: Path) -> None:
     data is streamed into the new file: never a second copy of the weights in memory."""
     with path.open("rb") as src:
         body = _read_header(src, path.name)
-        pad = -(8 + len(body)) % ALIGN
-        if not pad:
-            return
-        tmp = path.with_name(path.name + ".aligned")
-        try:
-            with tmp.open("wb") as dst:
-                dst.write(struct.pack("<Q", len(body) + pad) + body + b" " * pad)
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, path)
+    pad = -(8 + len(body)) % ALIGN
+    if not pad:
+        return
+    with atomic_output(path) as tmp, path.open("rb") as src, tmp.open("wb") as dst:
+        src.seek(8 + len(body))
+        dst.write(struct.pack("<Q", len(body) + pad) + body + b" " * pad)
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def misaligned(path: Path) -> list[str]:
@@ -355,7 +340,3 @@ def _remove_stale(key: CacheKey) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)

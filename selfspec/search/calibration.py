@@ -3,7 +3,6 @@ trial makes on one loaded model (never reloaded between trials): decode tokens/s
 self-speculative generation, and SWIFT's match rate (Xia et al., ICLR 2025)."""
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConf
 from selfspec.models.quant import draft_view
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
+from selfspec.jsonl import NonBlank, Row, read_rows
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams
 
@@ -34,20 +34,13 @@ def calibration_prompts(prompts: str | Path | None = None, suite: str | None = N
             raise InvalidParameterError(f"cannot read --prompts {prompts}: {e.strerror}") from None
     else:
         text, source = resources.files("selfspec").joinpath("data", "calibration.jsonl").read_text(), "calibration"
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise InvalidParameterError(f"{source} line {n} is not JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise InvalidParameterError(f"{source} line {n} has no \"prompt\" string")
-        out.append(row["prompt"])
-    if not out:
-        raise InvalidParameterError(f"{source} holds no prompts")
-    return out, source
+    return [row.prompt for row in read_rows(text, source, PromptRow)], source
+
+
+class PromptRow(Row):
+    """A calibration prompt: `{"prompt": str}` (other keys, e.g. id and category, ignored)."""
+
+    prompt: NonBlank
 
 
 class Calibration:

@@ -48,6 +48,9 @@ def _space(study, trial) -> SkipSpace:
 
 def write_charts(study, folder: str | Path, top: int = 10) -> list[Path]:
     """`<study>-trials.png` and `<study>-skips.png` in `folder`."""
+    from selfspec.errors import require_extra
+
+    require_extra("plots", "matplotlib", what="the search charts")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,7 +2,7 @@
 ACL 2024, Sec. 3.2): one boolean per attention and per MLP sub-layer, optimised with Optuna (GP
 sampler by default, TPE on request) over real measurements on calibration prompts.
 
-Objectives (DESIGN.md, "Skip-set search"):
+Objectives:
 - `tokens_per_s`: decode tokens/s of self-speculative generation on the calibration prompts,
   short generations, the user's sampling settings; what Draft & Verify's own search measures.
 - `match_rate` (SWIFT, Xia et al., ICLR 2025): how often the draft's top token equals the full
@@ -204,20 +204,21 @@ def open_storage(url: str, heartbeat_seconds: int = 10):
 
 
 def model_identity(model) -> tuple[str, str]:
-    """(name, sha256) of a loaded model: the registry's pinned hash, the GGUF file's hash, or for
-    an HF folder the hash of its config and weight files."""
-    from selfspec.models.registry import REGISTRY, sha256_file
+    """(name, sha256) of a loaded model: the registry's pinned hash, else
+    `registry.model_identity` of its file or folder."""
+    from selfspec.models.registry import REGISTRY
+    from selfspec.models.registry import model_identity as identity
 
     if model.name in REGISTRY:
         return model.name, REGISTRY[model.name].sha256
-    path = Path(model.path)
-    if path.is_file():
-        return model.name, sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
-    return model.name, h.hexdigest()
+    return model.name, identity(model.path)
+
+
+def _same_model(recorded, name: str, sha: str, path) -> bool:
+    from selfspec.models.registry import REGISTRY, identity_matches
+
+    return recorded == sha or (name not in REGISTRY and path is not None
+                               and identity_matches(recorded, path, "search study"))
 
 
 def study_key(settings: SearchSettings, sampling: SamplingParams, prompts_digest: str, dtype: str) -> dict:
@@ -236,14 +237,15 @@ def default_study_name(model_name: str, sha: str, key: dict) -> str:
     return f"{model_name}-{sha[:8]}-{key['objective']}-{digest}"
 
 
-def check_study(storage, study_name: str, name: str, sha: str, key: dict):
-    """The existing study of that name, or None; refuses one made for another model or settings."""
+def check_study(storage, study_name: str, name: str, sha: str, key: dict, path=None):
+    """The existing study of that name, or None; refuses one made for another model (`path`: its
+    file or folder, to accept an older hash of an HF folder) or settings."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return None
     attrs = study.user_attrs
-    if attrs.get("model_sha256") != sha:
+    if not _same_model(attrs.get("model_sha256"), name, sha, path):
         raise SearchError(
             f"study {study_name!r} was made for model {attrs.get('model')!r} (sha256 "
             f"{str(attrs.get('model_sha256'))[:12]}...), not {name!r} (sha256 {sha[:12]}...); "
@@ -360,7 +362,7 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
     key = study_key(settings, sampling, digest, model.dtype if model.device.type == "cpu"
                     else f"{model.dtype}@{model.device.type}")  # a GPU's tokens/s are not the CPU's
     study_name = study_name or default_study_name(name, sha, key)
-    check_study(store, study_name, name, sha, key)
+    check_study(store, study_name, name, sha, key, model.path)
 
     space = SkipSpace(n, settings.keep_first, settings.keep_last)
     n_sub = 2 * n
@@ -506,7 +508,7 @@ def _fail_stale(study, grace_seconds: float) -> None:
         gone = worker_host == host and pid.isdigit() and not _alive(int(pid))
         if gone or (old and not worker_host):
             try:
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             except Exception:
                 pass  # finished meanwhile
 
@@ -527,17 +529,19 @@ def check_spec_study(storage, study_name: str | None, spec: str) -> None:
         return  # the default name carries the model's hash
     from types import SimpleNamespace
 
-    from selfspec.models.registry import REGISTRY
+    from selfspec.models.loading import model_path
 
-    path = Path(spec).expanduser()
-    if spec not in REGISTRY and not path.exists():
+    try:
+        path, name = model_path(spec)
+    except SelfspecError:
         return  # load_model will say what is wrong with the spec
-    name, sha = model_identity(SimpleNamespace(name=spec if spec in REGISTRY else path.name, path=path))
+    name, sha = model_identity(SimpleNamespace(name=name, path=path))
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return
-    if study.user_attrs.get("model_sha256") not in (None, sha):
+    recorded = study.user_attrs.get("model_sha256")
+    if recorded is not None and not _same_model(recorded, name, sha, path):
         raise SearchError(
             f"study {study_name!r} was made for model {study.user_attrs.get('model')!r} (sha256 "
             f"{str(study.user_attrs.get('model_sha256'))[:12]}...), not {name!r} (sha256 {sha[:12]}...); "

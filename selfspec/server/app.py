@@ -10,8 +10,8 @@ before queueing, so a bad request is refused at once, never after waiting its tu
 only decodes. A client that disconnects, or a request older than --request-timeout, sets its job's
 cancel flag and the worker drops that generation at the end of the current round.
 
-The wire format (schemas, bodies, error object) is in `server_api.py`; status codes follow
-CONVENTIONS.md ("Server").
+The wire format (schemas, bodies, error object) is in `selfspec/server/api.py`; status codes
+are OpenAI's, so OpenAI clients handle our errors as they handle theirs.
 """
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 
+from selfspec.errors import require_extra
+
+require_extra("server", "fastapi", "uvicorn", "prometheus_client", what="selfspec serve")
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -33,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.errors import InvalidParameterError, SelfspecError  # noqa: E402 (after the extra's check)
 from selfspec.generation import Generation, GenerationResult, stream
 from selfspec.drafters.factory import ALIASES, build_drafter
 from selfspec.prefix import PrefixCache
@@ -492,11 +496,23 @@ def warm_up(model, drafter) -> None:
         pass
 
 
+def log_to_stderr() -> None:
+    """selfspec's log lines (INFO and up) on stderr while serving, unless the program already
+    configured logging; only selfspec's loggers, never the process's root logger."""
+    ours = logging.getLogger("selfspec")
+    if logging.getLogger().handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def run(model, drafter, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     app = create_app(model, drafter, settings)
     log.info("serving %s (draft %s, ctx %d) on http://%s:%d/v1%s", settings.model_id,
              getattr(drafter, "name", "none"), model.ctx_size, host, port,

@@ -13,7 +13,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from pydantic import model_validator
+
 from selfspec.errors import InvalidParameterError
+from selfspec.jsonl import Row, read_rows
+from selfspec.paths import atomic_write_json
 from selfspec.paths import cache_dir
 from selfspec.train.progress import Bar
 
@@ -24,26 +28,30 @@ def read_data_file(path: str | Path) -> tuple[list[str], list[str]]:
     """A JSONL file of {"prompt": str} rows (continued by the model) and/or {"text": str} rows
     (used as they are): (prompts, texts)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        text = Path(path).read_text()
     except OSError as e:
         raise InvalidParameterError(f"cannot read --data {path}: {e.strerror}") from None
     prompts, texts = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise InvalidParameterError(f"--data {path} line {n} is not JSON") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            prompts.append(row["prompt"])
-        elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-            texts.append(row["text"])
-        else:
-            raise InvalidParameterError(f"--data {path} line {n} has neither a \"prompt\" nor a \"text\" string")
-    if not prompts and not texts:
-        raise InvalidParameterError(f"--data {path} holds no rows")
+    for row in read_rows(text, f"--data {path}", DataRow):
+        (prompts if row.is_prompt else texts).append(row.prompt if row.is_prompt else row.text)
     return prompts, texts
+
+
+class DataRow(Row):
+    """A distillation row: `{"prompt": str}` (continued by the model) or `{"text": str}`."""
+
+    prompt: str | None = None
+    text: str | None = None
+
+    @property
+    def is_prompt(self) -> bool:
+        return bool(self.prompt and self.prompt.strip())
+
+    @model_validator(mode="after")
+    def _prompt_or_text(self):
+        if not self.is_prompt and not (self.text and self.text.strip()):
+            raise ValueError('has neither a "prompt" nor a "text" string')
+        return self
 
 
 def _drafter(model):
@@ -92,8 +100,6 @@ def distill(model, prompts: list[list[int]], n: int, max_new_tokens: int, seed: 
             new_tokens += r.stats.new_tokens
             bar.advance(tps=new_tokens / seconds if seconds else 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sequences": sequences, "seconds": seconds, "new_tokens": new_tokens,
-                               "settings": settings}))
-    tmp.replace(path)
+    atomic_write_json(path, {"sequences": sequences, "seconds": seconds, "new_tokens": new_tokens,
+                             "settings": settings}, indent=None)
     return sequences, {"cached": False, "seconds": seconds, "new_tokens": new_tokens, "path": str(path)}

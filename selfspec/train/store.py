@@ -4,48 +4,32 @@ weights trained for another model. No pickle anywhere: tensors go to safetensors
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from selfspec.paths import atomic_output, atomic_write_json
 from selfspec.errors import DrafterError
 
 WEIGHTS, META = "drafter.safetensors", "drafter.json"
 
 
 def model_sha256(model) -> str:
-    """The model's identity: the registry's pinned hash, a file's hash, or for an HF folder the hash
-    of its config and weight files (in name order)."""
-    from selfspec.models.registry import REGISTRY, file_sha256
+    """The model's identity (`registry.model_identity`; a registry model's pinned hash)."""
+    from selfspec.search.study import model_identity
 
-    entry = REGISTRY.get(model.name)
-    if entry is not None:
-        return entry.sha256
-    path = Path(model.path)
-    if path.is_file():
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(file_sha256(f).encode())
-    return h.hexdigest()
+    return model_identity(model)[1]
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: never a half-written file
+    atomic_write_json(path, obj, indent=2)  # never a half-written file
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def save_drafter(out: Path, kind, module: torch.nn.Module, model, **meta) -> None:
@@ -78,7 +62,10 @@ def load_drafter(model, folder: str | Path, draft: str | None = None, **drafter_
     if draft is not None and KINDS[kind_name].drafter_name != draft:
         raise DrafterError(f"{folder} holds a {kind_name} drafter (use --draft {KINDS[kind_name].drafter_name}), "
                            f"not one for --draft {draft}")
-    if meta.get("model_sha256") != model_sha256(model):
+    from selfspec.models.registry import identity_matches
+
+    if meta.get("model_sha256") != model_sha256(model) and not identity_matches(
+            meta.get("model_sha256"), model.path, f"trained drafter {folder}"):
         raise DrafterError(f"the drafter in {folder} was trained for model {meta.get('model')!r} "
                            f"(sha256 {str(meta.get('model_sha256'))[:12]}...), not {model.name!r}; train one "
                            f"for it with `selfspec train-drafter --model {model.name}`")
