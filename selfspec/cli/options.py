@@ -17,7 +17,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from selfspec.drafters.factory import DRAFTS, TRAINED, default_draft
+from selfspec.drafters.factory import DEFAULT_DRAFT, DRAFTS, TRAINED
 from selfspec.errors import SelfspecError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -138,7 +138,7 @@ def sampling_params(v: SimpleNamespace):
 def split_drafter(v: SimpleNamespace, model: str, *, datastore_check: bool = True) -> tuple[str, dict]:
     """(the --draft value, defaulted and checked; the other DRAFTER options as build_drafter keywords)."""
     options = dict(vars(v))
-    draft = options.pop("draft") or default_draft(model)
+    draft = options.pop("draft") or DEFAULT_DRAFT
     if draft not in DRAFTS:
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
     if datastore_check and options.get("datastore") is not None and draft not in ("retrieval", "auto"):
@@ -156,14 +156,9 @@ def load(v: SimpleNamespace, **extra):
 
 def check_model_spec(model: str) -> None:
     """Fail before starting workers when the model can be neither found nor installed."""
-    from selfspec.errors import ModelLoadError
-    from selfspec.models.registry import REGISTRY
+    from selfspec.models.registry import check_spec
 
-    if model in REGISTRY:
-        if REGISTRY[model].part_paths() is None:
-            raise ModelLoadError(f"model {model!r} is not installed; install: {REGISTRY[model].install_hint}")
-    elif not Path(model).expanduser().exists():
-        raise ModelLoadError(f"model {model!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
+    check_spec(model)
 
 
 def table(*columns: str, rows, title: str | None = None) -> None:

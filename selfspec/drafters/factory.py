@@ -178,11 +178,6 @@ def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1,
 DEFAULT_DRAFT = "auto"  # cost-aware: never meant to be slower than plain decoding; for every model
 
 
-def default_draft(model_spec: str | None = None) -> str:
-    """`DEFAULT_DRAFT`, whatever the model (the argument is accepted for older callers, unused)."""
-    return DEFAULT_DRAFT
-
-
 def default_draft_model(model_spec: str) -> str | None:
     """The registry's same-tokenizer draft partner of a model (e.g. the 0.5B for the 1.5B), if any."""
     from selfspec.models.registry import REGISTRY

@@ -138,13 +138,13 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
 
 def model_path(model: str | Path) -> tuple[Path, str]:
     """(file or folder, name) of a registry alias or a path."""
+    from selfspec.models.registry import check_spec
+
     spec = str(model)
+    check_spec(spec)
     if spec in REGISTRY:
         return REGISTRY[spec].path(), spec
     path = Path(spec).expanduser()
-    if not path.exists():
-        known = ", ".join(REGISTRY)
-        raise ModelLoadError(f"model {spec!r} is neither a known alias ({known}) nor an existing path")
     return path, path.name
 
 

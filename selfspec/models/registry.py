@@ -295,6 +295,17 @@ REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
+def check_spec(model: str) -> None:
+    """Refuse a model spec that is neither an installed registry alias nor an existing path: the
+    one resolution rule, checked without importing torch or assembling anything (the command line
+    calls it before loading; `loading.model_path` before resolving)."""
+    if model in REGISTRY:
+        if REGISTRY[model].part_paths() is None:
+            raise ModelLoadError(f"model {model!r} is not installed; install: {REGISTRY[model].install_hint}")
+    elif not Path(model).expanduser().exists():
+        raise ModelLoadError(f"model {model!r} is neither a known alias ({', '.join(REGISTRY)}) nor an existing path")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`assemble ALIAS...`: assemble and verify installed split models now rather than on first load."""
     args = sys.argv[1:] if argv is None else argv
