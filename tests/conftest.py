@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# Test modules live in folders that mirror selfspec/; the helpers they share (tiny.py, lossless.py,
+# prompts.py, showkit.py) stay here at the top, importable from every folder.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # Keep tests off the user's cache folder only when asked; the default cache makes reruns fast.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -26,7 +26,7 @@ from selfspec.search.study import (Calibration, SearchError, SearchSettings, cal
                              run_search)
 from selfspec.sampling import SamplingParams
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # the helpers (tiny.py, ...) live at the top of tests/
 PROMPTS = [[(7 * i + 3 * j) % 160 for j in range(10)] for i in range(3)]
 FAST = dict(max_new_tokens=12, max_draft=4)
 

@@ -26,7 +26,7 @@ from selfspec.drafters.base import EMPTY, Draft
 MODEL = "smollm2-135m"
 KEY = "test-key-7"
 MAX_QUEUE = 4
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAT_PROMPT = "What is the capital of France?"
 TEXT_PROMPT = "The capital of France is"
 

@@ -15,7 +15,7 @@ import pytest
 from selfspec.server.app import ServerSettings
 from showkit import Alternating, LiveServer, word_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 KEY = "playground-key"
 SCREENSHOTS = os.environ.get("SELFSPEC_SCREENSHOTS") == "1"
