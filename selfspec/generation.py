@@ -62,7 +62,7 @@ class SpecStats:
         d = asdict(self)
         extras = d.pop("extras")
         d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate,
-                 mean_accepted_tokens=self.mean_accepted_tokens, seconds=self.decode_seconds)
+                 mean_accepted_tokens=self.mean_accepted_tokens)
         d.update(extras)
         return d
 
