@@ -106,9 +106,9 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
     check_request(model, prompt_ids, max_new_tokens)
     stop_ids = model.eos_token_ids if stop_ids is None else stop_ids
     tr = model.transformer
-    if drafter is not None:  # first: a drafter built on first use may time passes on the model's cache
+    cache, reused = (model.fresh_cache(), 0) if prefix is None else prefix.begin(prompt_ids)
+    if drafter is not None:
         drafter.reset()
-    cache, reused = (model.cache(), 0) if prefix is None else prefix.begin(prompt_ids)
     device = tr.device  # every tensor below is made there (a GPU's: no host copy per step)
     generator = make_generator(sampling.seed, device)
     tokens = list(prompt_ids)

@@ -18,7 +18,7 @@ token, never inside the prefix, and the loop reports only the positions it verif
 
 A copy is taken lazily, when a prompt diverges from the live sequence and would overwrite it, so a
 single conversation never copies anything. Anyone else resetting the model's cache
-(`Model.cache()`) clears its owner: the live sequence is then forgotten, never trusted.
+(`Model.fresh_cache()`) clears its owner: the live sequence is then forgotten, never trusted.
 Not thread-safe: one generation at a time, as the model itself.
 """
 from __future__ import annotations

@@ -341,8 +341,8 @@ class Server:
 
 class _BuiltOnFirstUse:
     """A drafter that a request chose, built when its first generation starts (`reset`, called by
-    the decode loop): in the worker thread, because building `auto` times forward passes on the
-    model's KV cache, which the worker may be using while a request is being prepared."""
+    the decode loop): in the worker thread, because building `auto` times forward passes of the
+    model (on a cache of its own), which the worker may be running while a request is being prepared."""
 
     def __init__(self, name: str, build) -> None:
         self.name, self._build, self._drafter = name, build, None
