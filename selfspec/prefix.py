@@ -92,11 +92,10 @@ class PrefixCache:
         # the prompt's last token writes the KV that was there); otherwise keep a copy first.
         if common_prefix(self.tokens, prompt) < len(self.tokens):
             self._store_live(cache)
-        if entry is not None:
-            same = common_prefix(self.tokens, entry.tokens, n)  # positions that already hold its KV
-            cache.k[:, :, same:n] = entry.k[:, :, same:n]
-            cache.v[:, :, same:n] = entry.v[:, :, same:n]
-        cache.length = n  # rollback, or a restore of positions copied in above
+        if entry is not None:  # positions below `same` already hold its KV
+            cache.restore(n, entry.k, entry.v, start=common_prefix(self.tokens, entry.tokens, n))
+        else:
+            cache.rollback(n)
         cache.owner = self
         self.tokens = prompt[:n]
         return cache, n
