@@ -185,7 +185,7 @@ def _generate(*, model, prompt, prompt_file, chat, system, max_new_tokens, tempe
         from selfspec import draftview as show
 
         colour = not as_json and out.isatty()  # never into a pipe or a file
-        painter = show.TerminalPainter(out, show.DraftView(m.tokenizer, gen.stats), colour=colour)
+        painter = show.TerminalPainter(out, show.DraftView(m.tokenizer), colour=colour)
     for chunk in gen:
         if painter is not None:
             painter.write(chunk)

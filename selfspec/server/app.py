@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import Generation, GenerationResult, stream
+from selfspec.drafters.base import declared
 from selfspec.drafters.factory import ALIASES, build_drafter
 from selfspec.prefix import PrefixCache
 from selfspec.sampling import SamplingParams
@@ -360,6 +361,19 @@ class _BuiltOnFirstUse:
 
     def extra_stats(self) -> dict:
         return self._drafter.extra_stats() if self._drafter is not None else {}
+
+    # The optional members of the Drafter protocol, the built drafter's (defaults before it is built).
+    @property
+    def wants_hidden(self) -> bool:
+        return declared(self._drafter, "wants_hidden")
+
+    @property
+    def last_level(self) -> int | None:
+        return declared(self._drafter, "last_level")
+
+    @property
+    def costs(self):
+        return declared(self._drafter, "costs")
 
 
 # The playground (`/`): static files shipped as package data, no build step, nothing fetched from
