@@ -17,6 +17,7 @@ from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter, declared
 from selfspec.errors import ContextOverflowError, InvalidParameterError
 from selfspec.models.loading import Model
 from selfspec.prefix import PrefixCache
+from selfspec.text import TextStream
 from selfspec.sampling import (SamplingParams, greedy_tokens, make_generator, presence_mask,
                                probs_from_logits)
 from selfspec.verify import TargetChoice, verify_chain
@@ -277,53 +278,6 @@ def check_request(model: Model, prompt_ids: Sequence[int], max_new_tokens: int) 
         raise InvalidParameterError(f"prompt token ids {bad[:5]} are outside the vocabulary of {model.config.vocab_size}")
 
 
-# ------------------------------------------------------------------------------- text + stops
-class TextStream:
-    """Incremental detokenisation that never splits a multi-byte character (a token that ends
-    inside one decodes to U+FFFD: hold it back until the next token completes it), and stop
-    strings matched across token boundaries: text that could still become a stop string is held
-    back, and nothing after a stop is released."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # all text decoded so far
-        self.sent = 0  # characters of self.text released
-        self.stopped = False
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if decoded.endswith("\ufffd"):
-            decoded = decoded[: len(decoded.rstrip("\ufffd"))]
-        if len(decoded) > len(self.text):
-            self.text = decoded
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-            final = True
-        end = len(self.text)
-        if not final:
-            for s in self.stop:  # hold back a tail that may grow into a stop string
-                for n in range(min(len(s) - 1, end - self.sent), 0, -1):
-                    if s.startswith(self.text[end - n:]):
-                        end = min(end, len(self.text) - n)
-                        break
-        out = self.text[self.sent:end]
-        self.sent = max(self.sent, end)
-        return out
-
-
 class Generation:
     """Iterator over `Chunk`s of one generation; `.result` is set when it is exhausted."""
 
@@ -367,7 +321,7 @@ class Generation:
             delta = text.push(r.ids)
             if text.stopped:  # a stop string: nothing after it, its ids included
                 finish = "stop"
-                ids = _ids_covering(self.model.tokenizer, ids, text.text)
+                ids = text.ids_through_stop()
                 stats.new_tokens = len(ids)
                 rounds.close()
                 if delta:
@@ -384,14 +338,6 @@ class Generation:
         self.result = GenerationResult(text=text.text[: text.sent] if text.stopped else text.text,
                                        token_ids=ids, finish_reason=finish, stats=stats,
                                        prompt_ids=self.prompt_ids)
-
-
-def _ids_covering(tokenizer, ids: list[int], text: str) -> list[int]:
-    """The shortest prefix of `ids` whose text reaches the stop point: nothing after a stop."""
-    for n in range(1, len(ids) + 1):
-        if len(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text):
-            return ids[:n]
-    return ids
 
 
 def _prompt_ids(model: Model, prompt, messages, chat, system) -> list[int]:
