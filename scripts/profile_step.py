@@ -23,7 +23,7 @@ from selfspec.models.loading import load_model
 
 def _prepared(model, context: int):
     tr = model.transformer
-    cache = model.cache()
+    cache = model.fresh_cache()
     prefix = torch.arange(100, 100 + context) % model.config.vocab_size
     tr.forward(prefix, 0, cache, last_only=True)
     return tr, cache

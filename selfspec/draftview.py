@@ -74,24 +74,28 @@ def _text_len(tokenizer, ids: list[int]) -> int:
 
 @dataclass
 class DraftView:
-    """Follows one generation chunk by chunk (`push`). `stats` is the generation's live
-    `SpecStats` (read for the draft tokens each round proposed, and the running numbers)."""
+    """Follows one generation chunk by chunk (`push`), from the verify round each chunk carries
+    (`Chunk.round`: the draft tokens it proposed, its decode time). `stats` is only for chunks
+    without a round: then the draft tokens proposed are read as the growth of `stats.drafted`."""
 
     tokenizer: object
-    stats: object
+    stats: object = None
     origins: list[str] = field(default_factory=list)  # per token id so far
     rounds: int = 0
     _ids: list[int] = field(default_factory=list)
     _ends: list[int] = field(default_factory=list)  # characters of text through token i
     _sent: int = 0  # characters released so far
     _next: int = 0  # first token whose text is not wholly released
-    _proposed: int = 0  # stats.drafted at the previous round
+    _proposed: int = 0  # stats.drafted at the previous round (chunks without a round)
     _pending: list[Round] = field(default_factory=list)  # rounds not yet reported
+    _drafted: int = 0  # running numbers of the rounds seen: draft tokens proposed,
+    _accepted: int = 0  # accepted,
+    _seconds: float = 0.0  # and the decode time at the last one
 
     def push(self, chunk) -> list[Span]:
         """The spans of `chunk.text`, in order; their texts join to exactly `chunk.text`."""
         if chunk.token_ids:
-            self._add_round(list(chunk.token_ids), list(chunk.drafted))
+            self._add_round(list(chunk.token_ids), list(chunk.drafted), chunk.round)
         return self._split(chunk.text)
 
     def take_rounds(self) -> list[Round]:
@@ -102,18 +106,25 @@ class DraftView:
     def extension(self, spans: list[Span]) -> dict:
         """The stream chunk's extension field `selfspec` (README, "Server"): this chunk's text by
         token, the rounds finished since the last chunk, and running numbers of the generation."""
-        s = self.stats
+        new_tokens = len(self._ids)
         # Decode speed counts from the end of prefill: after the first round alone it would be one
         # token over next to no time.
-        speed = round(s.tokens_per_s, 3) if s.rounds > 1 and s.decode_seconds > 0 else None
+        speed = round(new_tokens / self._seconds, 3) if self.rounds > 1 and self._seconds > 0 else None
         return {"tokens": [sp.to_dict() for sp in spans], "rounds": [r.to_dict() for r in self.take_rounds()],
-                "new_tokens": s.new_tokens, "tau": round(s.mean_accepted_tokens, 4),
-                "acceptance_rate": round(s.acceptance_rate, 4), "tokens_per_s": speed}
+                "new_tokens": new_tokens, "tau": round(new_tokens / self.rounds if self.rounds else 0.0, 4),
+                "acceptance_rate": round(self._accepted / self._drafted if self._drafted else 0.0, 4),
+                "tokens_per_s": speed}
 
-    def _add_round(self, ids: list[int], drafted: list[bool]) -> None:
+    def _add_round(self, ids: list[int], drafted: list[bool], verify_round=None) -> None:
         drafted = (drafted + [False] * len(ids))[: len(ids)]
-        proposed = self.stats.drafted - self._proposed
-        self._proposed = self.stats.drafted
+        if verify_round is not None:
+            proposed = verify_round.proposed
+            self._seconds = verify_round.seconds
+        else:
+            proposed = self.stats.drafted - self._proposed if self.stats is not None else sum(drafted)
+            self._proposed = self.stats.drafted if self.stats is not None else 0
+        self._drafted += proposed
+        self._accepted += sum(drafted)
         self.rounds += 1
         self._pending.append(Round(self.rounds, len(ids), sum(drafted), proposed))
         self.origins += round_origins(drafted, proposed)
@@ -186,8 +197,10 @@ def plain_step_seconds(model, drafter=None) -> float | None:
     `auto` drafter's cost model (calibrated at load, refined by every round), else a calibration
     cached by an earlier `auto` run with the same model file, dtype, kernel, threads and context;
     None when there is neither."""
-    costs = getattr(drafter, "costs", None)
-    if costs is not None and getattr(costs, "step", None):
+    from selfspec.drafters.base import declared
+
+    costs = declared(drafter, "costs")
+    if costs is not None and costs.step:
         return float(costs.step)
     from selfspec.drafters.costs import cached_costs
 

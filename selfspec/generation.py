@@ -2,6 +2,12 @@
 in one forward pass -> accept -> roll back the cache -> stream. Plain decoding is the same loop
 with no drafter (every round proposes nothing).
 
+A round of `decode_tokens` reads as its steps: propose (the drafter), forward (pending token +
+drafts, one pass), `target_choice` (logits -> the target's greedy tokens or distributions, the one
+place), a pure verdict (`verify_chain` / `verify_tree`), then one `commit` that owns what the
+verdict changes in the cache (rollback or tree compaction) and the hidden state kept for draft
+heads. Each round yields a `Round` record; `Generation` turns rounds into text (selfspec/text.py).
+
 `stream(...)` is an iterator of `Chunk`s; when it is exhausted its `.result` holds the whole text,
 the token ids and the `SpecStats`. `generate(...)` runs it to the end. The library never prints.
 """
@@ -13,14 +19,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter
+from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter, declared
 from selfspec.errors import ContextOverflowError, InvalidParameterError
 from selfspec.models.loading import Model
 from selfspec.prefix import PrefixCache
+from selfspec.text import TextStream
 from selfspec.sampling import (SamplingParams, greedy_tokens, make_generator, presence_mask,
                                probs_from_logits)
-from selfspec.verify import verify_greedy, verify_sampled
-from selfspec.verify_tree import verify_tree_round
+from selfspec.verify import TargetChoice, verify_chain
+from selfspec.verify_tree import check_tree, tree_presence, verify_tree
 
 
 @dataclass
@@ -62,7 +69,7 @@ class SpecStats:
         d = asdict(self)
         extras = d.pop("extras")
         d.update(tokens_per_s=self.tokens_per_s, acceptance_rate=self.acceptance_rate,
-                 mean_accepted_tokens=self.mean_accepted_tokens, seconds=self.decode_seconds)
+                 mean_accepted_tokens=self.mean_accepted_tokens)
         d.update(extras)
         return d
 
@@ -78,6 +85,7 @@ class Chunk:
     text: str
     token_ids: list[int]
     drafted: list[bool] = field(default_factory=list)
+    round: "Round | None" = None  # the verify round that produced token_ids (None: a text-only tail)
 
 
 @dataclass
@@ -94,92 +102,119 @@ class GenerationResult:
 
 
 # ----------------------------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class Round:
+    """What one verify round emitted: `ids` (cut at a stop token or the length limit), of which
+    the first `accepted` are draft tokens the target accepted (the rest are the target's own),
+    out of `proposed` draft tokens. `finish` is "stop" or "length" on the round that ends the
+    generation (its ids may then be empty: a round that produced only the stop token), else None.
+    `seconds`: decode time from the first token to the end of this round."""
+
+    ids: list[int]
+    accepted: int
+    proposed: int
+    finish: str | None = None
+    seconds: float = 0.0
+
+
+def target_choice(logits: torch.Tensor, sampling: SamplingParams, history: Sequence[int],
+                  drafts: torch.Tensor = EMPTY, layout=None) -> TargetChoice:
+    """The target's choice at every row of a verify forward (`logits` `[rows, vocab]`): greedy
+    tokens, or the distributions to sample from. The repetition penalty at a row sees `history`
+    and the drafts on the row's own path: a chain's earlier drafts, or a tree node's ancestors
+    (`layout`). Pure: the one place logits become the target's choice."""
+    presence = None
+    if sampling.repetition_penalty != 1.0:
+        vocab = logits.shape[-1]
+        hist = torch.tensor(list(history), dtype=torch.long, device="cpu" if layout is not None else logits.device)
+        if layout is not None:
+            presence = tree_presence(hist, drafts, layout, vocab).to(logits.device)
+        else:
+            presence = presence_mask(hist, drafts, vocab)
+    if sampling.greedy:
+        return TargetChoice(tokens=greedy_tokens(logits, sampling, presence))
+    return TargetChoice(p=probs_from_logits(logits, sampling, presence))
+
+
 def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | None,
                   sampling: SamplingParams, max_new_tokens: int, stats: SpecStats,
-                  stop_ids: set[int] | None = None, prefix: PrefixCache | None = None
-                  ) -> Iterator[tuple[list[int], int]]:
-    """Yield `(ids, n_drafted)` for each round: its new token ids, of which the first n_drafted
-    are accepted draft tokens (the rest came from the target). Ends at a stop token (not yielded)
-    or after `max_new_tokens`; sets stats.extras["finish_reason"]. With `prefix`, the KV of the
-    longest prompt prefix it holds is reused and only the rest of the prompt is processed
-    (selfspec/prefix.py); stats.extras counts both (`cached_prompt_tokens`, `prefill_tokens`)."""
-    check_request(model, prompt_ids, max_new_tokens)
+                  stop_ids: set[int] | None = None, prefix: PrefixCache | None = None) -> Iterator[Round]:
+    """Yield a `Round` for each verify round. Ends at a stop token (not yielded) or after
+    `max_new_tokens`; the last Round says which (`finish`). The request must have been checked
+    (`check_request`: `Generation` does). With `prefix`, the KV of the longest prompt prefix it
+    holds is reused and only the rest of the prompt is processed (selfspec/prefix.py);
+    stats.extras counts both (`cached_prompt_tokens`, `prefill_tokens`). Fills the stats of the
+    forwards (drafted, accepted, timings); the rounds and new tokens are the consumer's to count."""
     stop_ids = model.eos_token_ids if stop_ids is None else stop_ids
     tr = model.transformer
-    if drafter is not None:  # first: a drafter built on first use may time passes on the model's cache
+    cache, reused = (model.fresh_cache(), 0) if prefix is None else prefix.begin(prompt_ids)
+    if drafter is not None:
         drafter.reset()
-    cache, reused = (model.cache(), 0) if prefix is None else prefix.begin(prompt_ids)
     device = tr.device  # every tensor below is made there (a GPU's: no host copy per step)
     generator = make_generator(sampling.seed, device)
     tokens = list(prompt_ids)
-    vocab = model.config.vocab_size
     ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=sampling, generator=generator)
     # The sequence's ids as a tensor too, written in place: a round's forward input is a slice of
     # it (pending token + drafts), never a freshly built tensor.
     ids = torch.empty(cache.max_len + 1, dtype=torch.long, device=device)
     ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-    # Plain greedy decoding needs no verdict: the next token is the argmax of the one row.
+    # Plain greedy decoding needs no verdict: the next token is the target's choice at the one row.
     fast_greedy = sampling.greedy and sampling.repetition_penalty == 1.0
-
-    def choose(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Greedy target tokens `[k+1]`, or the target distribution p `[k+1, vocab]`."""
-        presence = None
-        if sampling.repetition_penalty != 1.0:
-            presence = presence_mask(torch.tensor(tokens, dtype=torch.long, device=device), drafts, vocab)
-        if sampling.greedy:
-            return greedy_tokens(logits, sampling, presence), None
-        return None, probs_from_logits(logits, sampling, presence)
-
     # Draft heads (drafters/heads.py) read the final hidden state of the row that produced the
-    # pending token: each forward below returns it too, and ctx.extras keeps that row.
-    wants_hidden = bool(getattr(drafter, "wants_hidden", False))
+    # pending token: each forward then returns the rows' hidden states too, and commit keeps one.
+    wants_hidden = drafter is not None and bool(declared(drafter, "wants_hidden"))
+    hidden: torch.Tensor | None = None
 
     def forward(x: torch.Tensor, pos: int, **kw) -> torch.Tensor:
+        nonlocal hidden
         if not wants_hidden:
             return tr.forward(x, pos, cache, **kw)
-        logits, ctx.extras["hidden"] = tr.forward(x, pos, cache, return_hidden=True, **kw)
+        logits, hidden = tr.forward(x, pos, cache, return_hidden=True, **kw)
         return logits
 
-    def keep_hidden(row: int, n_new: int) -> None:
+    def commit(start: int, path: Sequence[int]) -> int:
+        """The round's verdict takes effect: the cache keeps the pending token (at `start`) and the
+        accepted draft nodes `path` (indices into the round's drafts, in order) at start + 1, ...,
+        nothing beyond; the kept hidden state is the last accepted row's. Returns the number of
+        valid cache positions."""
+        cache.compact(start + 1, [start + 1 + i for i in path])
         if wants_hidden:
-            ctx.extras.update(hidden=ctx.extras["hidden"][row], hidden_for=len(tokens) + n_new)
+            ctx.hidden = hidden[path[-1] + 1 if path else 0]
+            ctx.hidden_for = start + 2 + len(path)  # len(tokens) once the round's tokens are in
+        return start + 1 + len(path)
 
     stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused, device=str(device))
     t0 = time.perf_counter()
+    # The prefill is the verify of an empty draft after the prompt's last token (the pending one).
+    start = len(tokens) - 1
     logits = forward(ids[reused: len(tokens)], reused, last_only=True)
-    keep_hidden(0, 1)
+    verdict = verify_chain(EMPTY, None, target_choice(logits, sampling, tokens), generator)
     # Positions [0, valid) of the cache hold the KV of ids[:valid]: only what a verify accepted
     # counts (drafts and rejected positions lie beyond). It is what `prefix` keeps at the end.
-    valid = len(tokens)
-    target, p_target = choose(logits, EMPTY)
-    first = int(target[0]) if target is not None else int(verify_sampled(EMPTY, None, p_target, generator).tokens[0])
+    valid = commit(start, ())
     stats.prefill_seconds = time.perf_counter() - t0
-    stats.rounds = 1
     t_decode = time.perf_counter()
     produced = 0
-    new, new_ids, n_drafted = [first], None, 0
+    new, new_ids, accepted, proposed = verdict.tokens.tolist(), verdict.tokens, 0, 0
     try:
         while True:
             # Emit this round's tokens, cut at a stop token or the length limit.
-            out = []
+            out, finish = [], None
             for tok in new:
                 if tok in stop_ids:
-                    stats.extras["finish_reason"] = "stop"
+                    finish = "stop"
                     break
                 out.append(tok)
                 if produced + len(out) >= max_new_tokens:
-                    stats.extras["finish_reason"] = "length"
+                    finish = "length"
                     break
-            if not out:
-                stats.rounds -= 1  # a round that only produced the stop token emitted nothing
             produced += len(out)
-            stats.new_tokens = produced
             stats.decode_seconds = time.perf_counter() - t_decode
-            if out:
-                yield out, min(n_drafted, len(out))
-            if "finish_reason" in stats.extras:
+            if out or finish:
+                yield Round(out, min(accepted, len(out)), proposed, finish, stats.decode_seconds)
+            if finish:
                 return
-            if new_ids is None:  # one token: the first, or a plain decoding step
+            if new_ids is None:  # one token: a plain decoding step
                 ids[len(tokens)] = new[0]
             else:
                 ids[len(tokens): len(tokens) + len(new)] = new_ids
@@ -195,39 +230,34 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
                 cache.rollback(start)  # a drafter may leave draft KV beyond the pending token
             t = time.perf_counter()
             k = len(draft)
-            if k == 0 and fast_greedy:
+            if k == 0 and fast_greedy:  # a plain step: the choice at the one row is the token
                 logits = forward(ids[start: start + 1], start)  # [1, vocab]
-                keep_hidden(0, 1)
-                valid = start + 1
-                tok = int(logits[0].argmax())
+                tok = int(target_choice(logits, sampling, tokens).tokens[0])
+                valid = commit(start, ())
                 stats.verify_seconds += time.perf_counter() - t
-                stats.rounds += 1
                 if drafter is not None:
                     drafter.update(0, 0)
-                new, new_ids, n_drafted = [tok], None, 0
+                new, new_ids, accepted, proposed = [tok], None, 0, 0
                 continue
             ids[start + 1: start + 1 + k] = draft.tokens
-            if draft.parents is not None:  # a token tree: k nodes, one forward, the accepted path's KV compacted
-                # (no draft-heads drafter proposes trees: the hidden state is only kept for chains)
-                verdict = verify_tree_round(tr, cache, ids[start: start + 1 + k], start, draft, tokens, sampling,
-                                            generator)
+            if draft.parents is not None:  # a token tree: k nodes in one forward
+                layout = check_tree(draft, model.config.vocab_size)
+                logits = forward(ids[start: start + 1 + k], start, tree=layout)  # [k+1, vocab]
+                choice = target_choice(logits, sampling, tokens, draft.tokens, layout)
+                verdict = verify_tree(layout, draft, choice, generator)
+                path = verdict.path
             else:
                 logits = forward(ids[start: start + 1 + k], start)  # [k+1, vocab]
-                target, p_target = choose(logits, draft.tokens)
-                if target is not None:
-                    verdict = verify_greedy(draft.tokens, target)
-                else:
-                    verdict = verify_sampled(draft.tokens, draft.q_draft, p_target, generator)
-                cache.rollback(start + 1 + verdict.accepted)
-                keep_hidden(verdict.accepted, verdict.accepted + 1)
-            valid = start + 1 + verdict.accepted
+                choice = target_choice(logits, sampling, tokens, draft.tokens)
+                verdict = verify_chain(draft.tokens, draft.q_draft, choice, generator)
+                path = range(verdict.accepted)
+            valid = commit(start, path)
             stats.verify_seconds += time.perf_counter() - t
-            stats.rounds += 1
-            stats.drafted += len(draft)
+            stats.drafted += k
             stats.accepted += verdict.accepted
             if drafter is not None:
-                drafter.update(verdict.accepted, len(draft))
-            new, new_ids, n_drafted = verdict.tokens.tolist(), verdict.tokens, verdict.accepted
+                drafter.update(verdict.accepted, k)
+            new, new_ids, accepted, proposed = verdict.tokens.tolist(), verdict.tokens, verdict.accepted, k
     finally:
         stats.decode_seconds = time.perf_counter() - t_decode
         if prefix is not None:
@@ -252,53 +282,6 @@ def check_request(model: Model, prompt_ids: Sequence[int], max_new_tokens: int) 
     bad = [t for t in prompt_ids if not 0 <= int(t) < model.config.vocab_size]
     if bad:
         raise InvalidParameterError(f"prompt token ids {bad[:5]} are outside the vocabulary of {model.config.vocab_size}")
-
-
-# ------------------------------------------------------------------------------- text + stops
-class TextStream:
-    """Incremental detokenisation that never splits a multi-byte character (a token that ends
-    inside one decodes to U+FFFD: hold it back until the next token completes it), and stop
-    strings matched across token boundaries: text that could still become a stop string is held
-    back, and nothing after a stop is released."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # all text decoded so far
-        self.sent = 0  # characters of self.text released
-        self.stopped = False
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if decoded.endswith("\ufffd"):
-            decoded = decoded[: len(decoded.rstrip("\ufffd"))]
-        if len(decoded) > len(self.text):
-            self.text = decoded
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-            final = True
-        end = len(self.text)
-        if not final:
-            for s in self.stop:  # hold back a tail that may grow into a stop string
-                for n in range(min(len(s) - 1, end - self.sent), 0, -1):
-                    if s.startswith(self.text[end - n:]):
-                        end = min(end, len(self.text) - n)
-                        break
-        out = self.text[self.sent:end]
-        self.sent = max(self.sent, end)
-        return out
 
 
 class Generation:
@@ -331,41 +314,36 @@ class Generation:
 
     def _run(self, drafter, sampling, max_new_tokens, stop, stop_ids) -> Iterator[Chunk]:
         text = TextStream(self.model.tokenizer, stop)
+        stats = self.stats
         ids: list[int] = []
         finish = "length"
-        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, self.stats, stop_ids,
+        rounds = decode_tokens(self.model, self.prompt_ids, drafter, sampling, max_new_tokens, stats, stop_ids,
                                self.prefix)
-        for new, n_drafted in rounds:
-            drafted = [i < n_drafted for i in range(len(new))]
-            ids.extend(new)
-            delta = text.push(new)
-            if text.stopped:
+        for r in rounds:
+            drafted = [i < r.accepted for i in range(len(r.ids))]
+            if r.ids:  # a round that only produced the stop token emitted nothing: not counted
+                stats.rounds += 1
+            ids.extend(r.ids)
+            delta = text.push(r.ids)
+            if text.stopped:  # a stop string: nothing after it, its ids included
                 finish = "stop"
-                ids = _ids_covering(self.model.tokenizer, ids, text.text)
+                ids = text.ids_through_stop()
+                stats.new_tokens = len(ids)
                 rounds.close()
                 if delta:
-                    yield Chunk(delta, new, drafted)
+                    yield Chunk(delta, r.ids, drafted, r)
                 break
-            if delta or new:
-                yield Chunk(delta, new, drafted)
+            stats.new_tokens = len(ids)
+            finish = r.finish or finish
+            if delta or r.ids:
+                yield Chunk(delta, r.ids, drafted, r)
         else:
-            finish = self.stats.extras.get("finish_reason", "length")
             tail = text.finish()
             if tail:
                 yield Chunk(tail, [])
-        self.stats.extras.pop("finish_reason", None)
-        self.stats.new_tokens = len(ids)
         self.result = GenerationResult(text=text.text[: text.sent] if text.stopped else text.text,
-                                       token_ids=ids, finish_reason=finish, stats=self.stats,
+                                       token_ids=ids, finish_reason=finish, stats=stats,
                                        prompt_ids=self.prompt_ids)
-
-
-def _ids_covering(tokenizer, ids: list[int], text: str) -> list[int]:
-    """The shortest prefix of `ids` whose text reaches the stop point: nothing after a stop."""
-    for n in range(1, len(ids) + 1):
-        if len(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text):
-            return ids[:n]
-    return ids
 
 
 def _prompt_ids(model: Model, prompt, messages, chat, system) -> list[int]:

@@ -18,7 +18,7 @@ token, never inside the prefix, and the loop reports only the positions it verif
 
 A copy is taken lazily, when a prompt diverges from the live sequence and would overwrite it, so a
 single conversation never copies anything. Anyone else resetting the model's cache
-(`Model.cache()`) clears its owner: the live sequence is then forgotten, never trusted.
+(`Model.fresh_cache()`) clears its owner: the live sequence is then forgotten, never trusted.
 Not thread-safe: one generation at a time, as the model itself.
 """
 from __future__ import annotations
@@ -92,11 +92,10 @@ class PrefixCache:
         # the prompt's last token writes the KV that was there); otherwise keep a copy first.
         if common_prefix(self.tokens, prompt) < len(self.tokens):
             self._store_live(cache)
-        if entry is not None:
-            same = common_prefix(self.tokens, entry.tokens, n)  # positions that already hold its KV
-            cache.k[:, :, same:n] = entry.k[:, :, same:n]
-            cache.v[:, :, same:n] = entry.v[:, :, same:n]
-        cache.length = n  # rollback, or a restore of positions copied in above
+        if entry is not None:  # positions below `same` already hold its KV
+            cache.restore(n, entry.k, entry.v, start=common_prefix(self.tokens, entry.tokens, n))
+        else:
+            cache.rollback(n)
         cache.owner = self
         self.tokens = prompt[:n]
         return cache, n

@@ -21,7 +21,16 @@ import torch
 
 from selfspec.sampling import sample
 
-__all__ = ["Verdict", "verify_greedy", "verify_sampled"]
+__all__ = ["TargetChoice", "Verdict", "verify_chain", "verify_greedy", "verify_sampled"]
+
+
+@dataclass(frozen=True, eq=False)
+class TargetChoice:
+    """What the target chose at each row of a verify forward: its greedy tokens `[rows]` (greedy
+    decoding), or its distributions p `[rows, vocab]` (sampling). Exactly one is set."""
+
+    tokens: torch.Tensor | None = None
+    p: torch.Tensor | None = None
 
 
 # eq=False: the generated __eq__ would compare tensors and fail on `bool(tensor)`; identity is the
@@ -132,3 +141,11 @@ def verify_sampled(
 
     tokens = torch.cat([drafts[:accepted], new_token.to(device)])
     return Verdict(accepted=accepted, tokens=tokens.to(draft_tokens.device))
+
+
+def verify_chain(draft_tokens: torch.LongTensor, q_draft: torch.Tensor | None, choice: TargetChoice,
+                 generator: torch.Generator) -> Verdict:
+    """The verdict on a chain of k drafts (k may be 0) from the target's choice at its k+1 rows."""
+    if choice.tokens is not None:
+        return verify_greedy(draft_tokens, choice.tokens)
+    return verify_sampled(draft_tokens, q_draft, choice.p, generator)

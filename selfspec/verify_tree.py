@@ -35,12 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
-from selfspec.kv_cache import KVCache
 from selfspec.drafters.base import Draft
 from selfspec.errors import InvalidParameterError
-from selfspec.sampling import SamplingParams, greedy_tokens, probs_from_logits, sample
+from selfspec.sampling import sample
 from selfspec.tree import TreeLayout
-from selfspec.verify import Verdict
+from selfspec.verify import TargetChoice, Verdict
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,21 +136,9 @@ def check_tree(draft: Draft, vocab: int) -> TreeLayout:
     return TreeLayout.of(draft.parents)
 
 
-def verify_tree_round(tr, cache: KVCache, ids: torch.Tensor, start: int, draft: Draft, history: list[int],
-                      sampling: SamplingParams, generator: torch.Generator) -> TreeVerdict:
-    """One round of the decode loop for a tree draft: `ids` [n+1] is the pending token (at
-    position `start`) followed by the tree's tokens. Scores all nodes in one forward, verifies,
-    and leaves the cache holding the pending token and the accepted path at start, start+1, ..."""
-    vocab = tr.config.vocab_size
-    layout = check_tree(draft, vocab)
-    logits = tr.forward(ids, start, cache, tree=layout)  # [n+1, vocab]
-    presence = None
-    if sampling.repetition_penalty != 1.0:
-        presence = tree_presence(torch.tensor(history, dtype=torch.long, device="cpu"), draft.tokens, layout, vocab).to(logits.device)
-    if sampling.greedy:
-        verdict = verify_tree_greedy(layout, draft.tokens, greedy_tokens(logits, sampling, presence))
-    else:
-        p_target = probs_from_logits(logits, sampling, presence)
-        verdict = verify_tree_sampled(layout, draft.tokens, draft.q_draft, p_target, generator)
-    cache.compact(start + 1, [start + 1 + i for i in verdict.path])
-    return verdict
+def verify_tree(layout: TreeLayout, draft: Draft, choice: TargetChoice, generator: torch.Generator) -> TreeVerdict:
+    """The verdict on a token tree from the target's choice at its n+1 rows (row 0: the pending
+    token, row i+1: node i), greedy or sampled as the choice is."""
+    if choice.tokens is not None:
+        return verify_tree_greedy(layout, draft.tokens, choice.tokens)
+    return verify_tree_sampled(layout, draft.tokens, draft.q_draft, choice.p, generator)

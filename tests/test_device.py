@@ -119,7 +119,7 @@ def test_explicit_cpu_end_to_end(folder):
     assert model.device == torch.device("cpu")
     bad = {n: t.device for n, t in _tensors(model.transformer).items() if t.device.type != "cpu"}
     assert not bad
-    cache = model.cache()
+    cache = model.fresh_cache()
     assert cache.k.device.type == cache.v.device.type == "cpu"
     r = generate(model, PROMPT, drafter=NgramDrafter(), max_new_tokens=12)
     assert len(r.token_ids) == 12 and r.stats.to_dict()["device"] == "cpu"
@@ -132,7 +132,7 @@ def test_forward_on_another_device(folder):
     model = _model(folder, "meta")
     tr = model.transformer
     assert {t.device.type for t in _tensors(tr).values()} == {"meta"}
-    cache = model.cache()
+    cache = model.fresh_cache()
     assert cache.k.device.type == "meta"
     ids = torch.tensor(PROMPT, device="meta")
     vocab = model.config.vocab_size

@@ -115,7 +115,7 @@ def test_foreign_use_of_the_cache_is_never_trusted(model):
     prefix = PrefixCache(model)  # no budget: nothing stored, only the live cache
     prompt = _ids(24, seed=8)
     generate(model, prompt, max_new_tokens=4, prefix=prefix)
-    other = generate(model, _ids(30, seed=9), max_new_tokens=4)  # model.cache(): resets and overwrites
+    other = generate(model, _ids(30, seed=9), max_new_tokens=4)  # model.fresh_cache(): resets and overwrites
     again = generate(model, prompt + [1, 2], max_new_tokens=4, prefix=prefix)
     assert again.stats.extras["cached_prompt_tokens"] == 0
     assert again.token_ids == generate(model, prompt + [1, 2], max_new_tokens=4).token_ids

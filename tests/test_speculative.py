@@ -278,7 +278,7 @@ def test_speculative_sampling_matches_target_distribution(peaky, case):
 
 def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
     """The same statistic must fail when rejection resamples from p instead of norm(max(0, p-q))."""
-    import selfspec.generation as generation
+    import selfspec.verify as verify  # the decode loop's verify_chain calls verify.verify_sampled
     from selfspec.sampling import sample
     from selfspec.verify import Verdict
 
@@ -295,7 +295,7 @@ def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
         new = sample(p_target[acc: acc + 1], generator)  # bug: should be the residual
         return Verdict(acc, torch.cat((draft_tokens[:acc], new)))
 
-    monkeypatch.setattr(generation, "verify_sampled", broken)
+    monkeypatch.setattr(verify, "verify_sampled", broken)
     params = SAMPLING_CASES["temperature-1"]
     prompt = PROMPT[:5]
     p = exact_second_token(peaky, prompt, params)

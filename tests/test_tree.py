@@ -316,8 +316,8 @@ def sampled_pairs(model, prompt, params, drafter, n) -> dict[tuple[int, int], in
         rounds = decode_tokens(model, prompt, drafter, dataclasses.replace(params, seed=seed), 16, SpecStats(),
                                stop_ids=set())
         out: list[int] = []
-        for ids, _ in rounds:
-            out += ids
+        for r in rounds:
+            out += r.ids
             if len(out) >= 3:
                 break
         rounds.close()

@@ -60,7 +60,7 @@ def generate(
         from selfspec import draftview as show
 
         colour = not as_json and out.isatty()  # never into a pipe or a file
-        painter = show.TerminalPainter(out, show.DraftView(m.tokenizer, gen.stats), colour=colour)
+        painter = show.TerminalPainter(out, show.DraftView(m.tokenizer), colour=colour)
     for chunk in gen:
         if painter is not None:
             painter.write(chunk)

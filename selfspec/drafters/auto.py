@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selfspec.drafters.costs import MAX_K, CostModel
-from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter, declared
 
 MAX_LEVEL = 8  # match lengths from here on share one acceptance estimate
 
@@ -87,13 +87,13 @@ class Arm:
 
     @property
     def grounded(self) -> bool:
-        return hasattr(self.drafter, "last_level")
+        return declared(self.drafter, "last_level") is not None
 
     def level_acceptance(self, level: int) -> Acceptance:
         return self.levels.setdefault(min(level, MAX_LEVEL), Acceptance())
 
 
-class AutoDrafter:
+class AutoDrafter(Drafter):
     """Chooses among `drafters` (cheapest first) and k each round; see the module docstring."""
 
     name = "auto"

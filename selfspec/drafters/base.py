@@ -1,7 +1,7 @@
 """The one protocol every drafter follows (DESIGN.md, "Core interfaces")."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -38,7 +38,11 @@ class DraftContext:
     tokens: list[int]
     sampling: SamplingParams
     generator: torch.Generator
-    extras: dict = field(default_factory=dict)
+    # For a drafter that `wants_hidden` (draft heads, drafters/heads.py): the target's final hidden
+    # state `[hidden]` of the row that produced the pending token, and len(tokens) when it was
+    # kept (it belongs to this sequence only while hidden_for == len(tokens)).
+    hidden: torch.Tensor | None = None
+    hidden_for: int = -1
 
     def choose(self, logits: torch.Tensor, drafts: list[int]) -> tuple[int, torch.Tensor | None]:
         """Pick the next draft token from draft logits `[1, vocab]` with the same transform the
@@ -57,7 +61,14 @@ class DraftContext:
 
 @runtime_checkable
 class Drafter(Protocol):
+    """Built-in drafters subclass it (and so inherit the optional members' defaults); any object
+    with the four methods and a `name` is a drafter too: `declared` reads its optional members."""
+
     name: str
+    # Optional members, with their defaults:
+    wants_hidden: bool = False  # the decode loop keeps DraftContext.hidden up to date for it
+    last_level: int | None = None  # grounded drafters: the match length behind the last proposal
+    costs: object | None = None  # a cost model (drafters/costs.py CostModel) of this machine, if it has one
 
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
         """Up to `max_tokens` draft tokens continuing `ctx.tokens`."""
@@ -74,6 +85,17 @@ class Drafter(Protocol):
     def extra_stats(self) -> dict:
         """Drafter-specific numbers for SpecStats (e.g. the final gamma)."""
         ...
+
+
+OPTIONAL = ("wants_hidden", "last_level", "costs")
+
+
+def declared(drafter, member: str):
+    """An optional member of the Drafter protocol: the drafter's own value, else the protocol's
+    default (a drafter that does not subclass Drafter need not define them)."""
+    if member not in OPTIONAL:
+        raise AttributeError(f"{member!r} is not an optional member of the Drafter protocol")
+    return getattr(drafter, member, getattr(Drafter, member))
 
 
 def stack_draft(tokens: list[int], q_rows: list[torch.Tensor | None]) -> Draft:

@@ -119,8 +119,10 @@ def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = Tru
         if cached is not None:
             return cached
     tr = model.transformer
-    cache = model.cache()
-    context = min(32, max(1, cache.max_len - max_k - 2))
+    # A private cache: calibrating (e.g. an `auto` built on first use, when a generation starts)
+    # never touches the model's own cache, whoever is using it.
+    context = min(32, max(1, model.ctx_size - max_k - 2))
+    cache = tr.new_cache(context + max_k + 1)
     vocab = model.config.vocab_size
     ids = torch.arange(context + max_k + 1, dtype=torch.long, device=tr.device) % vocab
     with torch.inference_mode():
@@ -136,7 +138,6 @@ def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = Tru
                 cache.rollback(context)
                 if rep:  # the first sweep warms kernels and allocator
                     times[k].append(dt)
-    cache.reset()
     costs = CostModel([statistics.median(t) for t in times], path=path if use_cache else None)
     costs.save()
     return costs

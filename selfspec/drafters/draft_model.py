@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from selfspec.drafters.base import Draft, DraftContext, stack_draft
+from selfspec.drafters.base import Draft, DraftContext, Drafter, stack_draft
 from selfspec.errors import DrafterError, InvalidParameterError
 
 
@@ -26,7 +26,7 @@ def check_same_vocab(target, draft) -> None:
         )
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, draft_model, max_draft: int = 5, target=None) -> None:

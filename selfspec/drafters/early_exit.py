@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfspec.drafters.base import Draft, DraftContext, stack_draft
+from selfspec.drafters.base import Draft, DraftContext, Drafter, stack_draft
 from selfspec.drafters.layerskip import AdaptiveExit
 from selfspec.errors import InvalidParameterError
 from selfspec.models.transformer import rope_tables
@@ -110,7 +110,7 @@ def default_exit_layer(n_layers: int) -> int:
     return max(1, round(n_layers / 6))
 
 
-class EarlyExitDrafter:
+class EarlyExitDrafter(Drafter):
     name = "early-exit"
 
     def __init__(self, adapter: Adapter, exit_layer: int, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:

@@ -7,7 +7,7 @@ Every head ends in the target's own frozen LM head: a vocabulary projection per 
 larger than SmolLM2 itself. Only the heads train (selfspec/train/).
 
 Cost: the decode loop hands the drafter the hidden state its last forward computed anyway
-(`wants_hidden`, DraftContext.extras["hidden"]), so a Medusa round costs the K heads and one
+(`wants_hidden`, DraftContext.hidden), so a Medusa round costs the K heads and one
 LM-head matmul over K rows; Hydra pays one LM-head row per draft token (each needs the last).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter
 from selfspec.drafters.early_exit import draft_chain
 from selfspec.drafters.layerskip import AdaptiveExit
 from selfspec.errors import InvalidParameterError
@@ -77,7 +77,7 @@ def embed(tr, tokens: torch.Tensor) -> torch.Tensor:
     return x * tr.config.embed_scale if tr.config.embed_scale != 1.0 else x
 
 
-class HeadsDrafter:
+class HeadsDrafter(Drafter):
     """Proposes a chain: head i's choice for x_{t+i+2}, stopping after the first head whose top
     probability is below gamma (the same adaptive rule as layer-skip)."""
 
@@ -99,8 +99,8 @@ class HeadsDrafter:
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, max_tokens: int) -> Draft:
-        hidden = ctx.extras.get("hidden")
-        if hidden is None or ctx.extras.get("hidden_for") != len(ctx.tokens):
+        hidden = ctx.hidden
+        if hidden is None or ctx.hidden_for != len(ctx.tokens):
             self.missing_hidden += 1  # a loop that does not hand over the hidden state: plain step
             return Draft(EMPTY)
         tr = ctx.model.transformer

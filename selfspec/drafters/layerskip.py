@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from selfspec.drafters.base import Draft, DraftContext, Drafter, stack_draft
 from selfspec.paths import atomic_write_text
-from selfspec.drafters.base import Draft, DraftContext, stack_draft
 from selfspec.errors import InvalidParameterError, SkipConfigError
 from selfspec.models.transformer import SkipSet
 
@@ -162,7 +162,7 @@ AUTO_DRAFT_VOCAB = 32768
 AUTO_DRAFT_VOCAB_ABOVE = 65536
 
 
-class LayerSkipDrafter:
+class LayerSkipDrafter(Drafter):
     name = "layer-skip"
 
     def __init__(self, config: SkipConfig, max_draft: int = 8, exit: AdaptiveExit | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter
 from selfspec.errors import InvalidParameterError
 from selfspec.tree import tree_from_chains
 
@@ -52,7 +52,7 @@ def check_ngram_args(ngram_max: int, ngram_min: int, max_draft: int) -> None:
         raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
 
 
-class CappedDrafter:
+class CappedDrafter(Drafter):
     """The draft length of the match-based drafters (this one, anpd.py, retrieval.py): `max_draft`
     caps the proposal; with `adaptive`, the cap follows the acceptance: after a partly rejected
     round it drops to accepted + 1, after a fully accepted one it grows by 2 (verifying a long

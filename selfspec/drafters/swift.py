@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -123,18 +122,6 @@ class OnlineSettings:
                 raise InvalidParameterError(f"online {name} must be >= 0, got {getattr(self, name)}")
         if self.kappa < 0:
             raise InvalidParameterError(f"online kappa must be >= 0, got {self.kappa}")
-
-
-@contextmanager
-def kept(cache, start: int, end: int):
-    """Undo a forward pass's writes to cache positions [start, end) and its move of `length`."""
-    k, v, length = cache.k[:, :, start:end].clone(), cache.v[:, :, start:end].clone(), cache.length
-    try:
-        yield
-    finally:
-        cache.k[:, :, start:end] = k
-        cache.v[:, :, start:end] = v
-        cache.length = length
 
 
 class UcbGp:
@@ -299,7 +286,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         end = len(tokens) - 1  # positions [start, end): their next token is known
         start = max(0, end - self.settings.window)
         full_top = self._full_tops(ctx, start, end)
-        with kept(cache, start, end):
+        with cache.snapshot(start, end):
             draft_top = tr.forward(torch.tensor(tokens[start:end], device=tr.device), start, cache, skip=skip).argmax(-1)
         return draft_top, full_top
 
@@ -316,7 +303,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         missing = (tops[start:end] < 0).nonzero()[:, 0]
         if len(missing):
             a, b = start + int(missing[0]), start + int(missing[-1]) + 1
-            with kept(ctx.cache, a, b):
+            with ctx.cache.snapshot(a, b):
                 tops[a:b] = ctx.model.transformer.forward(torch.tensor(tokens[a:b], device=tops.device), a, ctx.cache).argmax(-1)
         return tops[start:end]
 

@@ -96,7 +96,7 @@ class CompiledTransformer:
         if fresh:
             self.graphs.add(key)
             self.compile_seconds += time.perf_counter() - t0
-        cache.length = start + T  # the padding's KV is past the end: garbage by contract
+        cache.wrote(start, T)  # the padding's KV is past the end: garbage by contract
         if padded != T:
             logits = logits[T - 1: T] if last_only else logits[:T]
         return logits

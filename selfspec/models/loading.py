@@ -44,8 +44,8 @@ class Model:
     load_info: dict = field(default_factory=dict)
     _cache: KVCache | None = None
 
-    def cache(self) -> KVCache:
-        """The model's KV cache, allocated once and reset for each new sequence."""
+    def fresh_cache(self) -> KVCache:
+        """The model's KV cache, allocated once, reset (emptied) for a new sequence."""
         cache = self.kv_cache()
         cache.reset()
         return cache

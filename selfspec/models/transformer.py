@@ -216,7 +216,7 @@ class Transformer:
                 if layer.post_ffn_norm is not None:
                     h = self._norm(h, layer.post_ffn_norm)
                 x = x + h
-        cache.length = end
+        cache.wrote(start, T)
         if last_only:
             x = x[-1:]
         if exit_layer is not None:

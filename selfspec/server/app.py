@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfspec.errors import InvalidParameterError, SelfspecError  # noqa: E402 (after the extra's check)
 from selfspec.generation import Generation, GenerationResult, stream
+from selfspec.drafters.base import declared
 from selfspec.drafters.factory import ALIASES, build_drafter
 from selfspec.prefix import PrefixCache
 from selfspec.sampling import SamplingParams
@@ -345,8 +346,8 @@ class Server:
 
 class _BuiltOnFirstUse:
     """A drafter that a request chose, built when its first generation starts (`reset`, called by
-    the decode loop): in the worker thread, because building `auto` times forward passes on the
-    model's KV cache, which the worker may be using while a request is being prepared."""
+    the decode loop): in the worker thread, because building `auto` times forward passes of the
+    model (on a cache of its own), which the worker may be running while a request is being prepared."""
 
     def __init__(self, name: str, build) -> None:
         self.name, self._build, self._drafter = name, build, None
@@ -364,6 +365,19 @@ class _BuiltOnFirstUse:
 
     def extra_stats(self) -> dict:
         return self._drafter.extra_stats() if self._drafter is not None else {}
+
+    # The optional members of the Drafter protocol, the built drafter's (defaults before it is built).
+    @property
+    def wants_hidden(self) -> bool:
+        return declared(self._drafter, "wants_hidden")
+
+    @property
+    def last_level(self) -> int | None:
+        return declared(self._drafter, "last_level")
+
+    @property
+    def costs(self):
+        return declared(self._drafter, "costs")
 
 
 # The playground (`/`): static files shipped as package data, no build step, nothing fetched from

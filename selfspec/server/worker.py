@@ -161,7 +161,7 @@ class Worker:
     def _decode(self, job: Job) -> None:
         job.started = time.perf_counter()
         rounds = iter(job.gen)
-        view = DraftView(job.gen.model.tokenizer, job.gen.stats)  # which tokens were drafts (show.py)
+        view = DraftView(job.gen.model.tokenizer)  # which tokens were drafts, from the chunks' rounds
         try:
             for chunk in rounds:
                 if job.cancelled:

@@ -76,9 +76,10 @@ def test_generate_json_and_over_long_prompt(tmp_path):
     assert set(out) >= {"text", "token_ids", "finish_reason", "stats"}
     assert out["finish_reason"] in ("stop", "length")
     assert 0 < len(out["token_ids"]) <= 12 and out["stats"]["new_tokens"] == len(out["token_ids"])
-    for key in ("prompt_tokens", "new_tokens", "seconds", "tokens_per_s", "rounds", "drafted", "accepted",
+    for key in ("prompt_tokens", "new_tokens", "decode_seconds", "tokens_per_s", "rounds", "drafted", "accepted",
                 "acceptance_rate", "mean_accepted_tokens", "draft_seconds", "verify_seconds", "dtype"):
         assert key in out["stats"], key
+    assert "seconds" not in out["stats"]  # the undocumented alias of decode_seconds is gone
     assert out["text"] and out["text"] in proc.stderr + proc.stdout  # streamed text went to stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # --json: stdout holds only the JSON line
 

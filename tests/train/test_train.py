@@ -174,7 +174,7 @@ def test_early_exit_writes_the_targets_kv_and_keeps_verified_kv(llama):
 
     kind = make_kind("early-exit-adapter", llama, exit_layer=L)
     drafter = kind.drafter(kind.build(llama), llama, exit=_greedy_exit(), max_draft=4)
-    cache = llama.cache()
+    cache = llama.fresh_cache()
     tr.forward(tokens[:-1], 0, cache)
     k_before, v_before = cache.k[:, :, : len(PROMPT) - 1].clone(), cache.v[:, :, : len(PROMPT) - 1].clone()
     ctx = DraftContext(model=llama, cache=cache, tokens=list(PROMPT), sampling=SamplingParams(),
