@@ -19,7 +19,7 @@ from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
 from selfspec.tree import TreeLayout, tree_from_chains, tree_mask
 from selfspec.verify_tree import tree_presence, verify_tree_greedy, verify_tree_sampled
-from test_speculative import N_SAMPLES, PROMPT, total_variation
+from distributions import N_SAMPLES, PROMPT, total_variation
 from tiny import ARCHS, WINDOW, one_thread, tiny_model
 
 INF = float("-inf")

@@ -17,7 +17,7 @@ from selfspec.generation import Chunk, SpecStats, TextStream, generate, stream
 from selfspec.server.app import ServerSettings
 from selfspec.draftview import DraftView, TerminalPainter, estimate, plain_step_seconds, round_origins, summary_line
 from showkit import ByteTokenizer, LiveServer, WordTokenizer, word_model
-from test_speculative import ScriptedDrafter
+from distributions import ScriptedDrafter
 from tiny import one_thread
 
 PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 8]

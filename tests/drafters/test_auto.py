@@ -201,7 +201,7 @@ def test_auto_is_lossless_greedy(llama, costs):
 def test_auto_sampled_matches_target_distribution(llama):
     """The second generated token (drafted and verified by auto's drafters) has the target's exact
     distribution, within the noise floor of the sample count (the statistic of test_speculative)."""
-    from test_speculative import exact_second_token, second_token_samples, total_variation
+    from distributions import exact_second_token, second_token_samples, total_variation
 
     params = SamplingParams(temperature=1.0)
     prompt = PROMPT[:5]

@@ -17,7 +17,7 @@ from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.models.quant import LINEARS, draft_view, extra_weight_bytes, quantize_transformer, weight_bits
 from selfspec.models.rows import make_row_invariant
-from test_speculative import (PROMPT, SAMPLING_CASES, exact_second_token, second_token_samples,
+from distributions import (PROMPT, SAMPLING_CASES, exact_second_token, second_token_samples,
                               total_variation)
 from tiny import one_thread, tiny_model
 

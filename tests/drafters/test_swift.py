@@ -21,7 +21,7 @@ from selfspec.drafters.factory import build_drafter
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams, make_generator
 from selfspec.search.study import model_identity
-from test_speculative import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, gemma3, llama,  # noqa: F401
+from distributions import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, gemma3, llama,  # noqa: F401
                               peaky, second_token_samples, total_variation)
 from tiny import build_tiny_chat, one_thread
 

@@ -24,14 +24,14 @@ from selfspec.drafters.retrieval import RetrievalDrafter
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_methods
-from test_speculative import N_SAMPLES, SAMPLING_CASES, exact_second_token, second_token_samples, total_variation
+from distributions import N_SAMPLES, SAMPLING_CASES, exact_second_token, second_token_samples, total_variation
 from tiny import tiny_model
 
 # Repeats "5 17" and "33 2" so that n-gram drafters have something to match from the first round.
 PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 33, 2, 8, 5, 17]
 
 
-from test_speculative import _one_thread, gemma3, llama  # noqa: F401 (fixtures)
+from distributions import _one_thread, gemma3, llama  # noqa: F401 (fixtures)
 
 
 def store_of(docs, model=None, sep=160) -> Datastore:

@@ -19,7 +19,7 @@ from selfspec.models.loading import load_transformer
 from selfspec.models.quant import (Int4Linear, Int8Linear, dense_weight, int4_group,
                                    quantize_transformer, weight_bits)
 from selfspec.models.rows import make_row_invariant
-from test_speculative import ScriptedDrafter
+from distributions import ScriptedDrafter
 from tiny import build_tiny, one_thread, tiny_model
 
 PROMPT = [5, 17, 33, 2, 90, 41, 5, 17, 8, 5, 17, 33]

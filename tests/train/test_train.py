@@ -20,7 +20,7 @@ from selfspec.train.data import distill, read_data_file
 from selfspec.train.kinds import KINDS, make_kind, shifted
 from selfspec.train.loop import TrainSettings, precompute, train
 from selfspec.train.store import load_drafter
-from test_speculative import exact_second_token, second_token_samples, total_variation
+from distributions import exact_second_token, second_token_samples, total_variation
 from tiny import one_thread, tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 8, 9, 10, 11], [100, 3, 4, 50, 60, 3], [21, 22, 5, 17]]
