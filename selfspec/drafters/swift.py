@@ -173,7 +173,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
     name = "layer-skip"
 
     def __init__(self, model, settings: OnlineSettings | None = None, **kwargs) -> None:
-        from selfspec.search.study import SkipSpace, model_identity, seed_sets
+        from selfspec.drafters.skipspace import SkipSpace, model_identity, seed_sets
 
         self.settings = s = settings or OnlineSettings()
         s.check()
