@@ -32,6 +32,19 @@ def gemma3(tmp_path_factory):
     return tiny_model("gemma3", tmp_path_factory.mktemp("gemma3"), ctx_size=128)
 
 
+class StubDrafter:
+    """The Drafter protocol's bookkeeping as no-ops, for test drafters that only propose."""
+
+    def update(self, accepted, proposed):
+        pass
+
+    def reset(self):
+        pass
+
+    def extra_stats(self):
+        return {}
+
+
 class ScriptedDrafter:
     """Proposes from a fixed continuation: right tokens (oracle), or wrong ones (garbage)."""
 

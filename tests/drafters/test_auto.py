@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distributions import StubDrafter
 from selfspec.drafters.costs import CostModel, calibrate
 from selfspec.drafters.auto import Acceptance, AutoDrafter, best_k, expected_tokens
 from selfspec.drafters.base import Draft
@@ -70,7 +71,7 @@ def test_acceptance_estimate_forgets():
     assert acc.rate == before
 
 
-class Scripted:
+class Scripted(StubDrafter):
     """Proposes k tokens; whether they will be accepted is decided by the simulation."""
 
     name = "scripted"
@@ -82,15 +83,6 @@ class Scripted:
         self.proposed.append(max_tokens)
         self.clock.t += self.c_draft * max_tokens
         return Draft(torch.zeros(max_tokens, dtype=torch.long))
-
-    def update(self, accepted, proposed):
-        pass
-
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
 
 
 class Clock:

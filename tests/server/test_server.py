@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from distributions import StubDrafter
 from selfspec.drafters.base import EMPTY, Draft
 
 MODEL = "smollm2-135m"
@@ -449,7 +450,7 @@ def test_readme_server_examples(live):
 
 
 # ------------------------------------------------------------- tiny model, faults on demand
-class Trap:
+class Trap(StubDrafter):
     """Drafts nothing; raises when the prompt starts with token 1, stalls each round when it starts
     with token 2."""
 
@@ -461,15 +462,6 @@ class Trap:
         if ctx.tokens[0] == 2:
             time.sleep(0.1)
         return Draft(EMPTY)
-
-    def update(self, accepted, proposed):
-        pass
-
-    def reset(self):
-        pass
-
-    def extra_stats(self):
-        return {}
 
 
 @pytest.fixture(scope="module")
