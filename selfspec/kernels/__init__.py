@@ -133,12 +133,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tenso
     mask [T, T] uint8. Returns [T, H, D] fp32. Row t's result depends on its query and its key
     sequence only (bit for bit), whatever T is."""
     lib = _library()
-    if lib is None or k.device.type != "cpu" or k.dtype not in (torch.float32, torch.bfloat16):
+    if lib is None or k.dtype not in (torch.float32, torch.bfloat16) or any(
+            t.device.type != "cpu" for t in (q, k, v, lo, mask)):
         return _attention_rowwise(q, k, v, lo, start, mask, scale, softcap)
     T, H, D = q.shape
     KV, max_len, _ = k.shape
+    # Every pointer handed to C is of a CPU tensor made here or checked above (explicit device:
+    # a caller's default device, e.g. "meta" in a test, must not decide where memory lives).
     q = q.float().contiguous()
-    out = torch.empty(T, H, D, dtype=torch.float32)
+    out = torch.empty(T, H, D, dtype=torch.float32, device="cpu")
     rc = lib.selfspec_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), T, H, KV, D, max_len,
                                 lo.data_ptr(), start, mask.data_ptr(), scale, softcap,
                                 int(k.dtype == torch.bfloat16))

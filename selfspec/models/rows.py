@@ -56,7 +56,7 @@ def probe_rows(lin: Linear, n: int) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(0)
     w = dense_weight(lin)[: min(lin.out_features, lin.in_features // 2)].double()
     q, _ = torch.linalg.qr(w.t())  # [in, s], orthonormal
-    x = torch.randn(n, lin.in_features, generator=g, dtype=torch.float64)
+    x = torch.randn(n, lin.in_features, generator=g, dtype=torch.float64, device="cpu")
     x = x - (x @ q) @ q.t()
     return (x / x.std(dim=1, keepdim=True)).to(_activation_dtype(lin))
 

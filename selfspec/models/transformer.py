@@ -269,8 +269,8 @@ class Transformer:
                 return tree_mask(tree, start, self._first_key(start, window), window).to(self.device)
             return self._mask(start, T, window)
         if tree is None:
-            pos = torch.arange(start, start + T, dtype=torch.int32)
-            rel = torch.arange(T).unsqueeze(1) - torch.arange(T).unsqueeze(0)  # row - column
+            pos = torch.arange(start, start + T, dtype=torch.int32, device="cpu")
+            rel = torch.arange(T, device="cpu").unsqueeze(1) - torch.arange(T, device="cpu").unsqueeze(0)  # row - column
             visible = rel >= 0
         else:
             pos = (start + tree.depth).to(torch.int32)
@@ -280,7 +280,7 @@ class Transformer:
             visible &= rel < window
             lo = (pos - window + 1).clamp_min(0)
         else:
-            lo = torch.zeros(T, dtype=torch.int32)
+            lo = torch.zeros(T, dtype=torch.int32, device="cpu")
         return lo.to(torch.int32).contiguous(), visible.to(torch.uint8).contiguous()
 
     def _mask(self, start: int, T: int, window: int) -> torch.Tensor | None:
