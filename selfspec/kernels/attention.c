@@ -119,13 +119,36 @@ static inline int64_t key_index(int64_t j, int t, int T, int start, const int32_
     return x < 0 ? -1 : n_old[t] + x;
 }
 
+/* The rows of cache tile [j0, j1) of one KV head as fp32: the cache itself, or its bf16 rows
+ * widened into `tile`. */
+static inline const float *tile_rows(const void *kv, int bf16, int64_t base, int64_t j0, int64_t j1, int D,
+                                     float *tile) {
+    if (!bf16) return (const float *)kv + base + j0 * D;
+    widen_bf16((const uint16_t *)kv + base + j0 * D, tile, (j1 - j0) * D);
+    return tile;
+}
+
+/* The keys of tile [j0, j1) that row t sees, in slot order: their rows and their indices in the
+ * row's key sequence. Returns how many. */
+static inline int visible_keys(int64_t j0, int64_t j1, const float *rows, int D, int t, int T, int start,
+                               const int32_t *lo, const int32_t *n_old, const int32_t *new_idx,
+                               const float **out_rows, int64_t *out_idx) {
+    int cnt = 0;
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t i = key_index(j, t, T, start, lo, n_old, new_idx);
+        if (i < 0) continue;
+        out_rows[cnt] = rows + (j - j0) * D;
+        out_idx[cnt++] = i;
+    }
+    return cnt;
+}
+
 /* rows [r0, r1) of one KV head; a row r is (t = r / group, h = kvh * group + r % group). */
 static int kv_block(const float *q, const void *k, const void *v, float *out, int T, int H, int KV, int D,
                     int64_t max_len, const int32_t *lo, int start, const uint8_t *mask, float scale, float cap,
                     int bf16, int kvh, int r0, int r1, const int32_t *n_old, const int32_t *new_idx) {
     const int group = H / KV, R = r1 - r0;
     const int64_t base = (int64_t)kvh * max_len * D, n_max = (int64_t)start + T;
-    const size_t elem = bf16 ? 2 : 4;
     int64_t first = start;
     for (int r = r0; r < r1; r++) {
         int t = r / group;
@@ -137,26 +160,14 @@ static int kv_block(const float *q, const void *k, const void *v, float *out, in
     /* scores of row r at its key index i: scores[(r - r0) * n_max + i] */
     for (int64_t j0 = first; j0 < n_max; j0 += TILE) {
         int64_t j1 = j0 + TILE < n_max ? j0 + TILE : n_max;
-        const float *kt;
-        if (bf16) {
-            widen_bf16((const uint16_t *)k + base + j0 * D, tile, (j1 - j0) * D);
-            kt = tile;
-        } else {
-            kt = (const float *)k + base + j0 * D;
-        }
+        const float *kt = tile_rows(k, bf16, base, j0, j1, D, tile);
         for (int r = r0; r < r1; r++) {
             int t = r / group, h = kvh * group + r % group;
             const float *qr = q + ((int64_t)t * H + h) * D;
             float *sr = scores + (int64_t)(r - r0) * n_max;
             const float *kp[TILE];
             int64_t ip[TILE];
-            int cnt = 0;
-            for (int64_t j = j0; j < j1; j++) {
-                int64_t i = key_index(j, t, T, start, lo, n_old, new_idx);
-                if (i < 0) continue;
-                kp[cnt] = kt + (j - j0) * D;
-                ip[cnt++] = i;
-            }
+            int cnt = visible_keys(j0, j1, kt, D, t, T, start, lo, n_old, new_idx, kp, ip);
             for (int g = 0; g < cnt; g += 8) {
                 const float *k8[8];
                 int m = cnt - g < 8 ? cnt - g : 8;
@@ -189,33 +200,21 @@ static int kv_block(const float *q, const void *k, const void *v, float *out, in
     }
     for (int64_t j0 = first; j0 < n_max; j0 += TILE) {
         int64_t j1 = j0 + TILE < n_max ? j0 + TILE : n_max;
-        const float *vt;
-        if (bf16) {
-            widen_bf16((const uint16_t *)v + base + j0 * D, tile, (j1 - j0) * D);
-            vt = tile;
-        } else {
-            vt = (const float *)v + base + j0 * D;
-        }
+        const float *vt = tile_rows(v, bf16, base, j0, j1, D, tile);
         for (int r = r0; r < r1; r++) {
             int t = r / group;
             const float *er = scores + (int64_t)(r - r0) * n_max;
             float *a = acc + (int64_t)(r - r0) * D;
             const float *vp[TILE];
-            float ep[TILE];
-            int cnt = 0;
-            for (int64_t j = j0; j < j1; j++) {
-                int64_t i = key_index(j, t, T, start, lo, n_old, new_idx);
-                if (i < 0) continue;
-                vp[cnt] = vt + (j - j0) * D;
-                ep[cnt++] = er[i];
-            }
+            int64_t ip[TILE];
+            int cnt = visible_keys(j0, j1, vt, D, t, T, start, lo, n_old, new_idx, vp, ip);
             /* 64 output elements at a time in registers; each sums its products in key order */
             for (int dc = 0; dc < D; dc += 64) {
                 int w = D - dc < 64 ? (D - dc) / 8 : 8;
                 __m256 c[8];
                 for (int u = 0; u < w; u++) c[u] = _mm256_loadu_ps(a + dc + 8 * u);
                 for (int x = 0; x < cnt; x++) {
-                    __m256 e = _mm256_set1_ps(ep[x]);
+                    __m256 e = _mm256_set1_ps(er[ip[x]]);
                     const float *vj = vp[x] + dc;
                     for (int u = 0; u < w; u++) c[u] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vj + 8 * u), c[u]);
                 }
@@ -230,7 +229,6 @@ static int kv_block(const float *q, const void *k, const void *v, float *out, in
         float *o = out + ((int64_t)t * H + h) * D;
         for (int d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), iv));
     }
-    (void)elem;
     free(scores);
     return 0;
 }
