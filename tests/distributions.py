@@ -45,7 +45,7 @@ class StubDrafter:
         return {}
 
 
-class ScriptedDrafter:
+class ScriptedDrafter(StubDrafter):
     """Proposes from a fixed continuation: right tokens (oracle), or wrong ones (garbage)."""
 
     name = "scripted"
@@ -62,14 +62,8 @@ class ScriptedDrafter:
             toks = [(t + 1) % self.vocab for t in toks]
         return Draft(torch.tensor(toks, dtype=torch.long))
 
-    def update(self, accepted, proposed):
-        pass
-
     def reset(self):
         self.rounds = 0
-
-    def extra_stats(self):
-        return {}
 
 
 def exact_second_token(model, prompt, params):

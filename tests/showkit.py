@@ -11,6 +11,7 @@ import zlib
 import httpx
 import torch
 
+from distributions import StubDrafter
 from selfspec.drafters.base import Draft
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # 70
@@ -59,7 +60,7 @@ class ByteTokenizer:
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
 
 
-class Alternating:
+class Alternating(StubDrafter):
     """Drafts the target's own greedy continuation (an oracle, for any prompt) and spoils the last
     draft token on every other round: rounds alternate between k accepted drafts + the bonus
     token and k - 1 accepted drafts + a correction."""
@@ -81,14 +82,8 @@ class Alternating:
             out[-1] = (out[-1] + 1) % vocab
         return Draft(torch.tensor(out, dtype=torch.long))
 
-    def update(self, accepted, proposed):
-        pass
-
     def reset(self):
         self.rounds = 0
-
-    def extra_stats(self):
-        return {}
 
 
 def word_model(tmp_path, ctx_size: int = 512):

@@ -20,7 +20,7 @@ from selfspec.train.data import distill, read_data_file
 from selfspec.train.kinds import KINDS, make_kind, shifted
 from selfspec.train.loop import TrainSettings, precompute, train
 from selfspec.train.store import load_drafter
-from distributions import exact_second_token, second_token_samples, total_variation
+from distributions import exact_second_token, llama, second_token_samples, total_variation  # noqa: F401 (llama: fixture)
 from tiny import one_thread, tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 8, 9, 10, 11], [100, 3, 4, 50, 60, 3], [21, 22, 5, 17]]
@@ -32,11 +32,6 @@ SETTINGS = TrainSettings(steps=30, batch=4, window=16, lr=3e-3, warmup=5, checkp
 def _one_thread(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))  # distillation data goes here
     yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_model("llama", tmp_path_factory.mktemp("llama"), ctx_size=128)
 
 
 @pytest.fixture(scope="module")
