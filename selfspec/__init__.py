@@ -13,7 +13,7 @@ _EXPORTS = {
     "SpecStats": "selfspec.generation",
     "SamplingParams": "selfspec.sampling",
     "PrefixCache": "selfspec.prefix",
-    "ChatSession": "selfspec.cli.chat",
+    "ChatSession": "selfspec.chat",
     "LayerSkipDrafter": "selfspec.drafters.layerskip",
     "SkipConfig": "selfspec.drafters.layerskip",
     "AdaptiveExit": "selfspec.drafters.layerskip",

@@ -73,6 +73,15 @@ class SpecStats:
         d.update(extras)
         return d
 
+    def summary(self) -> str:
+        """`40 tokens, 31.2 tok/s (decode), prefill 0.05 s, draft ngram, tau 2.41, accepted 68%`:
+        what the CLI prints after a run (each command adds its own parts)."""
+        line = (f"{self.new_tokens} tokens, {self.tokens_per_s:.1f} tok/s (decode), prefill {self.prefill_seconds:.2f} s, "
+                f"draft {self.drafter}")
+        if self.drafter != "none":
+            line += f", tau {self.mean_accepted_tokens:.2f}, accepted {100 * self.acceptance_rate:.0f}%"
+        return line
+
 
 @dataclass
 class Chunk:

@@ -189,3 +189,23 @@ def _charts(s: dict, results: dict, out_dir: Path) -> list[str]:
         plt.close(fig)
         names.append("tau.png")
     return names
+
+
+def console_summary(results: dict) -> str:
+    """One line per method: tokens/s, speedup over plain decoding and whether the output equals
+    plain decoding's (another engine's differing output is flagged as its numerics, ours loudly)."""
+    from selfspec.drafters.factory import ENGINES
+
+    s = summarise(results)
+    status = {m["method"]: m for m in results["methods"]}
+    lines = []
+    for m in s["methods"]:
+        row = s["table"].get(m, {}).get(ALL)
+        if row is None:
+            lines.append(f"{m:24s} {status[m]['status']}: {status[m]['reason']}")
+            continue
+        differs = "differs from plain (another engine's numerics)" if status[m]["kind"] in ENGINES \
+            else "OUTPUT DIFFERS FROM PLAIN"
+        flag = {True: "same as plain", None: "", False: differs}[row["same"]]
+        lines.append(f"{m:24s} {row['tokens_per_s']:7.1f} tok/s  {row['speedup']:.2f}x  {flag}")
+    return "\n".join(lines)

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.jsonl import NonBlank, NonEmpty, Row, read_rows
 from selfspec.paths import atomic_write_json
+from selfspec.progress import Bar
 from selfspec.drafters.factory import BENCH_DEFAULT, MethodSpec, parse_method
 
 EVENT = "@@selfspec-bench "  # prefix of worker event lines (anything else on stdout is ignored)
@@ -483,10 +484,10 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
     log = out_dir / "workers.log"
     log.write_text("")
     runs, methods = [], []
-    bar = _Progress(len(specs) * len(prompts) * settings.repeats, enabled=progress)
+    bar = Bar("bench", len(specs) * len(prompts) * settings.repeats, enabled=progress)
     with bar:
         for spec in specs:
-            bar.describe(spec.text, "loading")
+            bar.update(label=f"{spec.text} · loading")
             status = {"method": spec.text, "kind": spec.kind, "status": "ok", "reason": None,
                       "load_seconds": None, "peak_rss_mb": None}
             if spec.text in extra_methods:
@@ -503,14 +504,14 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
                 elif kind == "run":
                     runs.append(ev["run"])
                     done += 1
-                    bar.advance(spec.text, ev["run"]["prompt_id"])
+                    bar.update(1, label=f"{spec.text} · {ev['run']['prompt_id']}")
                 elif kind == "done":
                     status["peak_rss_mb"] = ev["peak_rss_mb"]
                 elif kind == "unavailable":
                     status.update(status=ev.get("status", "unavailable"), reason=ev["reason"])
                 elif kind == "error":
                     status.update(status="failed", reason=ev["message"])
-            bar.skip(len(prompts) * settings.repeats - done)
+            bar.advance(len(prompts) * settings.repeats - done)
             methods.append(status)
     _mark_same_as_plain(runs, specs, settings)
     results = {"command": command, "machine": machine, "settings": {**asdict(settings), "prompts": len(prompts)},
@@ -557,43 +558,6 @@ def _mark_same_as_plain(runs: list[dict], specs: list[MethodSpec], settings: Ben
             r["same_as_plain"] = None
         else:
             r["same_as_plain"] = r["token_ids"] == ref
-
-
-class _Progress:
-    """One bar over method x prompt x repeat on stderr (rich), or nothing."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                              console=Console(stderr=True))
-            self.task = self.p.add_task("bench", total=total)
-
-    def __enter__(self):
-        if self.enabled:
-            self.p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
-
-    def describe(self, method: str, what: str) -> None:
-        if self.enabled:
-            self.p.update(self.task, description=f"{method} · {what}")
-
-    def advance(self, method: str, prompt_id: str) -> None:
-        if self.enabled:
-            self.p.update(self.task, advance=1, description=f"{method} · {prompt_id}")
-
-    def skip(self, n: int) -> None:
-        if self.enabled and n:
-            self.p.update(self.task, advance=n)
 
 
 if __name__ == "__main__":

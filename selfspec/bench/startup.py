@@ -79,7 +79,7 @@ def _child(job: dict) -> dict:
 
 def measure_ttft(model, s: StartupSettings) -> dict:
     """Turn `s.turn` of CONVERSATION: time to first token with the session's KV, then cold."""
-    from selfspec.cli.chat import ChatSession
+    from selfspec.chat import ChatSession
     from selfspec.generation import stream
 
     for _ in stream(model, model.encode("Say hello."), max_new_tokens=4):  # one-off kernel set-up
@@ -215,3 +215,11 @@ def report(r: dict) -> str:
 
 if __name__ == "__main__":
     _child_main()
+
+
+def summary(r: dict) -> dict:
+    """The headline numbers of `run_startup`'s results (`selfspec bench --startup --json`)."""
+    t = r["ttft"]
+    return {"cold_load_seconds": r["cold_load"]["load_seconds"], "warm_load_seconds": r["warm_load_seconds"],
+            "ttft_cold_seconds": t["cold_ttft_seconds"], "ttft_warm_seconds": t["warm_ttft_seconds"],
+            "ttft_speedup": t["speedup"], "same_output": t["same_output"]}

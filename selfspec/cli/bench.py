@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, SAMPLING, Json, check_model_spec, command
+from selfspec.cli.options import MODEL, SAMPLING, Json, command
 from selfspec.drafters.factory import BENCH_DEFAULT
+from selfspec.models.registry import check_spec
 
 
 @command(interrupted="interrupted")
@@ -33,38 +34,27 @@ def bench(
     if startup:
         del model.device  # --startup loads on the default device
         return _startup(out, max_new_tokens, repeats, as_json, **vars(model))
-    from selfspec.bench.report import ALL, summarise
+    from selfspec.bench.report import ALL, console_summary, summarise
     from selfspec.bench.run import BenchSettings, run_bench
-    from selfspec.drafters.factory import ENGINES, parse_methods
+    from selfspec.drafters.factory import parse_methods
 
     specs = parse_methods(methods)
     settings = BenchSettings(suite=suite, methods=[s.text for s in specs], max_new_tokens=max_new_tokens,
                              repeats=repeats, chat=chat, **vars(sampling), **vars(model))
-    check_model_spec(model.model)
+    check_spec(model.model)
     results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
-    s = summarise(results)
-    status = {m["method"]: m for m in results["methods"]}
-    lines = []
-    for m in s["methods"]:
-        row = s["table"].get(m, {}).get(ALL)
-        if row is None:
-            lines.append(f"{m:24s} {status[m]['status']}: {status[m]['reason']}")
-            continue
-        engine = status[m]["kind"] in ENGINES
-        flag = {True: "same as plain", None: "",
-                False: "differs from plain (another engine's numerics)" if engine else "OUTPUT DIFFERS FROM PLAIN"}[row["same"]]
-        lines.append(f"{m:24s} {row['tokens_per_s']:7.1f} tok/s  {row['speedup']:.2f}x  {flag}")
-    print("\n".join(lines) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)
+    print(console_summary(results) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)
     if as_json:
+        s = summarise(results)
         sys.stdout.write(json.dumps({"out": str(out), "summary": {m: s["table"][m].get(ALL) for m in s["methods"]
                                                                   if s["table"].get(m)},
                                      "methods": results["methods"]}) + "\n")
 
 
 def _startup(out, max_new_tokens, repeats, as_json, *, model, dtype, threads, ctx_size) -> None:
-    from selfspec.bench.startup import StartupSettings, run_startup
+    from selfspec.bench.startup import StartupSettings, run_startup, summary
 
-    check_model_spec(model)
+    check_spec(model)
     settings = StartupSettings(model=model, dtype=dtype, threads=threads, ctx_size=ctx_size,
                                max_new_tokens=max_new_tokens, repeats=max(repeats, 3))
     results = run_startup(settings, out, command="selfspec " + " ".join(sys.argv[1:]),
@@ -72,8 +62,4 @@ def _startup(out, max_new_tokens, repeats, as_json, *, model, dtype, threads, ct
     text = (Path(out) / "startup.md").read_text()
     print(text + f"report: {Path(out) / 'startup.md'}", file=sys.stderr if as_json else sys.stdout)
     if as_json:
-        t = results["ttft"]
-        sys.stdout.write(json.dumps({"out": str(out), "cold_load_seconds": results["cold_load"]["load_seconds"],
-                                     "warm_load_seconds": results["warm_load_seconds"],
-                                     "ttft_cold_seconds": t["cold_ttft_seconds"], "ttft_warm_seconds": t["warm_ttft_seconds"],
-                                     "ttft_speedup": t["speedup"], "same_output": t["same_output"]}) + "\n")
+        sys.stdout.write(json.dumps({"out": str(out), **summary(results)}) + "\n")

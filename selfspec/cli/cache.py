@@ -15,17 +15,8 @@ app = typer.Typer(no_args_is_help=True, help="List or clear the cache folder (SE
 def models(as_json: Json = False) -> None:
     """List the embedded models."""
     from selfspec.models.registry import REGISTRY
-    from selfspec.paths import cache_dir
 
-    rows = []
-    for e in REGISTRY.values():
-        parts = e.part_paths()
-        assembled = cache_dir() / "models" / e.file_name
-        path = (str(parts[0]) if len(parts) == 1 else str(assembled) if assembled.is_file()
-                else f"{len(parts)} parts, assembled on first use") if parts else "-"
-        rows.append({"alias": e.alias, "arch": e.arch, "layers": e.n_layers, "params": e.params,
-                     "installed": parts is not None, "path": path,
-                     "install": None if parts else e.install_hint})
+    rows = [e.describe() for e in REGISTRY.values()]
     if as_json:
         return typer.echo(json.dumps({"models": rows}))
     table("alias", "arch", "layers", "params", "installed", "file",

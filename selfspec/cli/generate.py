@@ -70,7 +70,9 @@ def generate(
     out.write("\n")
     result = gen.result
     report = result.to_dict()
-    line = _summary(result.stats)
+    s = result.stats
+    line = f"[{s.summary()}, load {s.load_seconds:.1f} s, dtype {s.dtype}" + (
+        f", compile {s.extras['compile_seconds']:.1f} s]" if "compile_seconds" in s.extras else "]")
     if painter is not None:
         painter.legend()
         step = show.plain_step_seconds(m, drafter)
@@ -122,13 +124,3 @@ def _check_save_skip_config(drafter, path: Path) -> None:
     if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
         raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
     check_out(path, flag="--save-skip-config")
-
-
-def _summary(s) -> str:
-    parts = [f"{s.new_tokens} tokens", f"{s.tokens_per_s:.1f} tok/s (decode)", f"prefill {s.prefill_seconds:.2f}s",
-             f"load {s.load_seconds:.1f}s", f"draft {s.drafter}", f"dtype {s.dtype}"]
-    if s.drafter != "none":
-        parts += [f"tau {s.mean_accepted_tokens:.2f}", f"accepted {100 * s.acceptance_rate:.0f}%"]
-    if "compile_seconds" in s.extras:
-        parts.append(f"compile {s.extras['compile_seconds']:.1f}s")
-    return "[" + ", ".join(parts) + "]"

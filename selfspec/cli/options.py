@@ -154,13 +154,6 @@ def load(v: SimpleNamespace, **extra):
     return load_model(v.model, dtype=v.dtype, ctx_size=v.ctx_size, threads=v.threads, device=v.device, **extra)
 
 
-def check_model_spec(model: str) -> None:
-    """Fail before starting workers when the model can be neither found nor installed."""
-    from selfspec.models.registry import check_spec
-
-    check_spec(model)
-
-
 def table(*columns: str, rows, title: str | None = None) -> None:
     """Print a rich table of `rows` (tuples of strings)."""
     from rich.console import Console

@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, SAMPLING, Json, check_model_spec, command, load, sampling_params, table
+from selfspec.cli.options import MODEL, SAMPLING, Json, command, load, sampling_params
 from selfspec.errors import SelfspecError
+from selfspec.models.registry import check_spec
+from selfspec.progress import Bar
 
 
 @command(interrupted="interrupted: finished trials are kept in the study; run the same command again to resume")
@@ -48,7 +50,9 @@ def search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or ss.default_storage()
     if report:
-        return _search_report(url, study_name, out, report_dir, as_json)
+        from selfspec.search.report import show
+
+        return show(url, study_name, report_dir or (out.parent if out is not None else Path(".")), as_json)
     settings = ss.SearchSettings(trials=trials, objective=objective, sampler=sampler, keep_first=keep_first,
                                  keep_last=keep_last, max_skip_fraction=max_skip_fraction,
                                  skip_fraction=skip_fraction, seed=sampling.seed or 0, max_new_tokens=max_new_tokens,
@@ -58,19 +62,15 @@ def search(
     params = sampling_params(sampling)
     if out is None:
         raise SelfspecError("give --out FILE.json, where the skip config will be written")
-    check_model_spec(model.model)
+    check_spec(model.model)
     ss.check_out(out)
     texts, source = ss.calibration_prompts(prompts, suite)
     ss.check_spec_study(ss.open_storage(url), study_name, model.model)  # before minutes of loading
     m = load(model)
-    print(f"measuring plain decoding on {len(texts)} calibration prompts ({source}) ...", file=sys.stderr, flush=True)
-    on_progress, bar = _search_progress(objective)
-    try:
+    with Bar(f"measuring plain decoding on {len(texts)} calibration prompts ({source})", trials,
+             fields="last {last}, best {best}, skip {skip} {note}", last="-", best="-", skip="-", note="") as bar:
         result = ss.run_search(m, texts, settings, params, out=out, storage=url, study_name=study_name,
-                               prompts_source=source, on_progress=on_progress)
-    finally:
-        if bar is not None:
-            bar.stop()
+                               prompts_source=source, on_progress=lambda p: _show(bar, p))
     c = result.config
     line = (f"best of {result.trials} trials ({result.ran} run now), study {result.study_name!r}: {objective} "
             f"{c.objective['value']:.4g}; skips {len(c.attention)} attention + {len(c.mlp)} MLP sub-layers; "
@@ -89,60 +89,14 @@ def _search_bits(draft: str, draft_bits: int | None) -> int | None:
     return (draft_bits or 8) if draft == "quantized" else None
 
 
-def _search_progress(objective: str):
-    """(callback, rich bar or None): a live bar on a terminal (trial k/N, best so far, skip
-    fraction of the trial running, ETA); one line per trial into a log file."""
-    if not sys.stderr.isatty():
-        def lines(p) -> None:
-            if p.event == "baseline":
-                print(f"plain decoding: {p.value:.2f} tok/s; {p.done} of {p.total} trials done before",
-                      file=sys.stderr, flush=True)
-            if p.event == "trial":
-                value = "-" if p.value is None else f"{p.value:.4g}"
-                best = "-" if p.best is None else f"{p.best:.4g}"
-                print(f"trial {p.done}/{p.total}: {objective} {value}, best {best}", file=sys.stderr, flush=True)
-        return lines, None
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
-                   TextColumn("best {task.fields[best]}"), TextColumn("skip {task.fields[skip]}"),
-                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=Console(stderr=True))
-    task = None
-
-    def update(p) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("search", total=p.total, best="-", skip="-", note="")
-        if p.event == "baseline":
-            bar.console.print(f"plain decoding: {p.value:.2f} tok/s")
-        fields = {"best": "-" if p.best is None else f"{p.best:.4g}",
-                  "note": "waiting for other workers" if p.event == "wait" else ""}
-        if p.skip_fraction is not None:
-            fields["skip"] = f"{100 * p.skip_fraction:.0f}%"
-        bar.update(task, completed=p.done, **fields)
-
-    return update, bar
-
-
-def _search_report(url, study_name, out, report_dir, as_json) -> None:
-    from selfspec.search.report import best_rows, load_study, write_charts
-
-    study = load_study(url, study_name)
-    rows = best_rows(study)
-    folder = report_dir or (out.parent if out is not None else Path("."))
-    charts = write_charts(study, folder)
-    if as_json:
-        sys.stdout.write(json.dumps({"study": study.study_name, "best": rows, "charts": [str(p) for p in charts]}) + "\n")
-        return
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    table("trial", study.user_attrs.get("objective", "value"), "skip", "tau", "accepted", "attention", "mlp",
-          title=f"{study.study_name} ({study.user_attrs.get('model')}, {len(done)} finished trials)",
-          rows=[(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
-                 "-" if r["tau"] is None else f"{r['tau']:.2f}",
-                 "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%",
-                 " ".join(map(str, r["attention"])), " ".join(map(str, r["mlp"]))) for r in rows])
-    for p in charts:
-        print(f"wrote {p}", file=sys.stderr)
+def _show(bar, p) -> None:
+    """One search event on the progress bar."""
+    if p.event == "baseline":
+        bar.note(f"plain decoding: {p.value:.2f} tok/s; {p.done} of {p.total} trials done before")
+    fields = {"best": "-" if p.best is None else f"{p.best:.4g}", "label": "search",
+              "note": "(waiting for other workers)" if p.event == "wait" else ""}
+    if p.event == "trial" and p.value is not None:
+        fields["last"] = f"{p.value:.4g}"
+    if p.skip_fraction is not None:
+        fields["skip"] = f"{100 * p.skip_fraction:.0f}%"
+    bar.update(completed=p.done, total=p.total, **fields)

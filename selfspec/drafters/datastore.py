@@ -251,18 +251,14 @@ def build_command(model: str, paths: list[Path], out: Path) -> dict:
     """`selfspec datastore build`: a progress bar while tokenizing, a summary line on stderr."""
     import sys
 
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
     from selfspec.models.loading import load_tokenizer
+    from selfspec.progress import Bar
 
     files = corpus_files(paths)
     t0 = time.perf_counter()
     tokenizer, name = load_tokenizer(model)
-    with Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("tokenize", total=None)
-        store = build_store(tokenizer, name, files, lambda done, total: bar.update(task, completed=done, total=total))
+    with Bar("tokenizing (KiB)") as bar:
+        store = build_store(tokenizer, name, files, lambda done, total: bar.update(completed=done >> 10, total=total >> 10))
     store.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
     store.save(out)
     m = store.meta

@@ -57,6 +57,15 @@ class RegistryEntry:
     def installed(self) -> bool:
         return self.part_paths() is not None
 
+    def describe(self) -> dict:
+        """What `selfspec models` shows: the entry, whether it is installed, where or how."""
+        parts = self.part_paths()
+        assembled = cache_dir() / "models" / self.file_name
+        path = (str(parts[0]) if len(parts) == 1 else str(assembled) if assembled.is_file()
+                else f"{len(parts)} parts, assembled on first use") if parts else "-"
+        return {"alias": self.alias, "arch": self.arch, "layers": self.n_layers, "params": self.params,
+                "installed": parts is not None, "path": path, "install": None if parts else self.install_hint}
+
     def path(self) -> Path:
         """The GGUF file, assembled into the cache on first use when the model ships in parts."""
         parts = self.part_paths()

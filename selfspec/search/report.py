@@ -110,3 +110,30 @@ def write_charts(study, folder: str | Path, top: int = 10) -> list[Path]:
     fig.savefig(skips_png, dpi=110)
     plt.close(fig)
     return [trials_png, skips_png]
+
+
+def show(url: str, study_name: str | None, folder: Path, as_json: bool) -> None:
+    """`selfspec search --report`: the best trials as a table (or JSON) and the charts in `folder`."""
+    import json
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    study = load_study(url, study_name)
+    rows = best_rows(study)
+    charts = write_charts(study, folder)
+    if as_json:
+        sys.stdout.write(json.dumps({"study": study.study_name, "best": rows, "charts": [str(p) for p in charts]}) + "\n")
+        return
+    done = sum(t.state.name == "COMPLETE" for t in study.trials)
+    table = Table("trial", study.user_attrs.get("objective", "value"), "skip", "tau", "accepted", "attention", "mlp",
+                  title=f"{study.study_name} ({study.user_attrs.get('model')}, {done} finished trials)")
+    for r in rows:
+        table.add_row(str(r["trial"]), f"{r['value']:.4g}", f"{100 * (r['skip_fraction'] or 0):.0f}%",
+                      "-" if r["tau"] is None else f"{r['tau']:.2f}",
+                      "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%",
+                      " ".join(map(str, r["attention"])), " ".join(map(str, r["mlp"])))
+    Console().print(table)
+    for p in charts:
+        print(f"wrote {p}", file=sys.stderr)

@@ -19,7 +19,7 @@ from selfspec.errors import InvalidParameterError
 from selfspec.jsonl import Row, read_rows
 from selfspec.paths import atomic_write_json
 from selfspec.paths import cache_dir
-from selfspec.train.progress import Bar
+from selfspec.progress import Bar
 
 SAMPLED_TEMPERATURE = 0.8
 
@@ -88,7 +88,7 @@ def distill(model, prompts: list[list[int]], n: int, max_new_tokens: int, seed: 
         pass
     drafter = _drafter(model)
     sequences, seconds, new_tokens = [], 0.0, 0
-    with Bar("self-distilling", n, progress, "{task.fields[tps]:.1f} tok/s", tps=0.0) as bar:
+    with Bar("self-distilling", n, enabled=progress, fields="{tps:.1f} tok/s", tps=0.0) as bar:
         for i in range(n):
             prompt = prompts[i % len(prompts)]
             greedy = i < len(prompts)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfspec.errors import InvalidParameterError, SelfspecError
-from selfspec.train.progress import Bar
+from selfspec.progress import Bar
 from selfspec.train.store import save_drafter, save_tensors, write_json
 
 CHECKPOINT = "checkpoint"
@@ -52,7 +52,7 @@ class TrainSettings:
 def precompute(kind, model, sequences: list[list[int]], progress: bool = False) -> list[dict]:
     """The frozen backbone's features of every sequence (its only cost in training)."""
     feats = []
-    with Bar("features", len(sequences), progress) as bar:
+    with Bar("features", len(sequences), enabled=progress) as bar:
         for seq in sequences:
             feats.append(kind.features(model, torch.tensor(seq, dtype=torch.long)))
             bar.advance()
@@ -122,8 +122,8 @@ def train(kind, model, feats: list[dict], settings: TrainSettings, out: Path, *,
         step, losses, seconds = _load_checkpoint(folder, module, opt, gen, meta)
     tokens_per_step = settings.batch * window
     t0, start = time.perf_counter(), step  # this session's steps: the bar's tokens/s
-    fields = "loss {task.fields[loss]:.3f}  {task.fields[tps]:.0f} tok/s"
-    with Bar("training", settings.steps, progress, fields, completed=step, loss=float("nan"), tps=0.0) as bar:
+    fields = "loss {loss:.3f}  {tps:.0f} tok/s"
+    with Bar("training", settings.steps, enabled=progress, fields=fields, completed=step, loss=float("nan"), tps=0.0) as bar:
         while step < settings.steps:
             for group in opt.param_groups:
                 group["lr"] = settings.lr_at(step)

@@ -95,7 +95,7 @@ def test_terminal_chat_multi_turn_reset_and_ctrl_d(folder):
 
 
 def test_session_reuses_the_conversation_and_matches_cold_runs(model):
-    from selfspec.cli.chat import ChatSession
+    from selfspec.chat import ChatSession
 
     session = ChatSession(model, max_new_tokens=8)
     before = 0  # prompt tokens of the turn before
@@ -112,7 +112,7 @@ def test_session_reuses_the_conversation_and_matches_cold_runs(model):
 
 
 def test_an_answer_cut_short_stays_in_the_conversation(model):
-    from selfspec.cli.chat import ChatSession
+    from selfspec.chat import ChatSession
 
     session = ChatSession(model, max_new_tokens=40)
     pieces = session.ask("Write a long story.")
@@ -126,7 +126,7 @@ def test_an_answer_cut_short_stays_in_the_conversation(model):
 
 
 def test_raw_text_chat_without_a_template(model):
-    from selfspec.cli.chat import ChatSession
+    from selfspec.chat import ChatSession
 
     session = ChatSession(model, max_new_tokens=6, chat=False)
     assert not session.templated

@@ -1,0 +1,85 @@
+"""The one progress report of every long step (loading, training, bench, search, datastores) on
+stderr: a live rich bar on a terminal; when stderr is a pipe or a file, plain lines, flushed, one
+when the step starts, then at most one every `every` seconds, and one at the end, so a log never
+shows a silent wait and never floods either.
+
+    with Bar("training", total=300, fields="loss {loss:.3f}", loss=float("nan")) as bar:
+        bar.advance(loss=...)
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Bar:
+    """`label`: what runs; `total`: steps (None: unknown); `fields`: a format string over the
+    keyword values given at start and on each update; `enabled=False`: reports nothing."""
+
+    def __init__(self, label: str, total: int | None = None, *, enabled: bool = True, fields: str = "",
+                 completed: int = 0, every: float = 5.0, **values) -> None:
+        self.label, self.total, self.enabled, self.fields = label, total, enabled, fields
+        self.completed, self.values, self.every = completed, values, every
+        self._rich = self._task = None
+        self._t0 = self._last = 0.0
+
+    def __enter__(self) -> Bar:
+        if not self.enabled:
+            return self
+        self._t0 = time.perf_counter()
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                  TimeRemainingColumn(), console=Console(stderr=True))
+            self._rich.start()
+            self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
+        else:
+            self._line(force=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self.enabled:
+            self._line(force=True, end="done" if exc[0] is None else "stopped")
+
+    def update(self, advance: int = 0, *, completed: int | None = None, total: int | None = None,
+               label: str | None = None, **values) -> None:
+        """Move the bar (`advance` steps, or to `completed`) and/or change its label, total or fields."""
+        self.completed = self.completed + advance if completed is None else completed
+        self.total = total if total is not None else self.total
+        self.label = label or self.label
+        self.values.update(values)
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.completed, total=self.total, description=self.label,
+                              text=self._text())
+        elif self.enabled:
+            self._line()
+
+    def advance(self, n: int = 1, **values) -> None:
+        self.update(n, **values)
+
+    def note(self, text: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self._rich is not None:
+            self._rich.console.print(text)
+        elif self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def _text(self) -> str:
+        return self.fields.format(**self.values) if self.fields else ""
+
+    def _line(self, force: bool = False, end: str = "") -> None:
+        now = time.perf_counter()
+        if not force and now - self._last < self.every:
+            return
+        self._last = now
+        count = f"{self.completed}/{self.total}" if self.total else f"{self.completed}"
+        parts = [f"{self.label}: {count}", self._text(), f"{now - self._t0:.0f} s"]
+        if self.total and 0 < self.completed < self.total and not end:
+            parts.append(f"eta {(now - self._t0) / self.completed * (self.total - self.completed):.0f} s")
+        print(", ".join(p for p in parts if p) + (f" ({end})" if end else ""), file=sys.stderr, flush=True)
