@@ -166,11 +166,13 @@ class LayerSkipDrafter(Drafter):
     name = "layer-skip"
 
     def __init__(self, config: SkipConfig, max_draft: int = 8, exit: AdaptiveExit | None = None,
-                 draft_vocab: int | None = None) -> None:
+                 draft_vocab: int | None = None, low_bit_view: tuple | None = None) -> None:
         """`draft_vocab`: draft from the context's tokens plus this many frequent tokens only
         (a cheaper draft LM head, see drafters/vocab.py); 0 = the whole vocabulary; None = auto:
         32768 for vocabularies over 65536 tokens (Gemma-3: the head is most of a step; 1.22x
-        instead of 0.88x in docs/benchmarks.md), else the whole vocabulary."""
+        instead of 0.88x in docs/benchmarks.md), else the whole vocabulary.
+        `low_bit_view`: (target transformer, its draft_bits view) already built, shared by the
+        drafters of one search so the low-bit copy is made once; else built on first use."""
         if max_draft < 1:
             raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
         if draft_vocab is not None and draft_vocab < 0:
@@ -184,7 +186,7 @@ class LayerSkipDrafter(Drafter):
         self.max_draft = max_draft
         self.exit = exit or AdaptiveExit()
         self._hit_max = False
-        self._draft = None  # (target transformer, its low-bit view) when draft_bits is set
+        self._draft = low_bit_view  # (target transformer, its low-bit view) when draft_bits is set
 
     @classmethod
     def for_model(cls, model, skip_config: str | Path | SkipConfig | None = None, **kwargs) -> "LayerSkipDrafter":

@@ -59,6 +59,5 @@ class QuantizedSelfDrafter(LayerSkipDrafter):
         kwargs.setdefault("draft_vocab", 0)
         if kwargs["draft_vocab"] is None:
             kwargs["draft_vocab"] = 0
-        drafter = cls(config, exit=exit or AdaptiveExit(gamma=DEFAULT_GAMMA), **kwargs)
-        drafter._draft = (model.transformer, draft_view(model.transformer, bits))
-        return drafter
+        return cls(config, exit=exit or AdaptiveExit(gamma=DEFAULT_GAMMA),
+                   low_bit_view=(model.transformer, draft_view(model.transformer, bits)), **kwargs)

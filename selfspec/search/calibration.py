@@ -87,11 +87,9 @@ class Calibration:
         config = SkipConfig(model=self.model.name, n_layers=self.model.config.n_layers,
                             attention=tuple(sorted(skip.attention)), mlp=tuple(sorted(skip.mlp)),
                             draft_bits=self.bits)
-        drafter = LayerSkipDrafter(config, max_draft=self.settings.max_draft, exit=AdaptiveExit(),
-                                   draft_vocab=self.settings.draft_vocab)
-        if self.bits is not None:
-            drafter._draft = (self.model.transformer, self.draft_tr)
-        return drafter
+        return LayerSkipDrafter(config, max_draft=self.settings.max_draft, exit=AdaptiveExit(),
+                                draft_vocab=self.settings.draft_vocab,
+                                low_bit_view=None if self.bits is None else (self.model.transformer, self.draft_tr))
 
     def tokens_per_s(self, skip: SkipSet) -> tuple[float, dict]:
         stats = self._run(self.drafter(skip))
