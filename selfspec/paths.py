@@ -56,6 +56,23 @@ def atomic_write_json(path: str | Path, obj, *, indent: int | None = 1, sort_key
     atomic_write_text(path, text + "\n" if indent is not None else text)
 
 
+def check_writable(out: str | Path, flag: str, error: type[Exception] = InvalidParameterError) -> Path:
+    """Refuse an output file (`flag`'s value) that cannot be written, before the work that fills
+    it: a folder, a missing parent, no permission."""
+    import tempfile
+
+    out = Path(out)
+    if out.is_dir():
+        raise error(f"{flag} {out} is a folder; give a file name such as {out / 'skip.json'}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.",
+                                         suffix=".check"):
+            pass
+    except OSError as e:
+        raise error(f"cannot write {flag} {out}: {e.strerror or e}") from None
+    return out
+
+
 KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "models": (("models", "verified.json"), "GGUF files assembled from split packages, and their verified hashes"),
     "tokenizers": (("tokenizers",), "tokenizers converted from GGUF files"),

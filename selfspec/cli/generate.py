@@ -49,7 +49,7 @@ def generate(
     check_request(m, m.encode(text, chat=chat, system=system), max_new_tokens)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
     if save_skip_config is not None:
-        _check_save_skip_config(drafter, save_skip_config)
+        check_saveable(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
         for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
@@ -114,13 +114,3 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         raise SelfspecError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
     return sys.stdin.read()
-
-
-def _check_save_skip_config(drafter, path: Path) -> None:
-    """Before generating: --save-skip-config needs a layer-skip drafter and a writable file."""
-    from selfspec.drafters.layerskip import SkipConfig
-    from selfspec.search.study import check_out
-
-    if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
-        raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
-    check_out(path, flag="--save-skip-config")

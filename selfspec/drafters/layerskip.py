@@ -277,3 +277,12 @@ class LayerSkipDrafter(Drafter):
             stats["draft_bits"] = self.config.draft_bits
             stats["draft_extra_mb"] = round(extra_weight_bytes(self._draft[1], self._draft[0]) / 2**20, 1)
         return stats
+
+
+def check_saveable(drafter, path: Path, flag: str = "--save-skip-config") -> None:
+    """Before generating: saving a skip config needs a layer-skip drafter and a writable file."""
+    from selfspec.paths import check_writable
+
+    if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
+        raise InvalidParameterError(f"{flag} needs --draft layer-skip (e.g. with --skip-config online)")
+    check_writable(path, flag)

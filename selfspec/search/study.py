@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from selfspec.search.calibration import Calibration, calibration_prompts  # noqa
 from selfspec.drafters.layerskip import SkipConfig, shipped_config  # noqa: F401
 from selfspec.drafters.skipspace import SkipSpace, model_identity, seed_sets  # noqa: F401 (search API)
 from selfspec.errors import InvalidParameterError, SelfspecError
+from selfspec.paths import check_writable
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams
 
@@ -179,16 +179,7 @@ def check_study(storage, study_name: str, name: str, sha: str, key: dict, path=N
 
 def check_out(out: str | Path, flag: str = "--out") -> Path:
     """Refuse an --out that cannot be written, before any trial runs."""
-    out = Path(out)
-    if out.is_dir():
-        raise SearchError(f"{flag} {out} is a folder; give a file name such as {out / 'skip.json'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".check"):
-            pass
-    except OSError as e:
-        raise SearchError(f"cannot write {flag} {out}: {e.strerror or e}") from None
-    return out
+    return check_writable(out, flag, error=SearchError)
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
