@@ -46,15 +46,16 @@ def generate(
         print(f"--compile: {m.transformer.compile_status}", file=sys.stderr)
     # A prompt too long for the context is refused now, before a drafter is built (auto's cost
     # calibration takes minutes on a new context size).
-    check_request(m, m.encode(text, chat=chat, system=system), max_new_tokens)
+    ids = m.encode(text, chat=chat, system=system)  # tokenised once, for every run below
+    check_request(m, ids, max_new_tokens)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
     if save_skip_config is not None:
         check_saveable(drafter, save_skip_config)
-    kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
+    kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or ())
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
-        for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
+        for _ in stream(m, ids, max_new_tokens=2):
             pass
-    gen = stream(m, text, drafter=drafter, **kwargs)
+    gen = stream(m, ids, drafter=drafter, **kwargs)
     painter = None
     if show_drafts:
         from selfspec import draftview as show
@@ -80,7 +81,7 @@ def generate(
                                  **show.estimate(result.stats, step)}
         drafts_line = show.summary_line(result.stats, step)
     if compare:
-        plain = stream(m, text, drafter=None, **kwargs)
+        plain = stream(m, ids, drafter=None, **kwargs)
         for _ in plain:
             pass
         base = plain.result
