@@ -174,3 +174,60 @@ def test_old_online_skip_cache_is_ignored(env, model, plain):
     assert drafter.cached is False
     assert drafter.cache_path.name not in {p.name for p in (DATA / "cache" / "online").iterdir()}
     assert _ids(model, drafter) == plain
+
+
+# ---------------------------------------------------------------------------- JSON interfaces
+def _recorder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_compat_shapes", Path(__file__).parents[1] / "scripts"
+                                                  / "record_compat_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Keys the current version adds to the stats (of `generate --json` and the server's `selfspec`
+# object), each on purpose. Any other new key, or a missing one, is a rename or a loss: it fails.
+ADDED_STATS = {
+    "isa": "instruction set the kernels ran with (exactness work: AVX2/AVX-512 differ)",
+    "dtype_reason": "why --dtype auto chose the dtype (exactness work)",
+}
+# Keys removed on purpose: `seconds` was an undocumented alias of decode_seconds (restructure).
+REMOVED_STATS = {"seconds": "undocumented alias of decode_seconds, dropped in the restructure"}
+
+
+def _expected(old: list[str], prefix: str) -> set[str]:
+    """The old paths, less the removed stats keys, plus the added ones, under `prefix`."""
+    return ({p for p in old if p not in {f"{prefix}.{k}" for k in REMOVED_STATS}}
+            | ({f"{prefix}.{k}" for k in ADDED_STATS} if f"{prefix}" in old else set()))
+
+
+def _diff(now: set[str], expected: set[str]) -> str:
+    return f"new: {sorted(now - expected)}, missing: {sorted(expected - now)}"
+
+
+def test_generate_json_keys_match_the_old_version(env):
+    import sys
+
+    old = json.loads((DATA / "shapes.json").read_text())["generate"]
+    now = _recorder().generate_shapes([sys.executable, "-m", "selfspec.cli.main"], env / "tiny-llama",
+                                      cwd=Path(__file__).parents[1])
+    assert set(now) == set(old)
+    for draft in old:
+        expected = _expected(old[draft], "stats")
+        assert set(now[draft]) == expected, f"--draft {draft}: " + _diff(set(now[draft]), expected)
+
+
+def test_server_response_keys_match_the_old_version(env, model):
+    from selfspec.server.app import create_app
+
+    old = json.loads((DATA / "shapes.json").read_text())["server"]
+    now = _recorder().server_shapes(create_app, model)
+    assert set(now) == set(old)
+    for what, paths in old.items():
+        if isinstance(paths, str):  # the SSE terminator
+            assert now[what] == paths, what
+            continue
+        expected = _expected(paths, "selfspec")
+        assert set(now[what]) == expected, f"{what}: " + _diff(set(now[what]), expected)
