@@ -58,7 +58,7 @@ def build_model(folder: Path) -> None:
     import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # a set: sort it
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -99,7 +99,8 @@ def main() -> None:
 
     def old(*args: str) -> None:
         cmd = [sys.executable, "-c", "from selfspec.cli import main; main()", *args]
-        commands.append(["selfspec", *args])
+        commands.append(["selfspec", *(a.replace(str(OUT), "tests/data/compat").replace(str(work), "$TMP")
+                                       for a in args)])
         print("+", " ".join(commands[-1]), file=sys.stderr)
         subprocess.run(cmd, env=env, check=True, cwd=work, stdout=subprocess.DEVNULL)
 
