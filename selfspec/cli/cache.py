@@ -1,7 +1,8 @@
-"""`selfspec models` (the embedded models) and `selfspec cache list|clear` (the cache folder)."""
+"""`selfspec models` (the embedded models) and `selfspec cache list|clear|prune` (the cache folder)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -9,7 +10,7 @@ import typer
 from selfspec.cli.options import Json, command, table
 from selfspec.errors import SelfspecError
 
-app = typer.Typer(no_args_is_help=True, help="List or clear the cache folder (SELFSPEC_CACHE, default ~/.cache/selfspec).")
+app = typer.Typer(no_args_is_help=True, help="List, prune or clear the cache folder (SELFSPEC_CACHE, default ~/.cache/selfspec).")
 
 
 def models(as_json: Json = False) -> None:
@@ -53,3 +54,25 @@ def cache_clear(
         raise typer.Exit(1)
     freed = clear(kinds)
     typer.echo(f"freed {freed / 2**20:.1f} MiB")
+
+
+@app.command("prune")
+@command()
+def cache_prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go and its size; delete nothing.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Delete only entries this selfspec can never use (older formats, versions or kernel sources,
+    leftovers of interrupted writes); usable entries stay."""
+    from selfspec.paths import cache_dir
+    from selfspec.prune import as_dict, prune
+
+    stale, freed = prune(dry_run)
+    if as_json:
+        return typer.echo(json.dumps({"cache_dir": str(cache_dir()), "dry_run": dry_run,
+                                      "entries": [as_dict(s) for s in stale], "bytes": freed}))
+    if stale:
+        table("kind", "size", "path", "why", title=str(cache_dir()),
+              rows=[(s.kind, f"{s.bytes / 2**20:.2f} MiB", os.path.relpath(s.path, cache_dir()), s.reason)
+                    for s in stale])
+    typer.echo(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB")

@@ -21,6 +21,10 @@ from selfspec.hardware import synchronize
 
 MAX_K = 8
 EMA = 0.1  # weight of one online observation
+# Recorded in each entry with the selfspec version, so `selfspec cache prune` can tell entries no
+# lookup will find (older versions keyed without ISA and version, and recorded neither). Bump it
+# when `_key` changes.
+KEY_FORMAT = 2
 
 
 @dataclass
@@ -71,7 +75,10 @@ class CostModel:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, {"verify": self.verify}, indent=None)
+        from selfspec import __version__
+
+        atomic_write_json(self.path, {"verify": self.verify, "selfspec": __version__, "format": KEY_FORMAT},
+                          indent=None)
 
 
 def _key(model, threads: int) -> str:
