@@ -108,6 +108,10 @@ def test_skip_config_of_another_model_is_refused(env, model, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(SelfspecError, match="selfspec search"):
         build_drafter("layer-skip", model, skip_config=str(tmp_path / "bad.json"))
+    bad["model"] = "tiny-llama"  # the folder's name, yet the recorded hash says another model
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(SelfspecError, match="selfspec search"):
+        build_drafter("layer-skip", model, skip_config=str(tmp_path / "bad.json"))
 
 
 # ---------------------------------------------------------------------------- trained drafter
@@ -164,16 +168,23 @@ def test_old_costs_entry_is_ignored(env, model):
     assert costs.path != old and costs.path.is_file() and old.is_file()
 
 
-def test_old_online_skip_cache_is_ignored(env, model, plain):
+def test_old_online_skip_cache_is_resumed_and_moved(env, model, plain, caplog):
     """The online-skip cache file is named and checked by the model's hash; the old version
-    recorded its search hash for an HF folder, so today's drafter starts a fresh optimisation
-    beside the old file (ignored, never an error) and stays lossless."""
+    recorded its search hash for an HF folder. Today's drafter finds that file by the legacy hash
+    (whatever the folder is called now), resumes its state with the one-line notice, moves it to
+    today's name, and stays lossless."""
     from selfspec.drafters.factory import build_drafter
 
-    drafter = build_drafter("layer-skip", model, skip_config="online:window=16")
-    assert drafter.cached is False
-    assert drafter.cache_path.name not in {p.name for p in (DATA / "cache" / "online").iterdir()}
+    online = env / "cache" / "online"
+    old = {p.name for p in online.iterdir()}
+    with caplog.at_level(logging.WARNING):
+        drafter = build_drafter("layer-skip", model, skip_config="online:window=16")
+    assert drafter.cached is True and drafter.cache_path.is_file()
+    assert {p.name for p in online.iterdir()} == {drafter.cache_path.name} and drafter.cache_path.name not in old
+    assert json.loads(drafter.cache_path.read_text())["model_sha256"] == drafter.sha
     assert _ids(model, drafter) == plain
+    again = build_drafter("layer-skip", model, skip_config="online:window=16")
+    assert again.cached is True  # from today's file now
 
 
 # ---------------------------------------------------------------------------- JSON interfaces

@@ -77,14 +77,17 @@ class SkipConfig:
         return cls.from_dict(data, source=f"skip config {path}")
 
     def check_model(self, model) -> None:
-        """Refuse a config made for another model (layer count, or name/hash when recorded)."""
+        """Refuse a config made for another model: the layer count, then the model's hash when the
+        config records one, else its name."""
         if self.n_layers != model.config.n_layers:
             raise SkipConfigError(
                 f"this skip config is for {self.model!r} with {self.n_layers} layers, but "
                 f"{model.name!r} has {model.config.n_layers}; run `selfspec search --model {model.name}`"
             )
-        names = {model.name, model.path.name}
-        if self.model not in names and not self._same_sha(model):
+        # A recorded hash decides (two folders may share a name such as "model"); the name only
+        # when the config records none.
+        same = self._same_sha(model) if self.model_sha256 else self.model in (model.name, model.path.name)
+        if not same:
             raise SkipConfigError(
                 f"this skip config is for model {self.model!r}, not {model.name!r}; "
                 f"run `selfspec search --model {model.name}`"

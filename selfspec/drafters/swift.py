@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -186,6 +186,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         self.dim = 2 * len(self.layers)  # attention sub-layers, then MLP sub-layers
         self.size = max(1, int(s.skip_ratio * self.dim + 1e-9))  # SWIFT: int(ratio * skippable)
         self.model_name, self.sha = model_identity(model)
+        self.model_path = model.path
         self.cache_path = cache_file(self.model_name, self.sha, s, model.dtype) if s.cache else None
         self.generator = torch.Generator().manual_seed(s.seed)
         self.gp = UcbGp(s.kappa)
@@ -202,8 +203,8 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         self.cached = False  # the state came from the cache
         self.gp_proposals = 0  # in this process
         super().__init__(self._config(start), **kwargs)
-        if self.cache_path is not None and self.cache_path.is_file():
-            self._restore(self.cache_path)
+        if self.cache_path is not None:
+            self._restore(self._cached_state(model.dtype))
         self.reset()
 
     @classmethod
@@ -335,12 +336,31 @@ class OnlineSkipDrafter(LayerSkipDrafter):
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             self.config.save(self.cache_path)
 
-    def _restore(self, path: Path) -> None:
+    def _cached_state(self, dtype: str) -> Path | None:
+        """The cache file of this model's online state; for an HF folder, also one an older
+        selfspec wrote under an older hash of the folder (moved to today's name on first save)."""
+        from selfspec.models.registry import legacy_identities
+
+        if self.cache_path.is_file():
+            return self.cache_path
+        for sha in legacy_identities(self.model_path):  # under any folder name: the hash decides
+            tail = cache_file("", sha, self.settings, dtype).name
+            found = sorted(self.cache_path.parent.glob(f"*{tail}"))
+            if found:
+                return found[0]
+        return None
+
+    def _restore(self, path: Path | None) -> None:
         """Resume from the cache; a cache that cannot be read is ignored (it never breaks a run)."""
+        from selfspec.models.registry import identity_matches
+
+        if path is None:
+            return
         try:
             config = SkipConfig.load(path)
             state = config.search["online"]
-            if config.n_layers != self.space.n_layers or config.model_sha256 != self.sha or not state["scored"]:
+            if (config.n_layers != self.space.n_layers or not state["scored"]
+                    or not identity_matches(config.model_sha256, self.model_path, "the online skip cache")):
                 return
             skip = config.skip
             observations = [(str(b), float(y)) for b, y in state["observations"]]
@@ -352,7 +372,10 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         self.best, self.best_score, self.skip = skip, float(config.objective["value"]), skip
         self.phase, self.iterations, self.since_best = phase, iterations, since_best
         self.observations, self._seeds, self.cached = observations, [], True
-        self.config = config
+        self.config = replace(config, model_sha256=self.sha)  # saved under today's hash
+        if path != self.cache_path:
+            self._save()
+            path.unlink(missing_ok=True)
         # Fresh draws after a restart: not the same random sets as the run that wrote the cache.
         self.generator.manual_seed(self.settings.seed + iterations)
 

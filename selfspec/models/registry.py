@@ -188,9 +188,11 @@ def model_identity(path: str | Path) -> str:
     return known
 
 
-def _legacy_identities(folder: Path) -> set[str]:
+def legacy_identities(folder: Path) -> set[str]:
     """The hashes older versions recorded for an HF folder: `selfspec search` (name NUL hash, weights
-    then config) and trained drafters (name then hash, weights then config)."""
+    then config) and trained drafters (name then hash, weights then config). None for a file."""
+    if not Path(folder).is_dir():
+        return set()
     files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
     shas = [(f.name, file_sha256(f)) for f in files if f.is_file()]
     search, train = hashlib.sha256(), hashlib.sha256()
@@ -212,7 +214,7 @@ def identity_matches(recorded: str | None, path: str | Path, what: str = "record
     path = Path(path).expanduser()
     if recorded == model_identity(path):
         return True
-    if path.is_dir() and recorded in _legacy_identities(path):
+    if recorded in legacy_identities(path):
         if (recorded, str(path)) not in _NOTICED:
             _NOTICED.add((recorded, str(path)))
             log.warning("%s for %s carries an older hash of the model folder (%s...); accepted, "
