@@ -164,8 +164,8 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
 
 def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive):
     from selfspec.drafters.layerskip import AdaptiveExit
-    from selfspec.train.kinds import BY_DRAFTER
-    from selfspec.train.store import load_drafter
+    from selfspec.drafters.trained.kinds import BY_DRAFTER
+    from selfspec.drafters.trained.store import load_drafter
 
     if weights is None:
         raise SelfspecError(f"--draft {draft} needs --drafter-weights DIR; train one with `selfspec "

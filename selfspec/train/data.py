@@ -4,7 +4,7 @@ Each prompt is continued by the full model with our own lossless speculative `ge
 first pass over the prompts greedily (what greedy decoding will ask the drafter to predict), further
 passes sampled at temperature 0.8 for variety when more sequences than prompts are asked for.
 Training labels are not these tokens but the target's argmax at every position
-(selfspec/train/kinds.py), so sampled sequences still teach the greedy choice. The token
+(selfspec/drafters/trained/kinds.py), so sampled sequences still teach the greedy choice. The token
 sequences are cached under the cache folder, keyed by the model's hash, the prompts and settings.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def distill(model, prompts: list[list[int]], n: int, max_new_tokens: int, seed: 
     ({"cached": bool, "seconds": float, "new_tokens": int}). Cached per model, prompts and settings."""
     from selfspec.generation import generate
     from selfspec.sampling import SamplingParams
-    from selfspec.train.store import model_sha256
+    from selfspec.drafters.trained.store import model_sha256
 
     if n < 1:
         raise InvalidParameterError(f"--self-distill must be >= 1, got {n}")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 from selfspec.progress import Bar
-from selfspec.train.store import save_drafter, save_tensors, write_json
+from selfspec.drafters.trained.store import save_drafter, save_tensors, write_json
 
 CHECKPOINT = "checkpoint"
 LOSS_WINDOW = 20  # steps averaged into the reported loss

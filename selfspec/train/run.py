@@ -22,7 +22,7 @@ def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = 
     from selfspec.search.calibration import calibration_prompts
     from selfspec.models.loading import load_model
     from selfspec.train.data import distill, read_data_file
-    from selfspec.train.kinds import make_kind
+    from selfspec.drafters.trained.kinds import make_kind
     from selfspec.train.loop import precompute, train
 
     if exit_layer is not None and kind != "early-exit-adapter":

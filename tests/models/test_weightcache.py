@@ -286,7 +286,7 @@ def test_every_record_names_an_hf_folder_by_one_hash_and_old_hashes_still_load(c
     from selfspec.drafters.layerskip import SkipConfig
     from selfspec.errors import SkipConfigError
     from selfspec.search.study import model_identity
-    from selfspec.train.store import model_sha256
+    from selfspec.drafters.trained.store import model_sha256
 
     folder = folders["llama"]
     model = SimpleNamespace(name=folder.name, path=folder, config=SimpleNamespace(n_layers=2))

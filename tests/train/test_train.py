@@ -17,9 +17,9 @@ from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.sampling import SamplingParams
 from selfspec.train.data import distill, read_data_file
-from selfspec.train.kinds import KINDS, make_kind, shifted
+from selfspec.drafters.trained.kinds import KINDS, make_kind, shifted
 from selfspec.train.loop import TrainSettings, precompute, train
-from selfspec.train.store import load_drafter
+from selfspec.drafters.trained.store import load_drafter
 from distributions import exact_second_token, llama, second_token_samples, total_variation  # noqa: F401 (llama: fixture)
 from tiny import one_thread, tiny_model
 

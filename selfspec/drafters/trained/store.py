@@ -18,7 +18,7 @@ WEIGHTS, META = "drafter.safetensors", "drafter.json"
 
 def model_sha256(model) -> str:
     """The model's identity (`registry.model_identity`; a registry model's pinned hash)."""
-    from selfspec.search.study import model_identity
+    from selfspec.drafters.skipspace import model_identity
 
     return model_identity(model)[1]
 
@@ -53,7 +53,7 @@ def read_meta(folder: str | Path) -> dict:
 def load_drafter(model, folder: str | Path, draft: str | None = None, **drafter_kwargs):
     """The drafter saved in `folder`, for `model`. `draft`: the --draft value asked for; weights
     of another kind are an error, as are weights trained for another model."""
-    from selfspec.train.kinds import KINDS, make_kind
+    from selfspec.drafters.trained.kinds import KINDS, make_kind
 
     meta = read_meta(folder)
     kind_name = meta.get("kind")
