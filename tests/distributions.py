@@ -84,46 +84,85 @@ def exact_second_token(model, prompt, params):
     return total
 
 
-class SecondTokenSampler:
-    """The first two tokens of `generate(model, prompt, max_new_tokens=3, drafter=drafter,
+class ReplaySampler:
+    """The first `n_tokens` tokens of `generate(model, prompt, max_new_tokens, drafter=drafter,
     sampling=params with seed)`, for many seeds, without re-running what does not depend on the
-    seed. It replays the decode loop's first two rounds through the loop's own pure functions
-    (`target_choice`, `verify_chain`) and the drafter's real `reset`/`propose`/`update`, on one
-    prefilled cache:
+    seed. It replays the decode loop's rounds through the loop's own pure functions
+    (`target_choice`, `verify_chain` / `verify_tree`) and the drafter's real `reset` / `propose` /
+    `update`, on one cache:
 
       * the prefill (the target's p after the prompt) is computed once;
       * the first token is `verify_chain` of an empty draft, as in the loop;
-      * the drafter proposes (room 1: max_new_tokens=3) from a DraftContext like the loop's (the
-        cache holds the prompt's KV, the first token is pending; `hidden` for draft heads);
-      * the target's verify forward of [first token, drafts] is memoised per (first token,
-        drafts): the forward is row-invariant and the cache prefix is the prompt's, so the
-        memoised logits are bit-identical to a fresh forward; the penalised p comes from
-        `target_choice` with the round's drafts, exactly as in the loop;
-      * `verify_chain` decides, and `drafter.update` hears the verdict.
+      * each round the drafter proposes from a DraftContext like the loop's (the cache holds the
+        KV of the sequence but its pending last token; `hidden` for draft heads in round 2);
+      * the target's verify forward of [pending token, drafts] (a chain, or a tree with its
+        layout) is memoised row by row per path (`_logits`), and so is the KV of each committed
+        sequence (put back with `KVCache.restore`): the forward is row-invariant, so memoised
+        logits and KV are bit-identical to fresh ones; the penalised p comes from `target_choice`
+        with the round's drafts (or tree layout) on those logits, exactly as in the loop;
+      * `verify_chain` / `verify_tree` decides, and `drafter.update` hears the verdict.
 
-    The generator calls are the loop's, in the loop's order, so `sample(seed)` equals
-    `generate(...)`'s first two tokens for the same seed: `check_against_generate` asserts it on
-    a few seeds (the end-to-end wiring), and the statistics run on the replay.
+    The generator calls are the loop's, in the loop's order, so `sample(seed)` equals generate()'s
+    first tokens for the same seed: `check_against_generate` asserts it on a few seeds (the
+    end-to-end wiring: penalty, residual, bonus token), and the statistics run on the replay.
 
     `memo_drafts=True` also memoises the drafter's q per context (for drafters whose q is a pure
-    function of the context: layer skipping, quantized drafts) and draws the draft token from that
-    q with the round's generator, as `DraftContext.choose` does; the first propose() per context
-    is the drafter's own. Then only the verifier runs per sample. That the drafter really samples
-    from the q it reports is checked by `assert_draws_follow_q` and by the equality with
-    generate() (there the drafter samples itself)."""
+    function of the context: layer skipping, quantized drafts, draft heads) and draws the draft
+    token from that q with the round's generator, as `DraftContext.choose` does; the first
+    propose() per context is the drafter's own. Then only the verifier runs per sample. That the
+    drafter really samples from the q it reports is checked by `assert_draws_follow_q` and by the
+    equality with generate() (there the drafter samples itself)."""
 
-    def __init__(self, model, prompt, params, drafter, memo_drafts: bool = False):
+    def __init__(self, model, prompt, params, drafter, memo_drafts: bool = False, max_new_tokens: int = 3,
+                 n_tokens: int = 2):
         self.model, self.prompt, self.drafter, self.memo_drafts = model, list(prompt), drafter, memo_drafts
+        self.max_new_tokens, self.n_tokens = max_new_tokens, n_tokens
         self.params = dataclasses.replace(params, seed=None)
         tr = model.transformer
         self.cache = tr.new_cache(model.ctx_size)  # our own: generate() reuses the model's
         self.wants_hidden = drafter is not None and bool(declared(drafter, "wants_hidden"))
+        assert not (self.wants_hidden and n_tokens > 2), "hidden states are replayed for round 2 only"
         kw = {"return_hidden": True} if self.wants_hidden else {}
         out = tr.forward(torch.tensor(self.prompt), 0, self.cache, last_only=True, **kw)
         logits, self.hidden = out if self.wants_hidden else (out, None)
         self.first = loop.target_choice(logits, self.params, self.prompt)
-        self.choices: dict[tuple, object] = {}  # (t1, drafts) -> the target's choice at the verify rows
+        self.choices: dict[tuple, object] = {}  # (tokens after the prompt, drafts, parents) -> the target's choice
         self.drafts: dict[tuple, Draft] = {}  # memo_drafts: context -> the drafter's Draft (its q)
+        self.kv: dict[tuple, tuple] = {}  # committed tokens after the prompt -> the cache's k, v
+        self.rows: dict[tuple, torch.Tensor] = {}  # a verify row's path after the prompt -> its logits
+
+    def _hold(self, committed: tuple) -> None:
+        """Make the cache hold the KV of prompt + committed (the loop's cache at a round's start)."""
+        base, n = len(self.prompt), len(self.prompt) + len(committed)
+        if not committed:
+            self.cache.rollback(base)
+            return
+        saved = self.kv.get(committed)
+        if saved is None:
+            self._hold(committed[:-1])
+            self.model.transformer.forward(torch.tensor([committed[-1]]), n - 1, self.cache)
+            self.kv[committed] = (self.cache.k[:, :, :n].clone(), self.cache.v[:, :, :n].clone())
+        else:
+            self.cache.rollback(base)
+            self.cache.restore(n, *saved, start=base)
+
+    def _logits(self, tokens, drafts, layout, start) -> torch.Tensor:
+        """The verify forward's logits `[k+1, vocab]` over [pending token, drafts] (a chain, or a
+        tree by `layout`). A row's logits depend only on the tokens of its own path (the forward
+        is row-invariant and a tree row sees only its ancestors: tests above check both), so rows
+        are memoised per path and the forward runs only when a row is new."""
+        after = tuple(tokens[len(self.prompt):])
+        if layout is None:
+            paths = [after + tuple(drafts[:r]) for r in range(len(drafts) + 1)]
+        else:
+            paths = [after + tuple(drafts[x - 1] for x in layout.path(r)) for r in range(len(drafts) + 1)]
+        if not all(p in self.rows for p in paths):
+            kw = {} if layout is None else {"tree": layout}
+            logits = self.model.transformer.forward(torch.tensor([tokens[-1]] + drafts), start, self.cache, **kw)
+            self.cache.rollback(start)
+            for p, row in zip(paths, logits):
+                self.rows.setdefault(p, row)
+        return torch.stack([self.rows[p] for p in paths])
 
     def _propose(self, ctx, room, generator) -> Draft:
         if not self.memo_drafts:
@@ -139,46 +178,54 @@ class SecondTokenSampler:
         assert len(draft) == 1 and draft.parents is None, "memo_drafts replays one-token chains only"
         return Draft(sample(draft.q_draft, generator), draft.q_draft)
 
-    def sample(self, seed: int) -> tuple[int, int]:
+    def sample(self, seed: int) -> tuple[int, ...]:
         model, prompt, params, drafter, cache = self.model, self.prompt, self.params, self.drafter, self.cache
-        tr = model.transformer
+        vocab = model.config.vocab_size
         generator = make_generator(seed)
+        sampling = dataclasses.replace(params, seed=seed)
         if drafter is not None:
             drafter.reset()
-        t1 = int(loop.verify_chain(EMPTY, None, self.first, generator).tokens[0])
-        tokens = prompt + [t1]
-        start = len(prompt)
-        cache.rollback(start)
-        ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=dataclasses.replace(params, seed=seed),
-                           generator=generator, hidden=self.hidden[0] if self.wants_hidden else None,
-                           hidden_for=len(tokens) if self.wants_hidden else -1)
-        room = min(3 - 1 - 1, cache.max_len - len(tokens))
-        draft = Draft(EMPTY)
-        if drafter is not None and room > 0:
-            draft = self._propose(ctx, room, generator)
-            cache.rollback(start)
-        assert draft.parents is None, "SecondTokenSampler replays chains; trees: tests/test_tree.py"
-        key = (t1, tuple(draft.tokens.tolist()))
-        choice = self.choices.get(key)
-        if choice is None:
-            logits = tr.forward(torch.tensor([t1] + list(key[1])), start, cache)  # [k+1, vocab]
-            cache.rollback(start)
-            choice = self.choices[key] = loop.target_choice(logits, params, tokens, draft.tokens)
-        verdict = loop.verify_chain(draft.tokens, draft.q_draft, choice, generator)
-        if drafter is not None:
-            drafter.update(verdict.accepted, len(draft))
-        return t1, int(verdict.tokens[0])
+        out = [int(loop.verify_chain(EMPTY, None, self.first, generator).tokens[0])]
+        tokens = prompt + out
+        while len(out) < self.n_tokens:
+            start = len(tokens) - 1
+            self._hold(tuple(tokens[len(prompt): start]))
+            hidden = self.wants_hidden and len(out) == 1
+            ctx = DraftContext(model=model, cache=cache, tokens=tokens, sampling=sampling, generator=generator,
+                               hidden=self.hidden[0] if hidden else None, hidden_for=len(tokens) if hidden else -1)
+            room = min(self.max_new_tokens - len(out) - 1, cache.max_len - len(tokens))
+            draft = Draft(EMPTY)
+            if drafter is not None and room > 0:
+                draft = self._propose(ctx, room, generator)
+                cache.rollback(start)
+            drafts = draft.tokens.tolist()
+            key = (tuple(tokens[len(prompt):]), tuple(drafts), None if draft.parents is None else tuple(draft.parents.tolist()))
+            choice = self.choices.get(key)
+            layout = loop.check_tree(draft, vocab) if draft.parents is not None else None
+            if choice is None:
+                logits = self._logits(tokens, drafts, layout, start)
+                choice = self.choices[key] = loop.target_choice(logits, params, tokens, draft.tokens, layout)
+            if layout is not None:
+                verdict = loop.verify_tree(layout, draft, choice, generator)
+            else:
+                verdict = loop.verify_chain(draft.tokens, draft.q_draft, choice, generator)
+            if drafter is not None:
+                drafter.update(verdict.accepted, len(draft))
+            new = verdict.tokens.tolist()
+            out += new
+            tokens = tokens + new
+        return tuple(out[: self.n_tokens])
 
     def check_against_generate(self, seeds, twin=None) -> None:
-        """The replay is the decode loop: generate()'s first two tokens for the same seeds.
-        generate() runs with `twin(drafter)` (e.g. copy.deepcopy: a copy in the drafter's current
-        state, for drafters whose state changes what they propose, such as online optimisation),
-        by default with the drafter itself."""
+        """The replay is the decode loop: generate()'s first tokens for the same seeds. generate()
+        runs with `twin(drafter)` (e.g. copy.deepcopy: a copy in the drafter's current state, for
+        drafters whose state changes what they propose, such as online optimisation), by default
+        with the drafter itself."""
         for seed in seeds:
             other = self.drafter if twin is None else twin(self.drafter)
-            r = generate(self.model, self.prompt, max_new_tokens=3, drafter=other,
+            r = generate(self.model, self.prompt, max_new_tokens=self.max_new_tokens, drafter=other,
                          sampling=dataclasses.replace(self.params, seed=seed))
-            assert tuple(r.token_ids[:2]) == self.sample(seed), f"replay differs from generate() at seed {seed}"
+            assert tuple(r.token_ids[: self.n_tokens]) == self.sample(seed), f"replay differs from generate() at seed {seed}"
 
 
 def seeds(n: int, start: int = 1234) -> list[int]:
@@ -187,9 +234,9 @@ def seeds(n: int, start: int = 1234) -> list[int]:
 
 
 def second_token_samples(model, prompt, params, drafter, n, memo_drafts=False, check=E2E_SEEDS, twin=None):
-    """Counts of the second generated token over n seeds (the replay of `SecondTokenSampler`), after
+    """Counts of the second generated token over n seeds (the replay of `ReplaySampler`), after
     checking on `check` other seeds that the replay equals generate() (`twin`: see there)."""
-    sampler = SecondTokenSampler(model, prompt, params, drafter, memo_drafts)
+    sampler = ReplaySampler(model, prompt, params, drafter, memo_drafts)
     sampler.check_against_generate(seeds(check, start=99), twin)
     out = torch.zeros(model.config.vocab_size)
     for seed in seeds(n):
@@ -201,7 +248,7 @@ def assert_draws_follow_q(model, prompt, params, drafter, n=400):
     """The drafter's token at one context follows the q it reports (and reports the same q every
     time): TV of n draws against q within its noise floor. A drafter that reports a q it did not
     sample from fails here even where memo_drafts replays q."""
-    sampler = SecondTokenSampler(model, prompt, params, drafter)
+    sampler = ReplaySampler(model, prompt, params, drafter)
     cache, t1 = sampler.cache, int(sampler.first.p[0].argmax())
     tokens = list(prompt) + [t1]
     counts, q0 = torch.zeros(model.config.vocab_size), None

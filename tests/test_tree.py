@@ -14,13 +14,13 @@ from lossless import assert_lossless
 from selfspec.drafters.base import EMPTY, Draft, DraftContext
 from selfspec.drafters.ngram import NgramDrafter, lookup_candidates
 from selfspec.errors import InvalidParameterError
-from selfspec.generation import SpecStats, decode_tokens, generate
+from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_method
-from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
+from selfspec.sampling import SamplingParams, presence_mask, probs_from_logits
 from selfspec.tree import TreeLayout, tree_from_chains, tree_mask
 from selfspec.verify_tree import tree_presence, verify_tree_greedy, verify_tree_sampled
 from distributions import StubDrafter  # noqa: E402
-from distributions import N_SAMPLES, PROMPT, total_variation
+from distributions import E2E_SEEDS, N_SAMPLES, PROMPT, ReplaySampler, noise_floor, seeds, total_variation
 from tiny import ARCHS, WINDOW, one_thread, tiny_model
 
 INF = float("-inf")
@@ -298,21 +298,14 @@ def exact_pairs(model, prompt, params) -> dict[tuple[int, int], float]:
 
 
 def sampled_pairs(model, prompt, params, drafter, n) -> dict[tuple[int, int], int]:
-    """The (2nd, 3rd) tokens of n seeded generations. Room for 14 nodes in the round after the
-    first token: the trees are not cut short by the length limit."""
+    """The (2nd, 3rd) tokens of n seeded generations with room for 14 nodes in the round after the
+    first token (the trees are not cut short by the length limit): the loop's rounds replayed with
+    memoised forwards (distributions.ReplaySampler), checked equal to generate() on a few seeds."""
+    sampler = ReplaySampler(model, prompt, params, drafter, max_new_tokens=16, n_tokens=3)
+    sampler.check_against_generate(seeds(E2E_SEEDS, start=99))
     counts: dict[tuple[int, int], int] = {}
-    g = make_generator(1234)
-    for _ in range(n):
-        seed = int(torch.randint(0, 2**31, (1,), generator=g))
-        rounds = decode_tokens(model, prompt, drafter, dataclasses.replace(params, seed=seed), 16, SpecStats(),
-                               stop_ids=set())
-        out: list[int] = []
-        for r in rounds:
-            out += r.ids
-            if len(out) >= 3:
-                break
-        rounds.close()
-        key = (out[1], out[2])
+    for seed in seeds(n):
+        key = sampler.sample(seed)[1:]
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -324,9 +317,7 @@ def _tv_and_floor(model, params, drafter):
     assert set(counts) <= set(exact), "a pair the target cannot produce"
     p = torch.tensor(list(exact.values()))
     c = torch.tensor([float(counts.get(k, 0)) for k in exact])
-    # Noise floor: E[TV] of n multinomial draws is about sum_i sqrt(p_i (1 - p_i) / (2 pi n)).
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
-    return total_variation(c, p), floor
+    return total_variation(c, p), noise_floor(p, N_SAMPLES)
 
 
 # Top-k 5 keeps the exact pair distribution cheap (<= 25 pairs per first token).
@@ -338,8 +329,7 @@ TREE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [c if c == "all-wrong" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in TREE_CASES])
+@pytest.mark.parametrize("case", list(TREE_CASES))
 def test_sampled_tree_matches_target_distribution(peaky, case):
     ranks, params = TREE_CASES[case]
     tv, floor = _tv_and_floor(peaky, params, FixedTreeDrafter(peaky, ranks))
@@ -351,7 +341,6 @@ def test_sampled_iid_children_match_target_distribution(peaky):
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
 
 
-@pytest.mark.slow  # a check of the check (the distribution test can fail)
 def test_distribution_check_catches_a_tree_rule_without_renormalising(peaky, monkeypatch):
     """The same statistic must fail for a plausible bug: every sibling tested against the
     original p (no residual), and the final token drawn from p."""
