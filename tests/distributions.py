@@ -84,6 +84,28 @@ def exact_second_token(model, prompt, params):
     return total
 
 
+def exact_pairs(model, prompt, params) -> dict[tuple[int, int], float]:
+    """P(2nd, 3rd generated token) = sum_t1 P(t1) P(t2 | t1) P(t3 | t1, t2), exactly: the pair
+    covers a tree's first level and (when it was accepted) its second, or a chain's first two
+    drafts (the second scored with the first in the penalty's history). Keep the top-k small."""
+    tr, vocab = model.transformer, model.config.vocab_size
+
+    def dist(ids):
+        logits = tr.forward(torch.tensor(ids), 0, tr.new_cache(len(ids)), last_only=True)
+        return probs_from_logits(logits, params, presence_mask(torch.tensor(ids), EMPTY, vocab))[0]
+
+    pairs: dict[tuple[int, int], float] = {}
+    p1 = dist(prompt)
+    for t1 in torch.nonzero(p1 > 0).flatten().tolist():
+        p2 = dist(prompt + [t1])
+        for t2 in torch.nonzero(p2 > 0).flatten().tolist():
+            p3 = dist(prompt + [t1, t2])
+            for t3 in torch.nonzero(p3 > 0).flatten().tolist():
+                key = (t2, t3)
+                pairs[key] = pairs.get(key, 0.0) + float(p1[t1] * p2[t2] * p3[t3])
+    return pairs
+
+
 class ReplaySampler:
     """The first `n_tokens` tokens of `generate(model, prompt, max_new_tokens, drafter=drafter,
     sampling=params with seed)`, for many seeds, without re-running what does not depend on the
@@ -242,6 +264,24 @@ def second_token_samples(model, prompt, params, drafter, n, memo_drafts=False, c
     for seed in seeds(n):
         out[sampler.sample(seed)[1]] += 1
     return out
+
+
+def pair_tv(model, prompt, params, drafter, n, max_new_tokens=16):
+    """(TV, noise floor, samples of pairs the target cannot produce) of the (2nd, 3rd) tokens of n
+    replayed generations against `exact_pairs`, after checking the replay equal to generate() on
+    E2E_SEEDS other seeds."""
+    exact = exact_pairs(model, prompt, params)
+    sampler = ReplaySampler(model, prompt, params, drafter, max_new_tokens=max_new_tokens, n_tokens=3)
+    sampler.check_against_generate(seeds(E2E_SEEDS, start=99))
+    counts: dict[tuple[int, int], int] = {}
+    for seed in seeds(n):
+        key = sampler.sample(seed)[1:]
+        counts[key] = counts.get(key, 0) + 1
+    impossible = sum(c for k, c in counts.items() if k not in exact)
+    keys = list(exact) + [k for k in counts if k not in exact]
+    p = torch.tensor([exact.get(k, 0.0) for k in keys])
+    c = torch.tensor([float(counts.get(k, 0)) for k in keys])
+    return total_variation(c, p), noise_floor(p, n), impossible
 
 
 def assert_draws_follow_q(model, prompt, params, drafter, n=400):

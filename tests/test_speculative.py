@@ -17,7 +17,7 @@ from selfspec.errors import DrafterError, SkipConfigError
 from selfspec.generation import generate, stream
 from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
 from distributions import (N_SAMPLES, PROMPT, SAMPLING_CASES, ScriptedDrafter, _one_thread,  # noqa: F401
-                           assert_draws_follow_q, exact_second_token, gemma3, llama, noise_floor, peaky,
+                           assert_draws_follow_q, exact_second_token, gemma3, llama, noise_floor, pair_tv, peaky,
                            second_token_samples, total_variation)
 from tiny import one_thread, tiny_model
 
@@ -163,6 +163,9 @@ def test_draft_model_with_other_vocabulary_is_refused(llama, tmp_path):
         DraftModelDrafter(small_vocab, target=llama)
 
 
+N_PAIRS = 1000  # each pair sample drafts afresh (two drafts: no memoised q): ~3 ms each
+
+
 def _skip_drafter(model):
     return LayerSkipDrafter(SkipConfig(model=model.name, n_layers=model.config.n_layers, attention=(1,)),
                             max_draft=2, exit=AdaptiveExit(gamma=0.0, adaptive=False))
@@ -227,6 +230,35 @@ def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
     counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES, memo_drafts=True)
     tv = total_variation(counts, p)
     assert tv > 1.6 * floor + 0.01, f"a broken verifier went unnoticed: TV {tv:.4f}, floor {floor:.4f}"
+
+
+PENALTY_PAIRS = SamplingParams(temperature=1.0, top_k=5, repetition_penalty=1.5)
+
+
+def test_penalty_sees_earlier_drafts_of_the_round(peaky):
+    """The (2nd, 3rd) tokens when both are drafts of one round (layer skip, two drafts): the
+    target's row for the second draft must count the first in the penalty's history (and so must
+    the drafter's q). The exact pair distribution applies the penalty to every earlier token."""
+    tv, floor, impossible = pair_tv(peaky, PROMPT[:5], PENALTY_PAIRS, _skip_drafter(peaky), N_PAIRS, max_new_tokens=4)
+    assert impossible == 0, f"{impossible} samples of pairs the target cannot produce"
+    assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
+
+
+@pytest.mark.slow  # a check of the check, ~4 s (10 on a busy machine)
+def test_pair_check_catches_a_penalty_blind_to_earlier_drafts(peaky, monkeypatch):
+    """The same check fails when the verify rows' penalty ignores the round's earlier drafts (the
+    loop's target_choice loses them). Under top-k 5 the blind penalty moves the target's support:
+    ~3% of the samples are pairs the true target cannot produce (the TV alone, ~0.09 against a
+    threshold of ~0.13 for the ~100 pairs, would not notice)."""
+    import selfspec.generation as loop
+
+    def blind(history, drafts, vocab):
+        return presence_mask(history, drafts[:0], vocab).expand(drafts.numel() + 1, -1)
+
+    monkeypatch.setattr(loop, "presence_mask", blind)
+    tv, floor, impossible = pair_tv(peaky, PROMPT[:5], PENALTY_PAIRS, _skip_drafter(peaky), N_PAIRS, max_new_tokens=4)
+    assert impossible > 0 or tv > 1.6 * floor + 0.01, \
+        f"a penalty blind to earlier drafts went unnoticed: TV {tv:.4f}, floor {floor:.4f}"
 
 
 # ----------------------------------------------------------------- draft head over a vocab subset

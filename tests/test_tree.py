@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from lossless import assert_lossless
-from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.base import Draft, DraftContext
 from selfspec.drafters.ngram import NgramDrafter, lookup_candidates
 from selfspec.errors import InvalidParameterError
 from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_method
-from selfspec.sampling import SamplingParams, presence_mask, probs_from_logits
+from selfspec.sampling import SamplingParams, probs_from_logits
 from selfspec.tree import TreeLayout, tree_from_chains, tree_mask
 from selfspec.verify_tree import tree_presence, verify_tree_greedy, verify_tree_sampled
 from distributions import StubDrafter  # noqa: E402
-from distributions import E2E_SEEDS, N_SAMPLES, PROMPT, ReplaySampler, noise_floor, seeds, total_variation
+from distributions import N_SAMPLES, PROMPT, pair_tv
 from tiny import ARCHS, WINDOW, one_thread, tiny_model
 
 INF = float("-inf")
@@ -276,48 +276,12 @@ def peaky(tmp_path_factory):
     return tiny_model("llama", tmp_path_factory.mktemp("peaky"), ctx_size=64)
 
 
-def exact_pairs(model, prompt, params) -> dict[tuple[int, int], float]:
-    """P(2nd, 3rd generated token) = sum_t1 P(t1) P(t2 | t1) P(t3 | t1, t2), exactly: the pair
-    covers a tree's first level and (when it was accepted) its second."""
-    tr, vocab = model.transformer, model.config.vocab_size
-
-    def dist(ids):
-        logits = tr.forward(torch.tensor(ids), 0, tr.new_cache(len(ids)), last_only=True)
-        return probs_from_logits(logits, params, presence_mask(torch.tensor(ids), EMPTY, vocab))[0]
-
-    pairs: dict[tuple[int, int], float] = {}
-    p1 = dist(prompt)
-    for t1 in torch.nonzero(p1 > 0).flatten().tolist():
-        p2 = dist(prompt + [t1])
-        for t2 in torch.nonzero(p2 > 0).flatten().tolist():
-            p3 = dist(prompt + [t1, t2])
-            for t3 in torch.nonzero(p3 > 0).flatten().tolist():
-                key = (t2, t3)
-                pairs[key] = pairs.get(key, 0.0) + float(p1[t1] * p2[t2] * p3[t3])
-    return pairs
-
-
-def sampled_pairs(model, prompt, params, drafter, n) -> dict[tuple[int, int], int]:
-    """The (2nd, 3rd) tokens of n seeded generations with room for 14 nodes in the round after the
-    first token (the trees are not cut short by the length limit): the loop's rounds replayed with
-    memoised forwards (distributions.ReplaySampler), checked equal to generate() on a few seeds."""
-    sampler = ReplaySampler(model, prompt, params, drafter, max_new_tokens=16, n_tokens=3)
-    sampler.check_against_generate(seeds(E2E_SEEDS, start=99))
-    counts: dict[tuple[int, int], int] = {}
-    for seed in seeds(n):
-        key = sampler.sample(seed)[1:]
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def _tv_and_floor(model, params, drafter):
-    prompt = PROMPT[:5]
-    exact = exact_pairs(model, prompt, params)
-    counts = sampled_pairs(model, prompt, params, drafter, N_SAMPLES)
-    assert set(counts) <= set(exact), "a pair the target cannot produce"
-    p = torch.tensor(list(exact.values()))
-    c = torch.tensor([float(counts.get(k, 0)) for k in exact])
-    return total_variation(c, p), noise_floor(p, N_SAMPLES)
+    """The (2nd, 3rd) tokens with room for 14 nodes in the round after the first token (the trees
+    are not cut short by the length limit), replayed (distributions.pair_tv)."""
+    tv, floor, impossible = pair_tv(model, PROMPT[:5], params, drafter, N_SAMPLES)
+    assert impossible == 0, f"{impossible} samples of pairs the target cannot produce"
+    return tv, floor
 
 
 # Top-k 5 keeps the exact pair distribution cheap (<= 25 pairs per first token).
