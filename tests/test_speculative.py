@@ -16,8 +16,9 @@ from selfspec.drafters.ngram import NgramDrafter, lookup_match
 from selfspec.errors import DrafterError, SkipConfigError
 from selfspec.generation import generate, stream
 from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
-from distributions import (N_SAMPLES, PROMPT, SAMPLING_CASES, ScriptedDrafter, _one_thread, exact_second_token,  # noqa: F401
-                           gemma3, llama, peaky, second_token_samples, total_variation)
+from distributions import (N_SAMPLES, PROMPT, SAMPLING_CASES, ScriptedDrafter, _one_thread,  # noqa: F401
+                           assert_draws_follow_q, exact_second_token, gemma3, llama, noise_floor, pair_tv, peaky,
+                           second_token_samples, total_variation)
 from tiny import one_thread, tiny_model
 
 @pytest.mark.parametrize("fixture", ["llama", "gemma3"])
@@ -162,6 +163,9 @@ def test_draft_model_with_other_vocabulary_is_refused(llama, tmp_path):
         DraftModelDrafter(small_vocab, target=llama)
 
 
+N_PAIRS = 1000  # each pair sample drafts afresh (two drafts: no memoised q): ~3 ms each
+
+
 def _skip_drafter(model):
     return LayerSkipDrafter(SkipConfig(model=model.name, n_layers=model.config.n_layers, attention=(1,)),
                             max_draft=2, exit=AdaptiveExit(gamma=0.0, adaptive=False))
@@ -172,11 +176,31 @@ def test_speculative_sampling_matches_target_distribution(peaky, case):
     params = SAMPLING_CASES[case]
     prompt = PROMPT[:5]
     p = exact_second_token(peaky, prompt, params)
-    # Noise floor: E[TV] of n multinomial draws is about sum_i sqrt(p_i (1 - p_i) / (2 pi n)).
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
-    counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES)
+    floor = noise_floor(p, N_SAMPLES)
+    counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES, memo_drafts=True)
     tv = total_variation(counts, p)
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
+
+
+@pytest.mark.parametrize("case", ["temperature-1", "repetition-penalty"])
+def test_layer_skip_draws_follow_its_q(peaky, case):
+    """The replay above draws draft tokens from the q the drafter reported (memo_drafts): here the
+    drafter's own draws are checked against that q."""
+    assert_draws_follow_q(peaky, PROMPT[:5], SAMPLING_CASES[case], _skip_drafter(peaky))
+
+
+def test_draw_check_catches_a_drafter_that_misreports_q(peaky):
+    """assert_draws_follow_q fails for a drafter whose tokens do not come from the q it reports."""
+    drafter = _skip_drafter(peaky)
+    propose = drafter.propose
+
+    def lying(ctx, max_tokens):
+        draft = propose(ctx, max_tokens)
+        return Draft(draft.tokens, torch.softmax(torch.log(draft.q_draft) * 0.5, -1))  # reports a flatter q
+
+    drafter.propose = lying
+    with pytest.raises(AssertionError, match="reported q"):
+        assert_draws_follow_q(peaky, PROMPT[:5], SAMPLING_CASES["temperature-1"], drafter)
 
 
 def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
@@ -202,10 +226,39 @@ def test_distribution_check_catches_a_broken_residual(peaky, monkeypatch):
     params = SAMPLING_CASES["temperature-1"]
     prompt = PROMPT[:5]
     p = exact_second_token(peaky, prompt, params)
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
-    counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES)
+    floor = noise_floor(p, N_SAMPLES)
+    counts = second_token_samples(peaky, prompt, params, _skip_drafter(peaky), N_SAMPLES, memo_drafts=True)
     tv = total_variation(counts, p)
     assert tv > 1.6 * floor + 0.01, f"a broken verifier went unnoticed: TV {tv:.4f}, floor {floor:.4f}"
+
+
+PENALTY_PAIRS = SamplingParams(temperature=1.0, top_k=5, repetition_penalty=1.5)
+
+
+def test_penalty_sees_earlier_drafts_of_the_round(peaky):
+    """The (2nd, 3rd) tokens when both are drafts of one round (layer skip, two drafts): the
+    target's row for the second draft must count the first in the penalty's history (and so must
+    the drafter's q). The exact pair distribution applies the penalty to every earlier token."""
+    tv, floor, impossible = pair_tv(peaky, PROMPT[:5], PENALTY_PAIRS, _skip_drafter(peaky), N_PAIRS, max_new_tokens=4)
+    assert impossible == 0, f"{impossible} samples of pairs the target cannot produce"
+    assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
+
+
+@pytest.mark.slow  # a check of the check, ~4 s (10 on a busy machine)
+def test_pair_check_catches_a_penalty_blind_to_earlier_drafts(peaky, monkeypatch):
+    """The same check fails when the verify rows' penalty ignores the round's earlier drafts (the
+    loop's target_choice loses them). Under top-k 5 the blind penalty moves the target's support:
+    ~3% of the samples are pairs the true target cannot produce (the TV alone, ~0.09 against a
+    threshold of ~0.13 for the ~100 pairs, would not notice)."""
+    import selfspec.generation as loop
+
+    def blind(history, drafts, vocab):
+        return presence_mask(history, drafts[:0], vocab).expand(drafts.numel() + 1, -1)
+
+    monkeypatch.setattr(loop, "presence_mask", blind)
+    tv, floor, impossible = pair_tv(peaky, PROMPT[:5], PENALTY_PAIRS, _skip_drafter(peaky), N_PAIRS, max_new_tokens=4)
+    assert impossible > 0 or tv > 1.6 * floor + 0.01, \
+        f"a penalty blind to earlier drafts went unnoticed: TV {tv:.4f}, floor {floor:.4f}"
 
 
 # ----------------------------------------------------------------- draft head over a vocab subset
@@ -247,10 +300,10 @@ def test_subset_draft_head_keeps_sampling_lossless(peaky, fixed_ranking):
     params = SAMPLING_CASES["temperature-1"]
     prompt = PROMPT[:5]
     p = exact_second_token(peaky, prompt, params)
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
+    floor = noise_floor(p, N_SAMPLES)
     drafter = LayerSkipDrafter(SkipConfig(model=peaky.name, n_layers=peaky.config.n_layers, attention=(1,)),
                                max_draft=2, exit=AdaptiveExit(gamma=0.0, adaptive=False), draft_vocab=30)
-    counts = second_token_samples(peaky, prompt, params, drafter, N_SAMPLES)
+    counts = second_token_samples(peaky, prompt, params, drafter, N_SAMPLES, memo_drafts=True)
     tv = total_variation(counts, p)
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from lossless import assert_lossless
-from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.base import Draft, DraftContext
 from selfspec.drafters.ngram import NgramDrafter, lookup_candidates
 from selfspec.errors import InvalidParameterError
-from selfspec.generation import SpecStats, decode_tokens, generate
+from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_method
-from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
+from selfspec.sampling import SamplingParams, probs_from_logits
 from selfspec.tree import TreeLayout, tree_from_chains, tree_mask
 from selfspec.verify_tree import tree_presence, verify_tree_greedy, verify_tree_sampled
 from distributions import StubDrafter  # noqa: E402
-from distributions import N_SAMPLES, PROMPT, total_variation
+from distributions import N_SAMPLES, PROMPT, pair_tv
 from tiny import ARCHS, WINDOW, one_thread, tiny_model
 
 INF = float("-inf")
@@ -276,57 +276,12 @@ def peaky(tmp_path_factory):
     return tiny_model("llama", tmp_path_factory.mktemp("peaky"), ctx_size=64)
 
 
-def exact_pairs(model, prompt, params) -> dict[tuple[int, int], float]:
-    """P(2nd, 3rd generated token) = sum_t1 P(t1) P(t2 | t1) P(t3 | t1, t2), exactly: the pair
-    covers a tree's first level and (when it was accepted) its second."""
-    tr, vocab = model.transformer, model.config.vocab_size
-
-    def dist(ids):
-        logits = tr.forward(torch.tensor(ids), 0, tr.new_cache(len(ids)), last_only=True)
-        return probs_from_logits(logits, params, presence_mask(torch.tensor(ids), EMPTY, vocab))[0]
-
-    pairs: dict[tuple[int, int], float] = {}
-    p1 = dist(prompt)
-    for t1 in torch.nonzero(p1 > 0).flatten().tolist():
-        p2 = dist(prompt + [t1])
-        for t2 in torch.nonzero(p2 > 0).flatten().tolist():
-            p3 = dist(prompt + [t1, t2])
-            for t3 in torch.nonzero(p3 > 0).flatten().tolist():
-                key = (t2, t3)
-                pairs[key] = pairs.get(key, 0.0) + float(p1[t1] * p2[t2] * p3[t3])
-    return pairs
-
-
-def sampled_pairs(model, prompt, params, drafter, n) -> dict[tuple[int, int], int]:
-    """The (2nd, 3rd) tokens of n seeded generations. Room for 14 nodes in the round after the
-    first token: the trees are not cut short by the length limit."""
-    counts: dict[tuple[int, int], int] = {}
-    g = make_generator(1234)
-    for _ in range(n):
-        seed = int(torch.randint(0, 2**31, (1,), generator=g))
-        rounds = decode_tokens(model, prompt, drafter, dataclasses.replace(params, seed=seed), 16, SpecStats(),
-                               stop_ids=set())
-        out: list[int] = []
-        for r in rounds:
-            out += r.ids
-            if len(out) >= 3:
-                break
-        rounds.close()
-        key = (out[1], out[2])
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def _tv_and_floor(model, params, drafter):
-    prompt = PROMPT[:5]
-    exact = exact_pairs(model, prompt, params)
-    counts = sampled_pairs(model, prompt, params, drafter, N_SAMPLES)
-    assert set(counts) <= set(exact), "a pair the target cannot produce"
-    p = torch.tensor(list(exact.values()))
-    c = torch.tensor([float(counts.get(k, 0)) for k in exact])
-    # Noise floor: E[TV] of n multinomial draws is about sum_i sqrt(p_i (1 - p_i) / (2 pi n)).
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * N_SAMPLES)).sum())
-    return total_variation(c, p), floor
+    """The (2nd, 3rd) tokens with room for 14 nodes in the round after the first token (the trees
+    are not cut short by the length limit), replayed (distributions.pair_tv)."""
+    tv, floor, impossible = pair_tv(model, PROMPT[:5], params, drafter, N_SAMPLES)
+    assert impossible == 0, f"{impossible} samples of pairs the target cannot produce"
+    return tv, floor
 
 
 # Top-k 5 keeps the exact pair distribution cheap (<= 25 pairs per first token).
@@ -338,8 +293,7 @@ TREE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [c if c == "all-wrong" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in TREE_CASES])
+@pytest.mark.parametrize("case", list(TREE_CASES))
 def test_sampled_tree_matches_target_distribution(peaky, case):
     ranks, params = TREE_CASES[case]
     tv, floor = _tv_and_floor(peaky, params, FixedTreeDrafter(peaky, ranks))
@@ -351,7 +305,6 @@ def test_sampled_iid_children_match_target_distribution(peaky):
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
 
 
-@pytest.mark.slow  # a check of the check (the distribution test can fail)
 def test_distribution_check_catches_a_tree_rule_without_renormalising(peaky, monkeypatch):
     """The same statistic must fail for a plausible bug: every sibling tested against the
     original p (no residual), and the final token drawn from p."""

@@ -17,8 +17,8 @@ from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.models.quant import LINEARS, draft_view, extra_weight_bytes, quantize_transformer, weight_bits
 from selfspec.models.rows import make_row_invariant
-from distributions import (PROMPT, SAMPLING_CASES, exact_second_token, second_token_samples,
-                              total_variation)
+from distributions import (N_SAMPLES, PROMPT, SAMPLING_CASES, exact_second_token, noise_floor,
+                              second_token_samples, total_variation)
 from tiny import one_thread, tiny_model
 
 N_NEW = 40
@@ -91,11 +91,11 @@ def test_sampling_with_a_quantized_draft_keeps_the_target_distribution(tmp_path_
     params = SAMPLING_CASES["top-k"]
     prompt = PROMPT[:5]
     p = exact_second_token(peaky, prompt, params)
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * 2000)).sum())
+    floor = noise_floor(p, N_SAMPLES)
     config = SkipConfig(model=peaky.name, n_layers=peaky.config.n_layers, attention=(1,))
     drafter = QuantizedSelfDrafter.for_model(peaky, config, bits=4, max_draft=2,
                                              exit=AdaptiveExit(gamma=0.0, adaptive=False))
-    counts = second_token_samples(peaky, prompt, params, drafter, 2000)
+    counts = second_token_samples(peaky, prompt, params, drafter, N_SAMPLES, memo_drafts=True)
     tv = total_variation(counts, p)
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
 

@@ -20,7 +20,8 @@ from selfspec.train.data import distill, read_data_file
 from selfspec.drafters.trained.kinds import KINDS, make_kind, shifted
 from selfspec.train.loop import TrainSettings, precompute, train
 from selfspec.drafters.trained.store import load_drafter
-from distributions import exact_second_token, llama, second_token_samples, total_variation  # noqa: F401 (llama: fixture)
+from distributions import (N_SAMPLES, exact_second_token, llama, noise_floor, second_token_samples,  # noqa: F401 (llama: fixture)
+                           total_variation)
 from tiny import one_thread, tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 8, 9, 10, 11], [100, 3, 4, 50, 60, 3], [21, 22, 5, 17]]
@@ -179,17 +180,15 @@ def test_early_exit_writes_the_targets_kv_and_keeps_verified_kv(llama):
     assert torch.equal(cache.v[:, :, : len(PROMPT) - 1], v_before)
 
 
-@pytest.mark.slow  # 18-22 s each: make test-full
 @pytest.mark.parametrize("name", list(KINDS))
 def test_sampled_distribution_matches_target(llama, trained, name):
     kind, module, _, _ = trained[name]
     params = SamplingParams(temperature=1.0, top_k=20)
     prompt = PROMPT[:5]
     p = exact_second_token(llama, prompt, params)
-    n = 1500
-    floor = float(torch.sqrt(p * (1 - p) / (2 * torch.pi * n)).sum())
+    floor = noise_floor(p, N_SAMPLES)
     drafter = kind.drafter(module, llama, exit=_greedy_exit())
-    counts = second_token_samples(llama, prompt, params, drafter, n)
+    counts = second_token_samples(llama, prompt, params, drafter, N_SAMPLES, memo_drafts=True)
     tv = total_variation(counts, p)
     assert tv < 1.6 * floor + 0.01, f"TV {tv:.4f} vs noise floor {floor:.4f}"
 
