@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from lossless import truncated_copy
-from selfspec.drafters.base import EMPTY, Draft, DraftContext
+from selfspec.drafters.base import Draft
 from selfspec.drafters.draft_model import DraftModelDrafter
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
 from selfspec.drafters.ngram import NgramDrafter, lookup_match
 from selfspec.errors import DrafterError, SkipConfigError
 from selfspec.generation import generate, stream
-from selfspec.sampling import SamplingParams, make_generator, presence_mask, probs_from_logits
+from selfspec.sampling import SamplingParams, presence_mask
 from distributions import (N_SAMPLES, PROMPT, SAMPLING_CASES, ScriptedDrafter, _one_thread,  # noqa: F401
                            assert_draws_follow_q, exact_second_token, gemma3, llama, noise_floor, pair_tv, peaky,
                            second_token_samples, total_variation)
-from tiny import one_thread, tiny_model
+from tiny import tiny_model
 
 @pytest.mark.parametrize("fixture", ["llama", "gemma3"])
 def test_adversarial_drafters_are_lossless(fixture, request):

@@ -3,7 +3,6 @@ adaptive n-gram drafter, the token datastore and retrieval drafts, their place i
 them lossless, greedy and sampled, on tiny random models."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from selfspec.drafters.early_exit import EarlyExitDrafter
 from selfspec.drafters.heads import HeadsDrafter
 from selfspec.drafters.layerskip import AdaptiveExit
 from selfspec.errors import DrafterError, InvalidParameterError, SelfspecError
