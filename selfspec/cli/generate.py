@@ -106,14 +106,23 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise SelfspecError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            return prompt_file.read_text()
+            return _utf8(prompt_file.read_bytes(), f"--prompt-file {prompt_file}")
         except OSError as e:
             raise SelfspecError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from None
     if prompt is not None:
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise SelfspecError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-    return sys.stdin.read()
+    return _utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    """Bytes read as a prompt, decoded; bytes that are not UTF-8 are a user error naming where."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SelfspecError(f"{what} is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                            f"({e.reason}); convert it, e.g. with iconv -t UTF-8") from None
 
 
 def _check_save_skip_config(drafter, path: Path) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, command, load, sampling_params, split_drafter
+from selfspec.errors import SelfspecError
 
 
 @command()
@@ -36,6 +37,7 @@ def serve(
     settings = ServerSettings(model_id=model.model, api_key=api_key or None, max_queue=max_queue,
                               request_timeout=request_timeout, max_body=max_body, defaults=defaults,
                               prefix_cache_mb=prefix_cache_mb)
+    check_bind(host, port)  # before minutes of loading
     m = load(model)
     options.update(dtype=model.dtype, threads=model.threads)
     # model_id: what clients pass as "model"; draft_choices: what a request (the playground) may pick
@@ -44,3 +46,27 @@ def serve(
     drafter = build_drafter(draft, m, **options)
     warm_up(m, drafter)
     run(m, drafter, settings, host=host, port=port)
+
+
+def check_bind(host: str, port: int) -> None:
+    """Bind (and release) a socket at host:port as uvicorn will, so that a bad port, an unknown
+    host or a port in use is one error line now, not a traceback after the model has loaded."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise SelfspecError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise SelfspecError(f"--host {host!r} is not an address of this machine: {getattr(e, 'strerror', e)}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SelfspecError(f"port {port} on {host} is already in use (another server?); choose another "
+                                    f"with --port") from None
+            raise SelfspecError(f"cannot listen on {host}:{port}: {e.strerror}") from None

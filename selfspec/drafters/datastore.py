@@ -221,6 +221,10 @@ def build_store(tokenizer, model_name: str, files: list[Path], progress: Callabl
         if sum(map(len, batch)) >= BATCH_CHARS:
             flush()
     flush()
+    if not any(docs):
+        named = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        raise SelfspecError(f"no text to index in the corpus ({len(files)} files): "
+                            + (f"not UTF-8 or unreadable, skipped: {named}" if skipped else "every file is empty"))
     t1 = time.perf_counter()
     meta = {"model": model_name, "tokenizer_sha256": tokenizer_identity(tokenizer),
             "vocab_size": len(tokenizer), "files": len(files) - len(skipped), "skipped_files": skipped[:20],
@@ -259,6 +263,11 @@ def build_command(model: str, paths: list[Path], out: Path) -> dict:
     tokenizer, name = load_tokenizer(model)
     with Bar("tokenizing (KiB)") as bar:
         store = build_store(tokenizer, name, files, lambda done, total: bar.update(completed=done >> 10, total=total >> 10))
+    skipped = store.meta["skipped_files"]
+    if skipped:
+        more = store.meta["n_skipped"] - len(skipped)
+        print(f"skipped {store.meta['n_skipped']} files that are not UTF-8 text: {', '.join(skipped)}"
+              + (f" and {more} more" if more else ""), file=sys.stderr)
     store.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
     store.save(out)
     m = store.meta

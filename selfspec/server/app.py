@@ -116,6 +116,9 @@ class Server:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # e.g. 200k nested `[`: a client's fault, not ours
+            raise ApiError(400, "the request body is not valid JSON: it is nested too deeply",
+                           code="invalid_json") from None
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model_id:
@@ -147,13 +150,20 @@ class Server:
             raise ApiError(400, f"the {param} is empty; give at least one token of text", param=param)
         room = model.ctx_size - len(ids)
         wanted = req.requested_tokens
+        if room < 1:  # whatever max_tokens is (or is not) given
+            raise ApiError(400, f"the {param} {'are' if chat else 'is'} {len(ids)} tokens, but the model's context is {model.ctx_size} "
+                                f"tokens and must leave room for at least 1 new token; shorten the {param} "
+                                f"to at most {model.ctx_size - 1} tokens", param=param, code="context_length_exceeded")
         if wanted is None:
             wanted = settings.completion_max_tokens if not chat else room
-        if room < 1 or wanted > room:
-            raise ApiError(400, f"this request needs {len(ids)} prompt tokens + max_tokens {wanted} = "
+            if wanted > room:  # the default of /v1/completions: what fits
+                wanted = room
+        if wanted > room:
+            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+            raise ApiError(400, f"this request needs {len(ids)} prompt tokens + {name} {wanted} (as sent) = "
                                 f"{len(ids) + wanted} tokens, but the model's context is {model.ctx_size} "
-                                f"tokens; shorten the {param} or lower max_tokens",
-                           param=param if room < 1 else "max_tokens", code="context_length_exceeded")
+                                f"tokens: at most {room} new tokens fit after this {param}; lower {name} "
+                                f"or shorten the {param}", param=name, code="context_length_exceeded")
         drafter = self.drafter_for(req.selfspec.draft if req.selfspec is not None else None)
         try:
             return stream(model, ids, drafter=drafter, sampling=sampling, max_new_tokens=wanted,
