@@ -77,8 +77,11 @@ def search(
             f"{result.tokens_per_s:.1f} tok/s vs plain {result.baseline_tokens_per_s:.1f} "
             f"({c.search['speedup']:.2f}x, tau {c.search['tau']:.2f}); wrote {out}")
     print(line, file=sys.stderr)
+    if result.warning:
+        print(f"WARNING: {result.warning}", file=sys.stderr)
     if as_json:
-        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out)}) + "\n")
+        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out),
+                                     "warning": result.warning}) + "\n")
 
 
 def _search_bits(draft: str, draft_bits: int | None) -> int | None:
