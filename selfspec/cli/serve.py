@@ -19,6 +19,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for the one generation worker; more get 429.")] = 8,
     request_timeout: Annotated[float, typer.Option(help="Seconds from arrival to the last token, queueing included; then 504 (or an error event mid-stream).")] = 300.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes; more gets 413.")] = 1 << 20,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="A web page origin (e.g. http://localhost:3000, or *) that may call /v1 from a browser besides the server's own playground; repeat for several. Requests with another Origin header get 403; requests without one (curl, SDKs) are not affected.")] = None,
     prefix_cache_mb: Annotated[int, typer.Option(help="Memory for the KV of recent sequences: a request sharing a prompt prefix with one of them (a conversation's next turn, a common system prompt) processes only the rest. 0 = off.")] = 512,
     sampling=SAMPLING,
     drafter=DRAFTER("draft", "skip_config", "draft_bits", "max_draft", "draft_model", "ngram_mode", "datastore",
@@ -36,7 +37,7 @@ def serve(
     draft, options = split_drafter(drafter, model.model, datastore_check=False)
     settings = ServerSettings(model_id=model.model, api_key=api_key or None, max_queue=max_queue,
                               request_timeout=request_timeout, max_body=max_body, defaults=defaults,
-                              prefix_cache_mb=prefix_cache_mb)
+                              prefix_cache_mb=prefix_cache_mb, cors_origins=tuple(cors_origin or ()))
     check_bind(host, port)  # before minutes of loading
     m = load(model)
     options.update(dtype=model.dtype, threads=model.threads)
