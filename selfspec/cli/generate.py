@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, Json, command, load, sampling_params, split_drafter
+from selfspec.cli.options import (DRAFTER, MODEL, SAMPLING, Json, check_max_new_tokens, command, load, sampling_params,
+                                  split_drafter)
 from selfspec.errors import SelfspecError
 
 
@@ -30,16 +31,18 @@ def generate(
     as_json: Json = False,
 ) -> None:
     """Generate text, streaming it as it is decoded."""
-    from selfspec.drafters.factory import build_drafter
-    from selfspec.generation import check_request, stream
-
+    check_max_new_tokens(max_new_tokens)
+    sampling = sampling_params(sampling)
+    draft, options = split_drafter(drafter, model.model)
+    if save_skip_config is not None and draft != "layer-skip":
+        raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
     text = _read_prompt(prompt, prompt_file)
     if not text.strip():
         raise SelfspecError("the prompt is empty; give some text")
-    sampling = sampling_params(sampling)
-    draft, options = split_drafter(drafter, model.model)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise SelfspecError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+    # Every argument is checked; now torch and the model.
+    from selfspec.drafters.factory import build_drafter
+    from selfspec.generation import check_request, stream
+
     out = sys.stderr if as_json else sys.stdout
     m = load(model, compile=compile)
     if compile:

@@ -29,16 +29,16 @@ def serve(
     /v1/models, /health, /metrics). The sampling flags set the defaults of requests that omit them."""
     from dataclasses import replace
 
-    from selfspec.drafters.factory import build_drafter
-    from selfspec.server.app import ServerSettings, choosable_drafts, run, warm_up
-
     defaults = sampling_params(sampling)
     # no --datastore check: a request may pick retrieval or auto, which use it
     draft, options = split_drafter(drafter, model.model, datastore_check=False)
+    check_bind(host, port)  # before minutes of loading
+    from selfspec.drafters.factory import build_drafter
+    from selfspec.server.app import ServerSettings, choosable_drafts, run, warm_up
+
     settings = ServerSettings(model_id=model.model, api_key=api_key or None, max_queue=max_queue,
                               request_timeout=request_timeout, max_body=max_body, defaults=defaults,
                               prefix_cache_mb=prefix_cache_mb, cors_origins=tuple(cors_origin or ()))
-    check_bind(host, port)  # before minutes of loading
     m = load(model)
     options.update(dtype=model.dtype, threads=model.threads)
     # model_id: what clients pass as "model"; draft_choices: what a request (the playground) may pick

@@ -59,3 +59,51 @@ def test_datastore_build_without_decodable_files_is_refused(tmp_path):
     proc = run("datastore", "build", "--corpus", str(corpus), "--out", str(tmp_path / "store"))
     assert_user_error(proc, "blob.bin", "UTF-8")
     assert not (tmp_path / "store").exists()
+
+
+# ------------------------------------------------ refused before torch is imported, let alone a model
+BAD_ARGS = [
+    (["generate", "-p", "hi", "-n", "0"], "--max-new-tokens"),
+    (["generate", "-p", "hi", "--max-draft", "0"], "--max-draft"),
+    (["generate", "-p", "hi", "--draft", "quantized", "--draft-bits", "3"], "--draft-bits"),
+    (["generate", "-p", "hi", "--draft", "ngram", "--tree", "0"], "--tree"),
+    (["generate", "-p", "hi", "--draft", "layer-skip", "--skip-config", "/nope/skip.json"], "/nope/skip.json"),
+    (["generate", "-p", "hi", "--draft", "retrieval", "--datastore", "/nope/store"], "/nope/store"),
+    (["generate", "-p", "hi", "--gamma", "3"], "--gamma"),
+    (["generate", "-p", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "-p", "hi", "--threads", "0"], "--threads"),
+    (["generate", "-p", "hi", "--draft", "ngram", "--ngram-min", "4", "--ngram-max", "2"], "--ngram-min"),
+    (["chat", "-n", "0"], "--max-new-tokens"),
+    (["chat", "--temperature", "-1"], "temperature"),
+    (["serve", "--max-draft", "0"], "--max-draft"),
+    (["serve", "--port", "70000"], "--port"),
+    (["generate", "--help"], None),
+    (["chat", "--help"], None),
+    (["serve", "--help"], None),
+]
+
+PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from selfspec.cli.main import app
+out = []
+for args, _ in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, args)
+    out.append([r.exit_code, r.output.strip().splitlines()[-1] if r.output.strip() else "", "torch" in sys.modules])
+print(json.dumps(out))
+"""
+
+
+def test_argument_errors_and_help_never_import_torch():
+    """Issue 25: mistakes were reported after torch import and model load (12-45 s)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(BAD_ARGS)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for (args, needle), (code, last, torch_loaded) in zip(BAD_ARGS, json.loads(proc.stdout)):
+        assert not torch_loaded, f"{args} imported torch"
+        if needle is None:
+            assert code == 0, (args, last)
+        else:
+            assert code == 2 and last.startswith("error: ") and needle in last, (args, code, last)
