@@ -26,6 +26,7 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     sampling=SAMPLING,
     repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts of each category of the suite (a quick first try: --limit 1).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
     startup: Annotated[bool, typer.Option("--startup", help="Instead of methods on a suite: load time cold vs warm (weight cache emptied / present, fresh processes; --repeats warm loads, at least 3) and time to first token of turn 5 of a chat with and without prompt-prefix reuse (-n tokens per answer). Writes startup.json and startup.md.")] = False,
     as_json: Json = False,
@@ -40,7 +41,8 @@ def bench(
 
     specs = parse_methods(methods)
     settings = BenchSettings(suite=suite, methods=[s.text for s in specs], max_new_tokens=max_new_tokens,
-                             repeats=repeats, chat=chat, **vars(sampling), **vars(model))
+                             repeats=repeats, chat=chat, limit=limit, **vars(sampling), **vars(model))
+    settings.check()
     check_spec(model.model)
     results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
     print(console_summary(results) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)

@@ -55,8 +55,11 @@ def generate(
         _check_save_skip_config(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), chat=chat, system=system)
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
+        from selfspec.hardware import comparison_caveat, load_average
+
         for _ in stream(m, text, max_new_tokens=2, chat=chat, system=system):
             pass
+        loads = [load_average()]
     gen = stream(m, text, drafter=drafter, **kwargs)
     painter = None
     if show_drafts:
@@ -83,17 +86,22 @@ def generate(
                                  **show.estimate(result.stats, step)}
         drafts_line = show.summary_line(result.stats, step)
     if compare:
+        loads.append(load_average())
         plain = stream(m, text, drafter=None, **kwargs)
         for _ in plain:
             pass
+        loads.append(load_average())
         base = plain.result
+        caveat = comparison_caveat(loads, [result.stats.decode_seconds, base.stats.decode_seconds])
         speedup = result.stats.tokens_per_s / base.stats.tokens_per_s if base.stats.tokens_per_s else 0.0
         same = base.token_ids == result.token_ids
         report["compare"] = {"plain_tokens_per_s": base.stats.tokens_per_s, "speedup": speedup,
-                             "same_as_plain": same}
+                             "same_as_plain": same, "warning": caveat}
         line += f" | plain {base.stats.tokens_per_s:.1f} tok/s -> speedup {speedup:.2f}x, " + (
             "output identical to plain decoding" if same else "OUTPUT DIFFERS from plain decoding")
     print(line, file=sys.stderr)
+    if compare and caveat:
+        print(f"warning: {caveat}", file=sys.stderr)
     if painter is not None:
         print(drafts_line, file=sys.stderr)
     if save_skip_config is not None:

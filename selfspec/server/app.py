@@ -559,9 +559,13 @@ def choosable_drafts(model, skip_config=None) -> tuple[str, ...]:
 
 def warm_up(model, drafter) -> None:
     """The first forward passes pay one-off kernel set-up; pay it before the first client does."""
+    from selfspec.progress import Bar
+
     prompt = model.encode("Hello", chat=False) or [0]
-    for _ in stream(model, prompt, drafter=drafter, max_new_tokens=min(4, model.ctx_size - len(prompt))):
-        pass
+    n = min(4, model.ctx_size - len(prompt))
+    with Bar(f"warming up (draft {getattr(drafter, 'name', 'none')}; the first passes set up kernels)", n) as bar:
+        for _ in stream(model, prompt, drafter=drafter, max_new_tokens=n):
+            bar.advance()
 
 
 def log_to_stderr() -> None:
