@@ -2,6 +2,7 @@
 each turn processes only the new message."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated, Optional, TextIO
 
@@ -12,6 +13,7 @@ from selfspec.cli.options import (DRAFTER, MODEL, SAMPLING, check_max_new_tokens
 from selfspec.errors import SelfspecError
 
 HELP = "/reset starts over, /stats shows the last turn's numbers, /exit or Ctrl-D quits; Ctrl-C stops an answer."
+COMMANDS = ("/reset", "/stats", "/help", "/?", "/exit", "/quit")
 
 
 def run(session, out: TextIO = sys.stdout) -> int:
@@ -46,6 +48,12 @@ def run(session, out: TextIO = sys.stdout) -> int:
             continue
         if text.startswith("/") and text.split()[0] in ("/help", "/?"):
             print(HELP, file=out, flush=True)
+            continue
+        if text.startswith("//"):  # a message that starts with a slash
+            line = text[1:]
+        elif re.fullmatch(r"/[A-Za-z?]\w*", text.split()[0]):  # not sent to the model
+            print(f"unknown command {text.split()[0]}; commands: {', '.join(COMMANDS)} (start a message with "
+                  f"// to send one that begins with /)", file=out, flush=True)
             continue
         answer = session.ask(line)
         try:

@@ -182,11 +182,24 @@ def load(v: SimpleNamespace, **extra):
 
 
 def table(*columns: str, rows, title: str | None = None) -> None:
-    """Print a rich table of `rows` (tuples of strings)."""
+    """Print a table of `rows` (tuples of strings), never cutting a value: a rich table on a
+    terminal (the first column, names, never wrapped; long values folded onto more lines), plain
+    space-aligned columns into a pipe or a file (whole lines, however wide)."""
+    rows = [tuple(r) for r in rows]
+    if not sys.stdout.isatty():
+        widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
+        if title:
+            print(title)
+        for r in (columns, *rows):
+            print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(*columns, title=title)
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        first = max(len(str(x)) for x in (c, *(r[0] for r in rows))) if i == 0 else None
+        t.add_column(c, no_wrap=i == 0, min_width=first, overflow="fold")
     for r in rows:
         t.add_row(*r)
     Console().print(t)

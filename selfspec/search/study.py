@@ -260,7 +260,7 @@ class SearchResult:
         if objective["value"] > 0 and speedup > 1.0 and tau > 1.0:
             return None
         why = (f"{objective['name']} {objective['value']:.4g}, tau {tau:.2f}, {speedup:.2f}x plain decoding")
-        return (f"the written skip config is NO BETTER THAN PLAIN DECODING ({why} after {self.trials} trials); "
+        return (f"the written skip config is NO BETTER THAN PLAIN DECODING ({why} after {self.trials} trial{'' if self.trials == 1 else 's'}); "
                 "--draft layer-skip with it would be slower: run more --trials (40 or more), or lower "
                 "--skip-fraction / --max-skip-fraction")
 

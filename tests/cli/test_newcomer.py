@@ -107,3 +107,90 @@ def test_argument_errors_and_help_never_import_torch():
             assert code == 0, (args, last)
         else:
             assert code == 2 and last.startswith("error: ") and needle in last, (args, code, last)
+
+
+# ------------------------------------------------------------------------------ small things
+def test_chat_unknown_command_is_not_sent_to_the_model(monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from selfspec.cli import chat
+
+    asked = []
+    session = SimpleNamespace(templated=True, model=SimpleNamespace(name="m"), drafter=None,
+                              ask=lambda line: asked.append(line) or iter(["ok"]))
+    lines = iter(["/bogus", "//bogus is a path", "hello"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    out = io.StringIO()
+    assert chat.run(session, out) == 0
+    text = out.getvalue()
+    assert "unknown command /bogus" in text and "/reset" in text and "/exit" in text
+    assert asked == ["/bogus is a path", "hello"]
+
+
+def test_every_drafter_is_listed_in_chat_and_generate_help():
+    from typer.testing import CliRunner
+
+    from selfspec.cli.main import app
+    from selfspec.drafters.factory import DRAFTS
+
+    for command in ("generate", "chat", "serve"):
+        out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output
+        assert all(d in out for d in DRAFTS), (command, out)
+
+
+def test_old_early_exit_kind_name_still_works(tmp_path):
+    from selfspec.train.kinds import KINDS, canonical_kind
+
+    assert "early-exit" in KINDS and "early-exit-adapter" not in KINDS
+    assert canonical_kind("early-exit-adapter") == "early-exit"
+    proc = run("train-drafter", "--kind", "early-exit-adapter", "--heads", "2", "--out", str(tmp_path / "d"))
+    assert "note: --kind early-exit-adapter is now called early-exit" in proc.stderr
+    assert_user_error(proc, "--heads is for --kind medusa or hydra")
+
+
+def test_models_never_truncates_names_in_a_pipe():
+    from selfspec.models.registry import REGISTRY
+
+    proc = subprocess.run([sys.executable, "-m", "selfspec.cli.main", "models"], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "COLUMNS": "40"})
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
+    for alias in REGISTRY:
+        assert alias in proc.stdout
+
+
+def test_models_never_truncates_names_on_a_narrow_terminal(monkeypatch, capsys):
+    from selfspec.cli import options
+    from selfspec.models.registry import REGISTRY
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True, raising=False)
+    monkeypatch.setenv("COLUMNS", "40")
+    options.table("alias", "file", rows=[(a, "/a/very/long/path/" * 4) for a in REGISTRY])
+    out = capsys.readouterr().out
+    assert "…" not in out and all(a in out for a in REGISTRY)
+
+
+def test_plurals():
+    from selfspec.errors import plural
+
+    assert plural(1, "prompt") == "1 prompt" and plural(2, "prompt") == "2 prompts"
+
+
+def test_one_waiting_request_is_singular():
+    import asyncio
+
+    from selfspec.server.api import ApiError
+    from selfspec.server.worker import Metrics, Worker
+
+    worker = Worker(1, Metrics(lambda: 0))
+    worker.jobs.put_nowait(object())
+    with pytest.raises(ApiError, match="1 request is already waiting"):
+        worker.submit(object())
