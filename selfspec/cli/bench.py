@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.cli.options import MODEL, SAMPLING, Json, command
-from selfspec.drafters.factory import BENCH_DEFAULT
+from selfspec.drafters.factory import ALIASES, BENCH_DEFAULT, DRAFTS, ENGINES
 from selfspec.models.registry import check_spec
 
 
@@ -18,8 +18,8 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model=MODEL,
     suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
-                                              "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods: {', '.join(DRAFTS + ENGINES)} (aliases: "
+                                              f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}); options as "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
                                               "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
