@@ -32,9 +32,14 @@ class Bar:
             self._show()
         return self
 
+    _live = None  # the rich Progress on the terminal: a bar started inside another joins it as a row
+
     def _show(self) -> None:
         self._shown = True
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and Bar._live is not None:  # nested (a load inside a search): one more row
+            self._rich, self._owner = Bar._live, False
+            self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
+        elif sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -43,13 +48,17 @@ class Bar:
                                   TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("eta"),
                                   TimeRemainingColumn(), console=Console(stderr=True))
             self._rich.start()
+            Bar._live, self._owner = self._rich, True
             self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
         else:
             self._line(force=True)
 
     def __exit__(self, *exc) -> None:
-        if self._rich is not None:
+        if self._rich is not None and not self._owner:
+            self._rich.remove_task(self._task)
+        elif self._rich is not None:
             self._rich.stop()
+            Bar._live = None
         elif self.enabled and self._shown:
             self._line(force=True, end="done" if exc[0] is None else "stopped")
 

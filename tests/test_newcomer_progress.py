@@ -104,3 +104,18 @@ def test_bench_limit_keeps_the_first_prompts_of_each_category():
     assert limit_prompts(prompts, None) == prompts
     with pytest.raises(InvalidParameterError, match="--limit"):
         BenchSettings(limit=0).check()
+
+
+def test_a_bar_inside_another_on_a_terminal_joins_it(monkeypatch):
+    """On a terminal, rich allows one live display: a nested bar (quantising inside a search)
+    becomes a row of the outer one instead of raising."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with Bar("outer", total=2) as outer:
+        with Bar("inner", total=3) as inner:
+            inner.advance()
+            assert inner._rich is outer._rich and len(outer._rich.tasks) == 2
+        assert len(outer._rich.tasks) == 1
+        outer.advance()
+    assert Bar._live is None
