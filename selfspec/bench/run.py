@@ -121,7 +121,7 @@ class BenchSettings:
     limit: int | None = None  # the first N prompts of each category (a small first try)
 
     def sampling(self):
-        from selfspec.sampling import SamplingParams
+        from selfspec.sampling_params import SamplingParams
 
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed)

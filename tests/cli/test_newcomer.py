@@ -77,6 +77,7 @@ BAD_ARGS = [
     (["chat", "--temperature", "-1"], "temperature"),
     (["serve", "--max-draft", "0"], "--max-draft"),
     (["serve", "--port", "70000"], "--port"),
+    (["bench", "-o", "/tmp/selfspec-never-written", "--limit", "0"], "--limit"),
     (["generate", "--help"], None),
     (["chat", "--help"], None),
     (["serve", "--help"], None),
