@@ -164,6 +164,8 @@ def check_study(storage, study_name: str, name: str, sha: str, key: dict, path=N
     except KeyError:
         return None
     attrs = study.user_attrs
+    if not attrs:  # another worker created it a moment ago and has not recorded its settings yet
+        return study
     if not _same_model(attrs.get("model_sha256"), name, sha, path):
         raise SearchError(
             f"study {study_name!r} was made for model {attrs.get('model')!r} (sha256 "
