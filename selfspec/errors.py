@@ -43,3 +43,8 @@ def require_extra(extra: str, *modules: str, what: str | None = None) -> None:
     if missing:
         raise MissingExtraError(f"{', '.join(missing)} not installed (needed for {what or 'this'}); "
                                 f"install the {extra!r} extra: pip install 'selfspec[{extra}]'")
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """`1 prompt`, `2 prompts` (`nouns`: an irregular plural) for user-facing messages."""
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"

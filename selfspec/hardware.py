@@ -163,3 +163,31 @@ def device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"device": str(device)}
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+
+
+def comparison_caveat(load_samples: list[float], seconds: list[float], min_seconds: float = 1.0) -> str | None:
+    """Why two timings taken one after the other (--compare) may not be comparable, or None: the
+    machine's 1-minute load average (os.getloadavg, sampled around the runs) rose above the number
+    of cores this process may use, or a run decoded for less than `min_seconds`."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    why = []
+    if load_samples and max(load_samples) > cores:
+        why.append(f"the machine's load average reached {max(load_samples):.1f} on {cores} cores: other "
+                   f"programs shared the CPU")
+    if seconds and min(seconds) < min_seconds:
+        why.append(f"a run decoded for only {min(seconds):.2f} s (use a larger -n)")
+    if not why:
+        return None
+    return "these timings are not comparable: " + "; ".join(why) + "; the speedup may be far off"
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (0.0 where the OS does not say)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0

@@ -14,20 +14,32 @@ import time
 
 class Bar:
     """`label`: what runs; `total`: steps (None: unknown); `fields`: a format string over the
-    keyword values given at start and on each update; `enabled=False`: reports nothing."""
+    keyword values given at start and on each update; `enabled=False`: reports nothing;
+    `delay`: show nothing unless the step is still running after that many seconds (at an
+    update), so that steps that are usually quick (a cached load) stay quiet."""
 
     def __init__(self, label: str, total: int | None = None, *, enabled: bool = True, fields: str = "",
-                 completed: int = 0, every: float = 5.0, **values) -> None:
+                 completed: int = 0, every: float = 5.0, delay: float = 0.0, **values) -> None:
         self.label, self.total, self.enabled, self.fields = label, total, enabled, fields
-        self.completed, self.values, self.every = completed, values, every
+        self.completed, self.values, self.every, self.delay = completed, values, every, delay
         self._rich = self._task = None
         self._t0 = self._last = 0.0
+        self._shown = False
 
     def __enter__(self) -> Bar:
-        if not self.enabled:
-            return self
         self._t0 = time.perf_counter()
-        if sys.stderr.isatty():
+        if self.enabled and self.delay <= 0:
+            self._show()
+        return self
+
+    _live = None  # the rich Progress on the terminal: a bar started inside another joins it as a row
+
+    def _show(self) -> None:
+        self._shown = True
+        if sys.stderr.isatty() and Bar._live is not None:  # nested (a load inside a search): one more row
+            self._rich, self._owner = Bar._live, False
+            self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
+        elif sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -36,15 +48,18 @@ class Bar:
                                   TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("eta"),
                                   TimeRemainingColumn(), console=Console(stderr=True))
             self._rich.start()
+            Bar._live, self._owner = self._rich, True
             self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
         else:
             self._line(force=True)
-        return self
 
     def __exit__(self, *exc) -> None:
-        if self._rich is not None:
+        if self._rich is not None and not self._owner:
+            self._rich.remove_task(self._task)
+        elif self._rich is not None:
             self._rich.stop()
-        elif self.enabled:
+            Bar._live = None
+        elif self.enabled and self._shown:
             self._line(force=True, end="done" if exc[0] is None else "stopped")
 
     def update(self, advance: int = 0, *, completed: int | None = None, total: int | None = None,
@@ -54,6 +69,10 @@ class Bar:
         self.total = total if total is not None else self.total
         self.label = label or self.label
         self.values.update(values)
+        if self.enabled and not self._shown:
+            if time.perf_counter() - self._t0 < self.delay:
+                return
+            self._show()
         if self._rich is not None:
             self._rich.update(self._task, completed=self.completed, total=self.total, description=self.label,
                               text=self._text())
@@ -67,7 +86,7 @@ class Bar:
         """A line of its own (above the bar on a terminal)."""
         if self._rich is not None:
             self._rich.console.print(text)
-        elif self.enabled:
+        elif self.enabled:  # a note is shown whatever the delay
             print(text, file=sys.stderr, flush=True)
 
     def _text(self) -> str:

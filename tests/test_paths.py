@@ -1,4 +1,4 @@
-"""paths.check_writable and the skip-config save check built on it."""
+"""paths.check_writable: an output file is checked before the work that fills it."""
 from __future__ import annotations
 
 import pytest
@@ -15,12 +15,3 @@ def test_check_writable_refuses_folders_and_missing_parents(tmp_path):
     with pytest.raises(InvalidParameterError, match="cannot write --save-skip-config"):
         check_writable(tmp_path / "no" / "skip.json", "--save-skip-config")
 
-
-def test_saving_a_skip_config_needs_a_layer_skip_drafter(tmp_path):
-    from selfspec.drafters.layerskip import LayerSkipDrafter, SkipConfig, check_saveable
-    from selfspec.drafters.ngram import NgramDrafter
-    from selfspec.errors import InvalidParameterError
-
-    check_saveable(LayerSkipDrafter(SkipConfig(model="m", n_layers=4, attention=(1,))), tmp_path / "s.json")
-    with pytest.raises(InvalidParameterError, match="--save-skip-config needs --draft layer-skip"):
-        check_saveable(NgramDrafter(), tmp_path / "s.json")

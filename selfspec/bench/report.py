@@ -75,7 +75,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
     sampling = "greedy" if st["temperature"] == 0 else (
         f"temperature {st['temperature']}, top-k {st['top_k']}, top-p {st['top_p']}, min-p {st['min_p']}, seed {st['seed']}")
     lines += [f"Machine: {mach.get('cpu')} ({', '.join(mach.get('flags', [])) or 'no SIMD flags read'}), "
-              f"{mach.get('threads')} threads, torch {mach.get('torch')}. Settings: {st['prompts']} prompts, "
+              f"{mach.get('threads')} threads, torch {mach.get('torch')}. Settings: {st['prompts']} prompt{'' if st['prompts'] == 1 else 's'}, "
               f"max {st['max_new_tokens']} new tokens per turn, {st['repeats']} repeat(s) (median), {sampling}, "
               f"dtype {st['dtype']}. Decode tokens/s exclude prefill; speedup is against `{plain}` "
               f"(our plain decoding) in this run.", ""]

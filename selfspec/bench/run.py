@@ -70,6 +70,19 @@ def load_suite(suite: str) -> list[Prompt]:
             for row in rows]
 
 
+def limit_prompts(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
+    """The first `limit` prompts of each category, in suite order (None: all)."""
+    if limit is None:
+        return prompts
+    seen: dict[str, int] = {}
+    kept = []
+    for p in prompts:
+        seen[p.category] = seen.get(p.category, 0) + 1
+        if seen[p.category] <= limit:
+            kept.append(p)
+    return kept
+
+
 class SuiteRow(Row):
     """A bench prompt: `{"id", "category", "prompt"}`, or `"turns": [...]` for a conversation."""
 
@@ -105,9 +118,10 @@ class BenchSettings:
     chat: bool | None = None
     warmup: bool = True
     device: str = "auto"  # run_bench resolves it (cpu or cuda:N) before any worker starts
+    limit: int | None = None  # the first N prompts of each category (a small first try)
 
     def sampling(self):
-        from selfspec.sampling import SamplingParams
+        from selfspec.sampling_params import SamplingParams
 
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
@@ -121,6 +135,8 @@ class BenchSettings:
                 raise InvalidParameterError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if self.threads is not None and self.threads < 1:
             raise InvalidParameterError(f"--threads must be >= 1, got {self.threads}")
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise InvalidParameterError(f"--limit must be >= 1 (prompts per category), got {self.limit!r}")
         specs = [parse_method(m) for m in self.methods]
         labels = [s.text for s in specs]
         dup = {x for x in labels if labels.count(x) > 1}
@@ -468,7 +484,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
         specs.remove(base)
         specs.insert(0, base)
     settings.methods = [s.text for s in specs]
-    prompts = load_suite(settings.suite)
+    prompts = limit_prompts(load_suite(settings.suite), settings.limit)
     out_dir = Path(out_dir)
     _prepare_out(out_dir)
     if settings.threads is None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.cli.options import MODEL, SAMPLING, Json, command
-from selfspec.drafters.factory import BENCH_DEFAULT
+from selfspec.drafters.factory import ALIASES, BENCH_DEFAULT, DRAFTS, ENGINES
 from selfspec.models.registry import check_spec
 
 
@@ -18,14 +18,15 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model=MODEL,
     suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
-                                              "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods: {', '.join(DRAFTS + ENGINES)} (aliases: "
+                                              f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}); options as "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
                                               "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
     sampling=SAMPLING,
     repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts of each category of the suite (a quick first try: --limit 1).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
     startup: Annotated[bool, typer.Option("--startup", help="Instead of methods on a suite: load time cold vs warm (weight cache emptied / present, fresh processes; --repeats warm loads, at least 3) and time to first token of turn 5 of a chat with and without prompt-prefix reuse (-n tokens per answer). Writes startup.json and startup.md.")] = False,
     as_json: Json = False,
@@ -40,7 +41,8 @@ def bench(
 
     specs = parse_methods(methods)
     settings = BenchSettings(suite=suite, methods=[s.text for s in specs], max_new_tokens=max_new_tokens,
-                             repeats=repeats, chat=chat, **vars(sampling), **vars(model))
+                             repeats=repeats, chat=chat, limit=limit, **vars(sampling), **vars(model))
+    settings.check()
     check_spec(model.model)
     results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))
     print(console_summary(results) + f"\nreport: {Path(out) / 'report.md'}", file=sys.stderr if as_json else sys.stdout)

@@ -2,15 +2,18 @@
 each turn processes only the new message."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated, Optional, TextIO
 
 import typer
 
-from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, command, load, sampling_params, split_drafter
+from selfspec.cli.options import (DRAFTER, MODEL, SAMPLING, check_max_new_tokens, command, load, sampling_params,
+                                  split_drafter)
 from selfspec.errors import SelfspecError
 
 HELP = "/reset starts over, /stats shows the last turn's numbers, /exit or Ctrl-D quits; Ctrl-C stops an answer."
+COMMANDS = ("/reset", "/stats", "/help", "/?", "/exit", "/quit")
 
 
 def run(session, out: TextIO = sys.stdout) -> int:
@@ -46,6 +49,12 @@ def run(session, out: TextIO = sys.stdout) -> int:
         if text.startswith("/") and text.split()[0] in ("/help", "/?"):
             print(HELP, file=out, flush=True)
             continue
+        if text.startswith("//"):  # a message that starts with a slash
+            line = text[1:]
+        elif re.fullmatch(r"/[A-Za-z?]\w*", text.split()[0]):  # not sent to the model
+            print(f"unknown command {text.split()[0]}; commands: {', '.join(COMMANDS)} (start a message with "
+                  f"// to send one that begins with /)", file=out, flush=True)
+            continue
         answer = session.ask(line)
         try:
             for piece in answer:
@@ -71,13 +80,12 @@ def chat(
 ) -> None:
     """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
     conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
-    from selfspec.chat import ChatSession
-    from selfspec.drafters.factory import build_drafter
-
+    check_max_new_tokens(max_new_tokens)
     sampling = sampling_params(sampling)
     draft, options = split_drafter(drafter, model.model)
-    if max_new_tokens < 1:
-        raise SelfspecError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    from selfspec.chat import ChatSession  # torch: only once every argument is checked
+    from selfspec.drafters.factory import build_drafter
+
     m = load(model)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
     session = ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system, chat=chat_template)

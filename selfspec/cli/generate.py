@@ -8,8 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, Json, command, load, sampling_params, split_drafter
+from selfspec.cli.options import (DRAFTER, MODEL, SAMPLING, Json, check_max_new_tokens, command, load, sampling_params,
+                                  split_drafter)
 from selfspec.errors import SelfspecError
+from selfspec.paths import check_writable
 
 
 @command(interrupted="interrupted")
@@ -30,16 +32,20 @@ def generate(
     as_json: Json = False,
 ) -> None:
     """Generate text, streaming it as it is decoded."""
-    from selfspec.drafters.factory import build_drafter
-    from selfspec.generation import check_request, stream
-
+    check_max_new_tokens(max_new_tokens)
+    sampling = sampling_params(sampling)
+    draft, options = split_drafter(drafter, model.model)
+    if save_skip_config is not None:
+        if draft != "layer-skip":
+            raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
+        check_writable(save_skip_config, "--save-skip-config")
     text = _read_prompt(prompt, prompt_file)
     if not text.strip():
         raise SelfspecError("the prompt is empty; give some text")
-    sampling = sampling_params(sampling)
-    draft, options = split_drafter(drafter, model.model)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise SelfspecError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+    # Every argument is checked; now torch and the model.
+    from selfspec.drafters.factory import build_drafter
+    from selfspec.generation import check_request, stream
+
     out = sys.stderr if as_json else sys.stdout
     m = load(model, compile=compile)
     if compile:
@@ -49,12 +55,13 @@ def generate(
     ids = m.encode(text, chat=chat, system=system)  # tokenised once, for every run below
     check_request(m, ids, max_new_tokens)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
-    if save_skip_config is not None:
-        check_saveable(drafter, save_skip_config)
     kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or ())
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
+        from selfspec.hardware import comparison_caveat, load_average
+
         for _ in stream(m, ids, max_new_tokens=2):
             pass
+        loads = [load_average()]
     gen = stream(m, ids, drafter=drafter, **kwargs)
     painter = None
     if show_drafts:
@@ -81,17 +88,22 @@ def generate(
                                  **show.estimate(result.stats, step)}
         drafts_line = show.summary_line(result.stats, step)
     if compare:
+        loads.append(load_average())
         plain = stream(m, ids, drafter=None, **kwargs)
         for _ in plain:
             pass
+        loads.append(load_average())
         base = plain.result
+        caveat = comparison_caveat(loads, [result.stats.decode_seconds, base.stats.decode_seconds])
         speedup = result.stats.tokens_per_s / base.stats.tokens_per_s if base.stats.tokens_per_s else 0.0
         same = base.token_ids == result.token_ids
         report["compare"] = {"plain_tokens_per_s": base.stats.tokens_per_s, "speedup": speedup,
-                             "same_as_plain": same}
+                             "same_as_plain": same, "warning": caveat}
         line += f" | plain {base.stats.tokens_per_s:.1f} tok/s -> speedup {speedup:.2f}x, " + (
             "output identical to plain decoding" if same else "OUTPUT DIFFERS from plain decoding")
     print(line, file=sys.stderr)
+    if compare and caveat:
+        print(f"warning: {caveat}", file=sys.stderr)
     if painter is not None:
         print(drafts_line, file=sys.stderr)
     if save_skip_config is not None:
@@ -107,11 +119,21 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise SelfspecError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            return prompt_file.read_text()
+            return _utf8(prompt_file.read_bytes(), f"--prompt-file {prompt_file}")
         except OSError as e:
             raise SelfspecError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from None
     if prompt is not None:
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise SelfspecError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-    return sys.stdin.read()
+    return _utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    """Bytes read as a prompt, decoded; bytes that are not UTF-8 are a user error naming where."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SelfspecError(f"{what} is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                            f"({e.reason}); convert it, e.g. with iconv -t UTF-8") from None
+

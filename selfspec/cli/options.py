@@ -17,7 +17,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from selfspec.drafters.factory import DEFAULT_DRAFT, DRAFTS, TRAINED
+from selfspec.drafters.factory import DEFAULT_DRAFT, DRAFTS, TRAINED, check_options
 from selfspec.errors import SelfspecError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -109,6 +109,9 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
             args = {n: kw.pop(n) for n in list(kw) if not any(n in g for g in groups.values())}
             args.update({g: SimpleNamespace(**{n: kw[n] for n in ns}) for g, ns in groups.items()})
             try:
+                for values in args.values():  # each group's own checks, before the command body
+                    if isinstance(values, SimpleNamespace):
+                        _check_group(values)
                 return func(**args)
             except SelfspecError as e:
                 typer.echo(f"error: {e}", err=True)
@@ -127,9 +130,18 @@ def command(interrupted: str | Callable[[dict], str] | None = None):
     return decorate
 
 
+def _check_group(v: SimpleNamespace) -> None:
+    """The checks that need no model (and no torch) of a group's options."""
+    names = vars(v)
+    if "threads" in names or "ctx_size" in names:
+        check_model_options(v)
+    if "temperature" in names:
+        sampling_params(v)
+
+
 def sampling_params(v: SimpleNamespace):
     """The SamplingParams of the SAMPLING options (checked there)."""
-    from selfspec.sampling import SamplingParams
+    from selfspec.sampling_params import SamplingParams
 
     return SamplingParams(temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, min_p=v.min_p,
                           repetition_penalty=v.repetition_penalty, seed=v.seed)
@@ -143,7 +155,22 @@ def split_drafter(v: SimpleNamespace, model: str, *, datastore_check: bool = Tru
         raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
     if datastore_check and options.get("datastore") is not None and draft not in ("retrieval", "auto"):
         raise SelfspecError(f"--datastore is for --draft retrieval (or auto), not {draft!r}")
+    if draft != "none":
+        check_options(draft, **options)  # before torch and the model
     return draft, options
+
+
+def check_model_options(v: SimpleNamespace) -> None:
+    """The MODEL options that can be checked before loading (the model spec itself is checked by
+    its loader, which knows the registry)."""
+    for flag, value in (("--threads", getattr(v, "threads", None)), ("--ctx-size", getattr(v, "ctx_size", None))):
+        if value is not None and value < 1:
+            raise SelfspecError(f"{flag} must be >= 1, got {value}")
+
+
+def check_max_new_tokens(n: int) -> None:
+    if n < 1:
+        raise SelfspecError(f"--max-new-tokens (-n) must be >= 1, got {n}")
 
 
 def load(v: SimpleNamespace, **extra):
@@ -155,11 +182,24 @@ def load(v: SimpleNamespace, **extra):
 
 
 def table(*columns: str, rows, title: str | None = None) -> None:
-    """Print a rich table of `rows` (tuples of strings)."""
+    """Print a table of `rows` (tuples of strings), never cutting a value: a rich table on a
+    terminal (the first column, names, never wrapped; long values folded onto more lines), plain
+    space-aligned columns into a pipe or a file (whole lines, however wide)."""
+    rows = [tuple(r) for r in rows]
+    if not sys.stdout.isatty():
+        widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
+        if title:
+            print(title)
+        for r in (columns, *rows):
+            print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(*columns, title=title)
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        first = max(len(str(x)) for x in (c, *(r[0] for r in rows))) if i == 0 else None
+        t.add_column(c, no_wrap=i == 0, min_width=first, overflow="fold")
     for r in rows:
         t.add_row(*r)
     Console().print(t)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from selfspec.cli.options import MODEL, SAMPLING, Json, command, load, sampling_params
-from selfspec.errors import SelfspecError
+from selfspec.errors import SelfspecError, plural
 from selfspec.models.registry import check_spec
 from selfspec.progress import Bar
 
@@ -67,18 +67,21 @@ def search(
     texts, source = ss.calibration_prompts(prompts, suite)
     ss.check_spec_study(ss.open_storage(url), study_name, model.model)  # before minutes of loading
     m = load(model)
-    with Bar(f"measuring plain decoding on {len(texts)} calibration prompts ({source})", trials,
+    with Bar(f"measuring plain decoding on {plural(len(texts), 'calibration prompt')} ({source})", trials,
              fields="last {last}, best {best}, skip {skip} {note}", last="-", best="-", skip="-", note="") as bar:
         result = ss.run_search(m, texts, settings, params, out=out, storage=url, study_name=study_name,
                                prompts_source=source, on_progress=lambda p: _show(bar, p))
     c = result.config
-    line = (f"best of {result.trials} trials ({result.ran} run now), study {result.study_name!r}: {objective} "
+    line = (f"best of {plural(result.trials, 'trial')} ({result.ran} run now), study {result.study_name!r}: {objective} "
             f"{c.objective['value']:.4g}; skips {len(c.attention)} attention + {len(c.mlp)} MLP sub-layers; "
             f"{result.tokens_per_s:.1f} tok/s vs plain {result.baseline_tokens_per_s:.1f} "
             f"({c.search['speedup']:.2f}x, tau {c.search['tau']:.2f}); wrote {out}")
     print(line, file=sys.stderr)
+    if result.warning:
+        print(f"WARNING: {result.warning}", file=sys.stderr)
     if as_json:
-        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out)}) + "\n")
+        sys.stdout.write(json.dumps({"config": json.loads(c.to_json()), "out": str(out),
+                                     "warning": result.warning}) + "\n")
 
 
 def _search_bits(draft: str, draft_bits: int | None) -> int | None:

@@ -14,9 +14,9 @@ from selfspec.cli.options import MODEL, Json, command
 @command(interrupted=lambda a: f"interrupted; continue with --resume (checkpoint in {a['out'] / 'checkpoint'})")
 def train_drafter(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for drafter.safetensors + drafter.json (and checkpoint/).")],
-    kind: Annotated[str, typer.Option(help="early-exit-adapter (Kangaroo: first L layers + a trained adapter) | medusa (K heads on the last hidden state) | hydra (heads that also see the drafted tokens).")],
+    kind: Annotated[str, typer.Option(help="early-exit (Kangaroo: first L layers + a trained adapter; the old name early-exit-adapter still works) | medusa (K heads on the last hidden state) | hydra (heads that also see the drafted tokens).")],
     model=MODEL("model", "dtype", "threads", "ctx_size", dtype="fp32"),
-    exit_layer: Annotated[Optional[int], typer.Option(help="early-exit-adapter: layers the draft runs (default about n_layers/6).")] = None,
+    exit_layer: Annotated[Optional[int], typer.Option(help="early-exit: layers the draft runs (default about n_layers/6).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="medusa/hydra: heads, i.e. the longest draft (default 4).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="JSONL of {\"prompt\": ...} rows (continued by the model) and/or {\"text\": ...} rows (used as they are). Default: the shipped calibration and distillation prompts (48; never the bench suites).")] = None,
     self_distill: Annotated[Optional[int], typer.Option(help="Sequences the model generates from the prompts (cycled; the first pass greedy, later ones sampled). Default 48.")] = None,
@@ -32,6 +32,11 @@ def train_drafter(
     as_json: Json = False,
 ) -> None:
     """Train a drafter on the model's own generations (self-distillation; the backbone stays frozen)."""
+    from selfspec.drafters.trained.kinds import RENAMED
+
+    if kind in RENAMED:
+        print(f"note: --kind {kind} is now called {RENAMED[kind]} (the --draft name); the old name still works",
+              file=sys.stderr)
     from selfspec.train.loop import TrainSettings
     from selfspec.train.run import train_drafter as run
 

@@ -132,11 +132,15 @@ def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = Tru
     cache = tr.new_cache(context + max_k + 1)
     vocab = model.config.vocab_size
     ids = torch.arange(context + max_k + 1, dtype=torch.long, device=tr.device) % vocab
-    with torch.inference_mode():
+    from selfspec.progress import Bar
+
+    with torch.inference_mode(), Bar(f"measuring forward-pass costs for drafting (once per model, context and "
+                                     f"thread count)", (repeats + 1) * (max_k + 1), delay=1.0) as bar:
         tr.forward(ids[:context], 0, cache, last_only=True)
         times: list[list[float]] = [[] for _ in range(max_k + 1)]
         for rep in range(repeats + 1):
             for k in range(max_k + 1):
+                bar.advance()
                 synchronize(tr.device)
                 t = time.perf_counter()
                 tr.forward(ids[context: context + k + 1], context, cache)

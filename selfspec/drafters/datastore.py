@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from selfspec.paths import atomic_output, atomic_write_json
-from selfspec.errors import SelfspecError
+from selfspec.errors import SelfspecError, plural
 
 FORMAT = 1
 BATCH_CHARS = 1 << 20  # text tokenized per call (and per progress update)
@@ -221,6 +221,10 @@ def build_store(tokenizer, model_name: str, files: list[Path], progress: Callabl
         if sum(map(len, batch)) >= BATCH_CHARS:
             flush()
     flush()
+    if not any(docs):
+        named = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        raise SelfspecError(f"no text to index in the corpus ({plural(len(files), 'file')}): "
+                            + (f"not UTF-8 or unreadable, skipped: {named}" if skipped else "every file is empty"))
     t1 = time.perf_counter()
     meta = {"model": model_name, "tokenizer_sha256": tokenizer_identity(tokenizer),
             "vocab_size": len(tokenizer), "files": len(files) - len(skipped), "skipped_files": skipped[:20],
@@ -259,10 +263,15 @@ def build_command(model: str, paths: list[Path], out: Path) -> dict:
     tokenizer, name = load_tokenizer(model)
     with Bar("tokenizing (KiB)") as bar:
         store = build_store(tokenizer, name, files, lambda done, total: bar.update(completed=done >> 10, total=total >> 10))
+    skipped = store.meta["skipped_files"]
+    if skipped:
+        more = store.meta["n_skipped"] - len(skipped)
+        print(f"skipped {plural(store.meta['n_skipped'], 'file')} that are not UTF-8 text: {', '.join(skipped)}"
+              + (f" and {more} more" if more else ""), file=sys.stderr)
     store.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
     store.save(out)
     m = store.meta
-    print(f"datastore {out}: {m['tokens']:,} tokens from {m['files']} files ({m['corpus_bytes'] / 2**20:.1f} MiB of "
+    print(f"datastore {out}: {m['tokens']:,} tokens from {plural(m['files'], 'file')} ({m['corpus_bytes'] / 2**20:.1f} MiB of "
           f"text, {m['n_skipped']} not UTF-8 skipped), {store.nbytes / 2**20:.1f} MiB on disk; built in "
           f"{m['build_seconds']:.1f} s (tokenize {m['tokenize_seconds']:.1f} s, suffix array "
           f"{m['index_seconds']:.2f} s)", file=sys.stderr)

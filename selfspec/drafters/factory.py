@@ -7,6 +7,7 @@ engines (`hf`, `hf-lookup`, `llama-cpp`, `llama-cpp-lookup`) that only `bench` r
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
@@ -81,6 +82,54 @@ def _number(text: str, key: str, value: str, kind):
         raise InvalidParameterError(f"option {key} of method {text!r} must be a number, got {value!r}") from None
 
 
+def check_options(draft: str, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9, epsilon=0.01,
+                  beta1=0.5, beta2=0.9, ngram_max=None, ngram_min=None, draft_bits=None, ngram_mode="lookup",
+                  datastore=None, tree=None, draft_vocab=None, drafter_weights=None, **_) -> None:
+    """Every drafter option that can be checked without the model (and without torch): the
+    command line calls it before loading anything, build_drafter again for library callers."""
+    from pathlib import Path
+
+    from selfspec.drafters.adaptive_exit import AdaptiveExit
+
+    if ngram_mode not in NGRAM_MODES:
+        raise InvalidParameterError(f"--ngram-mode must be one of {', '.join(NGRAM_MODES)}, got {ngram_mode!r}")
+    if draft_bits is not None:
+        if draft not in ("quantized", "auto"):
+            raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
+        if draft_bits not in (8, 4):
+            raise InvalidParameterError(f"--draft-bits must be 8 or 4, got {draft_bits}")
+    if tree is not None:
+        if tree < 1:
+            raise InvalidParameterError(f"--tree must be >= 1 (1 = one chain), got {tree}")
+        if tree != 1 and draft not in ("ngram", "retrieval"):
+            raise InvalidParameterError(f"--tree (token-tree drafts) is for --draft ngram or retrieval, not {draft!r}")
+    for flag, value, low in (("--max-draft", max_draft, 1), ("--ngram-max", ngram_max, 1),
+                             ("--ngram-min", ngram_min, 1), ("--draft-vocab", draft_vocab, 0)):
+        if value is not None and value < low:
+            raise InvalidParameterError(f"{flag} must be >= {low}, got {value}")
+    if ngram_min is not None and ngram_max is not None and ngram_min > ngram_max:
+        raise InvalidParameterError(f"--ngram-min ({ngram_min}) must not exceed --ngram-max ({ngram_max})")
+    AdaptiveExit(**({} if gamma is None else {"gamma": gamma}), alpha=alpha, epsilon=epsilon, beta1=beta1,
+                 beta2=beta2)  # checks their ranges
+    online = isinstance(skip_config, str) and skip_config.split(":", 1)[0] == "online"
+    if online and draft != "layer-skip":
+        raise InvalidParameterError(f"--skip-config online is for --draft layer-skip, not {draft!r}")
+    if isinstance(skip_config, (str, Path)) and not online:
+        path = Path(skip_config).expanduser()
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise SelfspecError(f"--skip-config {skip_config} is not a readable JSON file: {e}") from None
+        elif path.suffix == ".json" or "/" in str(skip_config) or path.is_dir():  # else: a shipped variant's name
+            raise SelfspecError(f"--skip-config {skip_config}: no such file (a skip-config JSON, e.g. from "
+                                f"`selfspec search --out`, or `online`)")
+    for flag, folder, how in (("--datastore", datastore, "`selfspec datastore build`"),
+                              ("--drafter-weights", drafter_weights, "`selfspec train-drafter --out`")):
+        if isinstance(folder, (str, Path)) and not Path(folder).expanduser().is_dir():
+            raise SelfspecError(f"{flag} {folder}: no such folder (one that {how} wrote)")
+
+
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=None, ngram_min=None,
                   draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None,
@@ -92,17 +141,12 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
     draft = ALIASES.get(draft, draft)
     if draft == "none":
         return None
-    if ngram_mode not in NGRAM_MODES:
-        raise InvalidParameterError(f"--ngram-mode must be one of {', '.join(NGRAM_MODES)}, got {ngram_mode!r}")
-    if draft_bits is not None and draft not in ("quantized", "auto"):
-        raise InvalidParameterError(f"--draft-bits is for --draft quantized (or auto), not {draft!r}")
-    if tree is not None and tree != 1 and draft not in ("ngram", "retrieval"):
-        raise InvalidParameterError(f"--tree (token-tree drafts) is for --draft ngram or retrieval, not {draft!r}")
+    check_options(draft, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha, epsilon=epsilon,
+                  beta1=beta1, beta2=beta2, ngram_max=ngram_max, ngram_min=ngram_min, draft_bits=draft_bits,
+                  ngram_mode=ngram_mode, datastore=datastore, tree=tree, draft_vocab=draft_vocab,
+                  drafter_weights=drafter_weights)
     sized = {} if max_draft is None else {"max_draft": max_draft}
     from selfspec.drafters.swift import is_online
-
-    if is_online(skip_config) and draft != "layer-skip":
-        raise InvalidParameterError(f"--skip-config online is for --draft layer-skip, not {draft!r}")
     if draft in TRAINED:
         return _trained_drafter(draft, model, drafter_weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive)
     if draft in ("auto", "layer-skip", "quantized"):

@@ -122,43 +122,7 @@ def shipped_config(alias: str, variant: str | None = None) -> SkipConfig | None:
     return SkipConfig.from_dict(json.loads(res.read_text()), source=f"shipped skip config for {alias}")
 
 
-@dataclass
-class AdaptiveExit:
-    """Adaptive draft-exiting of Draft & Verify (Sec. 3.3): stop drafting when the draft's top
-    probability falls below gamma, and move gamma after each round towards a target acceptance
-    rate alpha:
-        AR~ <- beta1 AR~ + (1 - beta1) AR_e
-        gamma~ <- gamma + eps if AR~ <= alpha else gamma - eps
-        gamma <- beta2 gamma + (1 - beta2) gamma~
-    Defaults follow the Draft & Verify code (gamma0 0.8 there, 0.6 in its evaluations; beta1 0.5,
-    alpha 0.9, eps 0.01, beta2 0.9). gamma and AR~ carry over between requests, as in its evaluation.
-    """
-
-    gamma: float = 0.6
-    alpha: float = 0.9
-    epsilon: float = 0.01
-    beta1: float = 0.5
-    beta2: float = 0.9
-    adaptive: bool = True
-    smoothed_ar: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("gamma", "alpha", "beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise InvalidParameterError(f"--{name} must be in [0, 1], got {v}")
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise InvalidParameterError(f"--epsilon must be in [0, 1], got {self.epsilon}")
-        if self.smoothed_ar is None:
-            self.smoothed_ar = self.alpha
-
-    def update(self, accepted: int, proposed: int, hit_max: bool) -> None:
-        if not self.adaptive or proposed == 0 or hit_max:
-            return
-        ar = accepted / proposed
-        self.smoothed_ar = self.beta1 * self.smoothed_ar + (1 - self.beta1) * ar
-        step = self.epsilon if self.smoothed_ar <= self.alpha else -self.epsilon
-        self.gamma = self.beta2 * self.gamma + (1 - self.beta2) * (self.gamma + step)
+from selfspec.drafters.adaptive_exit import AdaptiveExit  # noqa: E402,F401 (torch-free; re-exported)
 
 
 AUTO_DRAFT_VOCAB = 32768
@@ -281,11 +245,3 @@ class LayerSkipDrafter(Drafter):
             stats["draft_extra_mb"] = round(extra_weight_bytes(self._draft[1], self._draft[0]) / 2**20, 1)
         return stats
 
-
-def check_saveable(drafter, path: Path, flag: str = "--save-skip-config") -> None:
-    """Before generating: saving a skip config needs a layer-skip drafter and a writable file."""
-    from selfspec.paths import check_writable
-
-    if not isinstance(getattr(drafter, "config", None), SkipConfig) or drafter.name != "layer-skip":
-        raise InvalidParameterError(f"{flag} needs --draft layer-skip (e.g. with --skip-config online)")
-    check_writable(path, flag)

@@ -259,6 +259,7 @@ def _build_state(config: ModelConfig, src: TensorSource, dtype: torch.dtype,
     """Dequantised source tensors -> the decoder's tensors: q/k/v and gate/up fused, cast to
     `dtype`, linears quantised when `weight_bits` is set. Checks every shape against the config."""
     from selfspec.models.quant import HEAD_BITS, quantized_linear
+    from selfspec.progress import Bar
 
     state: State = {}
 
@@ -281,29 +282,32 @@ def _build_state(config: ModelConfig, src: TensorSource, dtype: torch.dtype,
     embed = get("embed")
     _check_shape("embed", embed, (c.vocab_size, c.hidden))
     state["embed"] = cast(embed)
-    for i in range(c.n_layers):
-        p = f"L{i}."
-        wq, wk, wv = get(p + "wq"), get(p + "wk"), get(p + "wv")
-        _check_shape(p + "wq", wq, (c.n_heads * c.head_dim, c.hidden))
-        _check_shape(p + "wk", wk, (c.n_kv_heads * c.head_dim, c.hidden))
-        biases = [get(p + b, required=c.qkv_bias) for b in ("bq", "bk", "bv")]
-        bqkv = torch.cat(biases) if c.qkv_bias else None
-        gate, up = get(p + "w_gate"), get(p + "w_up")
-        _check_shape(p + "w_gate", gate, (c.intermediate, c.hidden))
-        b_gate, b_up = get(p + "b_gate", required=False), get(p + "b_up", required=False)
-        if (b_gate is None) != (b_up is None):
-            raise ModelLoadError(f"layer {i} has a bias on only one of the gate and up projections")
-        b_gate_up = None if b_gate is None else torch.cat((b_gate, b_up))
-        state[p + "attn_norm"] = get(p + "attn_norm").float().contiguous()
-        linear(p + "wqkv", torch.cat((wq, wk, wv)), bqkv, weight_bits)
-        linear(p + "wo", get(p + "wo"), get(p + "bo", required=False), weight_bits)
-        state[p + "ffn_norm"] = get(p + "ffn_norm").float().contiguous()
-        linear(p + "w_gate_up", torch.cat((gate, up)), b_gate_up, weight_bits)
-        linear(p + "w_down", get(p + "w_down"), get(p + "b_down", required=False), weight_bits)
-        for n in _OPTIONAL_NORMS:
-            t = get(p + n, required=False)
-            if t is not None:
-                state[p + n] = cast(t).float().contiguous()
+    label = "dequantising the weights" + (f" and quantising them to int{weight_bits}" if weight_bits else "") + " (layers)"
+    with Bar(label, c.n_layers, delay=1.0) as bar:
+        for i in range(c.n_layers):
+            p = f"L{i}."
+            wq, wk, wv = get(p + "wq"), get(p + "wk"), get(p + "wv")
+            _check_shape(p + "wq", wq, (c.n_heads * c.head_dim, c.hidden))
+            _check_shape(p + "wk", wk, (c.n_kv_heads * c.head_dim, c.hidden))
+            biases = [get(p + b, required=c.qkv_bias) for b in ("bq", "bk", "bv")]
+            bqkv = torch.cat(biases) if c.qkv_bias else None
+            gate, up = get(p + "w_gate"), get(p + "w_up")
+            _check_shape(p + "w_gate", gate, (c.intermediate, c.hidden))
+            b_gate, b_up = get(p + "b_gate", required=False), get(p + "b_up", required=False)
+            if (b_gate is None) != (b_up is None):
+                raise ModelLoadError(f"layer {i} has a bias on only one of the gate and up projections")
+            b_gate_up = None if b_gate is None else torch.cat((b_gate, b_up))
+            state[p + "attn_norm"] = get(p + "attn_norm").float().contiguous()
+            linear(p + "wqkv", torch.cat((wq, wk, wv)), bqkv, weight_bits)
+            linear(p + "wo", get(p + "wo"), get(p + "bo", required=False), weight_bits)
+            state[p + "ffn_norm"] = get(p + "ffn_norm").float().contiguous()
+            linear(p + "w_gate_up", torch.cat((gate, up)), b_gate_up, weight_bits)
+            linear(p + "w_down", get(p + "w_down"), get(p + "b_down", required=False), weight_bits)
+            for n in _OPTIONAL_NORMS:
+                t = get(p + n, required=False)
+                if t is not None:
+                    state[p + n] = cast(t).float().contiguous()
+            bar.advance()
     state["final_norm"] = get("final_norm").float().contiguous()
     head_bits = None if weight_bits is None else HEAD_BITS
     head = get("lm_head", required=False)
@@ -448,12 +452,15 @@ def load_gguf_tokenizer(path: Path):
     cached = cache_dir() / "tokenizers" / file_key(path)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read the tokenizer of {path}: {e}") from None
-    tmp = cached.with_name(cached.name + ".tmp")
-    tok.save_pretrained(str(tmp))
+    from selfspec.progress import Bar
+
+    with Bar(f"converting the tokenizer of {path.name} (once; cached after)"):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read the tokenizer of {path}: {e}") from None
+        tmp = cached.with_name(cached.name + ".tmp")
+        tok.save_pretrained(str(tmp))
     if not cached.exists():
         tmp.rename(cached)
     return AutoTokenizer.from_pretrained(str(cached))

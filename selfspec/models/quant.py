@@ -190,8 +190,14 @@ def quantize_transformer(tr: Transformer, bits: int, group_size: int = DEFAULT_I
     embedding stays float for the lookup; the head becomes its own quantised copy."""
     if bits not in (8, 4):
         raise InvalidParameterError(f"weight bits must be 8 or 4, got {bits}")
-    layers = [dataclasses.replace(layer, **{n: quantize_linear(getattr(layer, n), bits, group_size) for n in LINEARS})
-              for layer in tr.layers]
+    from selfspec.progress import Bar
+
+    layers = []
+    with Bar(f"quantising a copy of the weights to int{bits} (layers)", len(tr.layers), delay=1.0) as bar:
+        for layer in tr.layers:
+            layers.append(dataclasses.replace(layer, **{n: quantize_linear(getattr(layer, n), bits, group_size)
+                                                        for n in LINEARS}))
+            bar.advance()
     lm_head = tr.lm_head if head_bits is None else quantize_linear(tr.lm_head, head_bits, group_size)
     return Transformer(tr.config, tr.embed, layers, tr.final_norm, lm_head, tr.rope_max)
 

@@ -94,13 +94,17 @@ def assemble(parts: list[Path], target: Path, sha256: str, size: int | None = No
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
     h = hashlib.sha256()
+    from selfspec.progress import Bar
+
+    total = sum(p.stat().st_size for p in parts) >> 20
     try:
-        with tmp.open("wb") as out:
+        with tmp.open("wb") as out, Bar(f"assembling {target.name} from {len(parts)} parts (MiB)", total) as bar:
             for part in parts:
                 with part.open("rb") as f:
                     while block := f.read(1 << 22):
                         h.update(block)
                         out.write(block)
+                        bar.advance(len(block) >> 20)
         actual_size = tmp.stat().st_size
         with tmp.open("rb") as f:
             magic = f.read(4)
@@ -120,10 +124,15 @@ def assemble(parts: list[Path], target: Path, sha256: str, size: int | None = No
 
 
 def sha256_file(path: Path) -> str:
+    from selfspec.progress import Bar
+
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    size = path.stat().st_size
+    with path.open("rb") as f, Bar(f"checking the SHA-256 of {path.name} (MiB)", size >> 20,
+                                   enabled=size >= REMEMBER_ABOVE) as bar:
         while block := f.read(1 << 22):
             h.update(block)
+            bar.advance(len(block) >> 20)
     return h.hexdigest()
 
 

@@ -265,18 +265,24 @@ def store(key: CacheKey, config: ModelConfig, tensors: dict[str, torch.Tensor], 
             return False
         from safetensors.torch import save_file
 
+        from selfspec.progress import Bar
+
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         weights = tmp / WEIGHTS
-        save_file(tensors, str(weights))
-        align_data(weights)
-        if bad := misaligned(weights):  # a safetensors whose layout differs: loads copy these
-            log.warning("weight cache: %d tensors of %s are not %d-byte aligned in the file (e.g. %s); "
-                        "each load copies them", len(bad), source.name, ALIGN, bad[0])
-        manifest = {"key": key.fields(), "config": config.to_dict(), "source": str(source),
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "size": weights.stat().st_size,
-                    "header_sha256": _header_sha256(weights), "sha256": sha256_file(weights),
-                    "mtime_ns": weights.stat().st_mtime_ns, "tensors": sorted(tensors)}
+        with Bar(f"writing the weight cache ({size / 2**20:.0f} MiB; later loads read it)", 3, delay=1.0) as bar:
+            save_file(tensors, str(weights))
+            bar.advance(label="weight cache: aligning")
+            align_data(weights)
+            bar.advance(label="weight cache: hashing")
+            if bad := misaligned(weights):  # a safetensors whose layout differs: loads copy these
+                log.warning("weight cache: %d tensors of %s are not %d-byte aligned in the file (e.g. %s); "
+                            "each load copies them", len(bad), source.name, ALIGN, bad[0])
+            manifest = {"key": key.fields(), "config": config.to_dict(), "source": str(source),
+                        "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "size": weights.stat().st_size,
+                        "header_sha256": _header_sha256(weights), "sha256": sha256_file(weights),
+                        "mtime_ns": weights.stat().st_mtime_ns, "tensors": sorted(tensors)}
+            bar.advance(label="weight cache")
         atomic_write_json(tmp / MANIFEST, manifest)
         _remove_stale(key)
         shutil.rmtree(folder, ignore_errors=True)

@@ -65,16 +65,21 @@ class Calibration:
         new = seconds = rounds = drafted = accepted = differs = 0
         if drafter is None:
             self.plain_ids = []
-        for k, ids in enumerate(self.prompt_ids):
-            r = generate(self.model, ids, drafter=drafter, sampling=self.sampling,
-                         max_new_tokens=self.settings.max_new_tokens, ignore_eos=True)
-            s = r.stats
-            new, seconds, rounds = new + s.new_tokens, seconds + s.decode_seconds, rounds + s.rounds
-            drafted, accepted = drafted + s.drafted, accepted + s.accepted
-            if drafter is None:
-                self.plain_ids.append(r.token_ids)
-            elif self.sampling.greedy and r.token_ids != self.plain_ids[k]:
-                differs += 1
+        from selfspec.progress import Bar
+
+        what = "plain decoding" if drafter is None else "self-speculative decoding"
+        with Bar(f"{what} on the calibration prompts", len(self.prompt_ids), delay=2.0) as bar:
+            for k, ids in enumerate(self.prompt_ids):
+                r = generate(self.model, ids, drafter=drafter, sampling=self.sampling,
+                             max_new_tokens=self.settings.max_new_tokens, ignore_eos=True)
+                s = r.stats
+                new, seconds, rounds = new + s.new_tokens, seconds + s.decode_seconds, rounds + s.rounds
+                drafted, accepted = drafted + s.drafted, accepted + s.accepted
+                if drafter is None:
+                    self.plain_ids.append(r.token_ids)
+                elif self.sampling.greedy and r.token_ids != self.plain_ids[k]:
+                    differs += 1
+                bar.advance()
         return {"tokens_per_s": new / seconds if seconds else 0.0, "tau": new / rounds if rounds else 0.0,
                 "acceptance_rate": accepted / drafted if drafted else 0.0, "differs_from_plain": differs}
 

@@ -164,6 +164,8 @@ def check_study(storage, study_name: str, name: str, sha: str, key: dict, path=N
     except KeyError:
         return None
     attrs = study.user_attrs
+    if not attrs:  # another worker created it a moment ago and has not recorded its settings yet
+        return study
     if not _same_model(attrs.get("model_sha256"), name, sha, path):
         raise SearchError(
             f"study {study_name!r} was made for model {attrs.get('model')!r} (sha256 "
@@ -238,6 +240,22 @@ class SearchResult:
     baseline_tokens_per_s: float
     tokens_per_s: float  # the chosen set, measured again at the end of this run
     stats: dict = field(default_factory=dict)
+
+    @property
+    def warning(self) -> str | None:
+        """Why the written config is no better than plain decoding, if it is not (None: it is).
+        A fixed-fraction match_rate search can score 0: skipping a quarter of a small model's
+        sub-layers may leave a draft that never agrees with the full model, and with few trials
+        only the first seeded sets are measured."""
+        objective = self.config.objective
+        speedup = self.tokens_per_s / self.baseline_tokens_per_s if self.baseline_tokens_per_s else 0.0
+        tau = self.stats.get("tau", 0.0)
+        if objective["value"] > 0 and speedup > 1.0 and tau > 1.0:
+            return None
+        why = (f"{objective['name']} {objective['value']:.4g}, tau {tau:.2f}, {speedup:.2f}x plain decoding")
+        return (f"the written skip config is NO BETTER THAN PLAIN DECODING ({why} after {self.trials} trial{'' if self.trials == 1 else 's'}); "
+                "--draft layer-skip with it would be slower: run more --trials (40 or more), or lower "
+                "--skip-fraction / --max-skip-fraction")
 
 
 def feasible_trials(study) -> list:

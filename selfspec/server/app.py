@@ -67,8 +67,17 @@ class ServerSettings:
     # Copies of earlier sequences' KV kept for prompt-prefix reuse (selfspec/prefix.py), least
     # recently used dropped first; the live KV cache is reused on top. 0 turns prefix reuse off.
     prefix_cache_mb: int = 512
+    # Origins (scheme://host[:port], or "*") of web pages that may call /v1 besides the server's
+    # own (the playground); a request with any other Origin header gets 403. Requests without an
+    # Origin header (curl, SDKs, scripts) are not browsers' cross-site requests: always allowed.
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for origin in self.cors_origins:
+            scheme, sep, rest = origin.partition("://")
+            if origin != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+                raise InvalidParameterError(f"--cors-origin must be an origin such as http://localhost:3000 "
+                                            f"(scheme://host[:port], no path) or *, got {origin!r}")
         if self.max_queue < 1:
             raise InvalidParameterError(f"--max-queue must be >= 1, got {self.max_queue}")
         if not self.request_timeout > 0:
@@ -116,6 +125,9 @@ class Server:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # e.g. 200k nested `[`: a client's fault, not ours
+            raise ApiError(400, "the request body is not valid JSON: it is nested too deeply",
+                           code="invalid_json") from None
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model_id:
@@ -147,13 +159,20 @@ class Server:
             raise ApiError(400, f"the {param} is empty; give at least one token of text", param=param)
         room = model.ctx_size - len(ids)
         wanted = req.requested_tokens
+        if room < 1:  # whatever max_tokens is (or is not) given
+            raise ApiError(400, f"the {param} {'are' if chat else 'is'} {len(ids)} tokens, but the model's context is {model.ctx_size} "
+                                f"tokens and must leave room for at least 1 new token; shorten the {param} "
+                                f"to at most {model.ctx_size - 1} tokens", param=param, code="context_length_exceeded")
         if wanted is None:
             wanted = settings.completion_max_tokens if not chat else room
-        if room < 1 or wanted > room:
-            raise ApiError(400, f"this request needs {len(ids)} prompt tokens + max_tokens {wanted} = "
+            if wanted > room:  # the default of /v1/completions: what fits
+                wanted = room
+        if wanted > room:
+            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+            raise ApiError(400, f"this request needs {len(ids)} prompt tokens + {name} {wanted} (as sent) = "
                                 f"{len(ids) + wanted} tokens, but the model's context is {model.ctx_size} "
-                                f"tokens; shorten the {param} or lower max_tokens",
-                           param=param if room < 1 else "max_tokens", code="context_length_exceeded")
+                                f"tokens: at most {room} new tokens fit after this {param}; lower {name} "
+                                f"or shorten the {param}", param=name, code="context_length_exceeded")
         drafter = self.drafter_for(req.selfspec.draft if req.selfspec is not None else None)
         try:
             return stream(model, ids, drafter=drafter, sampling=sampling, max_new_tokens=wanted,
@@ -280,7 +299,7 @@ class Server:
                 self.worker.stop()
 
         app = FastAPI(title="selfspec", lifespan=lifespan, docs_url=None, redoc_url=None)
-        v1 = APIRouter(prefix="/v1", dependencies=[Depends(self.authorize)])
+        v1 = APIRouter(prefix="/v1", dependencies=[Depends(self.guard)])
 
         @v1.get("/models")
         async def list_models():
@@ -325,8 +344,38 @@ class Server:
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(StarletteHTTPException, _http_error)
         app.add_exception_handler(Exception, _internal_error)
+        if self.settings.cors_origins:  # answers preflights and lets the allowed pages read replies
+            from starlette.middleware.cors import CORSMiddleware
+
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.settings.cors_origins),
+                               allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
         app.add_middleware(RequestLog, metrics=self.metrics)
         return app
+
+    def guard(self, request: Request) -> None:
+        """Every /v1 request, in CONVENTIONS' order (the size and the body come after, in
+        read_body): the origin, the API key, then a POST's content type."""
+        self.check_origin(request)
+        self.authorize(request)
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json', "
+                                    f"got {kind or 'no Content-Type'!r}", code="unsupported_media_type")
+
+    def check_origin(self, request: Request) -> None:
+        """A browser names the page that sent a request in `Origin`: the server's own page (the
+        playground) and --cors-origin ones may call the API; any other web page may not (it could
+        not read the answers, but it could fill the queue and burn the CPU)."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        allowed = self.settings.cors_origins
+        if origin.rstrip("/") == own or "*" in allowed or origin.rstrip("/") in allowed:
+            return
+        raise ApiError(403, f"requests from the web page origin {origin!r} are not allowed; start the server with "
+                            f"--cors-origin {origin} to allow them", code="origin_not_allowed")
 
     def authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -384,7 +433,8 @@ class _BuiltOnFirstUse:
 # elsewhere (the policy below forbids it, so the page works offline).
 _STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
                  "playground.css": "text/css; charset=utf-8"}
-_STATIC_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
+_STATIC_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                              "frame-ancestors 'none'",
                    "Cache-Control": "no-cache"}
 
 
@@ -394,6 +444,9 @@ def _static(name: str) -> str:
 
 class _ClientGone(Exception):
     """The client disconnected while its request waited or ran."""
+
+
+_EVERY_RESPONSE = [(b"x-content-type-options", b"nosniff")]  # no content sniffing, on every response
 
 
 class RequestLog:
@@ -412,6 +465,7 @@ class RequestLog:
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), *_EVERY_RESPONSE]}
             await send(message)
 
         try:
@@ -483,7 +537,7 @@ async def _http_error(request, e: StarletteHTTPException):
 async def _internal_error(_request, e: Exception):
     # Starlette re-raises the exception after this answer, so uvicorn logs the traceback.
     return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}", type="server_error").body(),
-                        status_code=500)
+                        status_code=500, headers={k.decode(): v.decode() for k, v in _EVERY_RESPONSE})
 
 
 def create_app(model, drafter=None, settings: ServerSettings | None = None) -> FastAPI:
@@ -505,9 +559,13 @@ def choosable_drafts(model, skip_config=None) -> tuple[str, ...]:
 
 def warm_up(model, drafter) -> None:
     """The first forward passes pay one-off kernel set-up; pay it before the first client does."""
+    from selfspec.progress import Bar
+
     prompt = model.encode("Hello", chat=False) or [0]
-    for _ in stream(model, prompt, drafter=drafter, max_new_tokens=min(4, model.ctx_size - len(prompt))):
-        pass
+    n = min(4, model.ctx_size - len(prompt))
+    with Bar(f"warming up (draft {getattr(drafter, 'name', 'none')}; the first passes set up kernels)", n) as bar:
+        for _ in stream(model, prompt, drafter=drafter, max_new_tokens=n):
+            bar.advance()
 
 
 def log_to_stderr() -> None:

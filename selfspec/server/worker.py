@@ -133,7 +133,8 @@ class Worker:
             self.jobs.put_nowait(job)
         except queue.Full:
             self.metrics.rejected.inc()
-            raise ApiError(429, f"the server is busy: {self.jobs.maxsize} requests are already waiting; "
+            raise ApiError(429, f"the server is busy: {self.jobs.maxsize} "
+                                f"{'request is' if self.jobs.maxsize == 1 else 'requests are'} already waiting; "
                                 f"retry later", type="rate_limit_exceeded", code="queue_full",
                            headers={"Retry-After": str(self.retry_after())}) from None
 

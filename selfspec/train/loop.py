@@ -87,6 +87,10 @@ def _load_checkpoint(folder: Path, module, opt, gen, meta: dict) -> tuple[int, l
         raise SelfspecError(f"--resume: no readable checkpoint in {folder}") from None
     for key in ("kind", "options", "settings", "data"):
         saved, now = info.get(key), meta[key]
+        if key == "kind":  # a checkpoint written under an old kind name
+            from selfspec.drafters.trained.kinds import canonical_kind
+
+            saved = canonical_kind(saved)
         if key == "settings":  # more (or fewer) steps may be asked for; nothing else may change
             saved, now = {**(saved or {}), "steps": 0}, {**now, "steps": 0}
         if saved != now:

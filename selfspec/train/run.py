@@ -25,8 +25,11 @@ def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = 
     from selfspec.drafters.trained.kinds import make_kind
     from selfspec.train.loop import precompute, train
 
-    if exit_layer is not None and kind != "early-exit-adapter":
-        raise InvalidParameterError(f"--exit-layer is for --kind early-exit-adapter, not {kind!r}")
+    from selfspec.drafters.trained.kinds import canonical_kind
+
+    kind = canonical_kind(kind)
+    if exit_layer is not None and kind != "early-exit":
+        raise InvalidParameterError(f"--exit-layer is for --kind early-exit, not {kind!r}")
     if heads is not None and kind not in ("medusa", "hydra"):
         raise InvalidParameterError(f"--heads is for --kind medusa or hydra, not {kind!r}")
     if distill_tokens < 1:

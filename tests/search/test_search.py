@@ -261,3 +261,22 @@ def test_shipped_configs_fit_their_models(alias):
     if config.found_by == "search":
         assert config.baseline_tokens_per_s and config.search["trials"] >= 1
     # losslessness of the shipped configs on the real models: tests/test_lossless_real.py
+
+
+def test_a_result_no_better_than_plain_decoding_carries_a_loud_warning(llama, tmp_path):
+    """Issue 25: one match_rate trial on a random model scores (near) 0 and the config was written
+    silently. It is still written, with a warning that the CLI prints and --json carries."""
+    settings = SearchSettings(trials=1, objective="match_rate", **FAST)
+    r = run_search(llama, PROMPTS[:1], settings, out=tmp_path / "m.json", storage=f"sqlite:///{tmp_path}/s.db",
+                   study_name="one")
+    assert (tmp_path / "m.json").exists()
+    speedup = r.tokens_per_s / r.baseline_tokens_per_s
+    if speedup <= 1.0 or r.config.objective["value"] == 0:
+        assert r.warning and "NO BETTER THAN PLAIN DECODING" in r.warning and "--trials" in r.warning
+    from dataclasses import replace
+
+    slow = replace(r, tokens_per_s=r.baseline_tokens_per_s * 0.7)
+    assert "0.70x" in slow.warning
+    fast = replace(r, tokens_per_s=r.baseline_tokens_per_s * 2, stats={**r.stats, "tau": 2.5},
+                   config=replace(r.config, objective={"name": "match_rate", "value": 0.8}))
+    assert fast.warning is None

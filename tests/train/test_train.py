@@ -111,7 +111,7 @@ def gemma3(tmp_path_factory):
 def test_lossless_on_gemma3_random_modules(gemma3, name):
     """Sliding windows, soft-capping, qk-norm and embedding scale; random (untrained) modules."""
     model = gemma3
-    kind = make_kind(name, model, **({"exit_layer": 2} if name == "early-exit-adapter" else {}))
+    kind = make_kind(name, model, **({"exit_layer": 2} if name == "early-exit" else {}))
     torch.manual_seed(0)
     module = kind.build(model)
     for p in module.parameters():  # not the zero init: drafts differ from the target's
@@ -167,7 +167,7 @@ def test_early_exit_writes_the_targets_kv_and_keeps_verified_kv(llama):
     # A proposal (catch-up over the whole prompt, then drafts) leaves every verified position as it was.
     from selfspec.drafters.base import DraftContext
 
-    kind = make_kind("early-exit-adapter", llama, exit_layer=L)
+    kind = make_kind("early-exit", llama, exit_layer=L)
     drafter = kind.drafter(kind.build(llama), llama, exit=_greedy_exit(), max_draft=4)
     cache = llama.fresh_cache()
     tr.forward(tokens[:-1], 0, cache)
@@ -205,7 +205,7 @@ def test_clear_errors(llama, gemma3, trained, tmp_path):
     with pytest.raises(DrafterError, match="trained for model 'llama'"):
         build_drafter("medusa", gemma3, drafter_weights=medusa_dir)
     with pytest.raises(InvalidParameterError, match="--exit-layer must be in 1..3"):
-        make_kind("early-exit-adapter", llama, exit_layer=4)
+        make_kind("early-exit", llama, exit_layer=4)
     with pytest.raises(InvalidParameterError, match="unknown drafter kind"):
         make_kind("eagle", llama)
     assert parse_method("medusa:weights=/x").options == {"drafter_weights": "/x"}
@@ -275,4 +275,19 @@ def test_cli_trains_resumes_and_generates(tmp_path):
                 "--drafter-weights", str(out))
     assert wrong.returncode == 2 and "holds a hydra drafter" in wrong.stderr and "Traceback" not in wrong.stderr
     bad = cli("train-drafter", "--model", str(folder), "--kind", "medusa", "--exit-layer", "2", "--out", str(out))
-    assert bad.returncode == 2 and "--exit-layer is for --kind early-exit-adapter" in bad.stderr
+    assert bad.returncode == 2 and "--exit-layer is for --kind early-exit" in bad.stderr
+
+
+def test_drafter_stored_under_the_old_kind_name_still_loads(llama, trained, tmp_path):
+    """Issue 25: --kind early-exit-adapter became early-exit (the --draft name); folders written
+    before the rename say "early-exit-adapter" in drafter.json and must keep loading."""
+    import shutil
+
+    _, _, _, folder = trained["early-exit"]
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    meta = json.loads((old / "drafter.json").read_text())
+    assert meta["kind"] == "early-exit"
+    (old / "drafter.json").write_text(json.dumps({**meta, "kind": "early-exit-adapter"}))
+    drafter = build_drafter("early-exit", llama, drafter_weights=old)
+    assert isinstance(drafter, EarlyExitDrafter)

@@ -85,7 +85,7 @@ class _Kind:
 
 
 class EarlyExitKind(_Kind):
-    name, drafter_name = "early-exit-adapter", "early-exit"
+    name, drafter_name = "early-exit", "early-exit"  # the --kind and the --draft name are one
 
     def __init__(self, model, exit_layer: int | None = None, adapter_mlp: int | None = None, **_) -> None:
         from selfspec.drafters.early_exit import default_exit_layer
@@ -168,9 +168,15 @@ class HydraKind(HeadsKind):
 
 KINDS = {k.name: k for k in (EarlyExitKind, MedusaKind, HydraKind)}
 BY_DRAFTER = {k.drafter_name: k for k in KINDS.values()}
+RENAMED = {"early-exit-adapter": "early-exit"}  # old kind names: still accepted, and found in stored drafters
+
+
+def canonical_kind(name: str) -> str:
+    return RENAMED.get(name, name)
 
 
 def make_kind(name: str, model, **options) -> TrainKind:
+    name = canonical_kind(name)
     if name not in KINDS:
         raise InvalidParameterError(f"unknown drafter kind {name!r}; kinds: {', '.join(KINDS)}")
     return KINDS[name](model, **options)

@@ -53,10 +53,10 @@ def read_meta(folder: str | Path) -> dict:
 def load_drafter(model, folder: str | Path, draft: str | None = None, **drafter_kwargs):
     """The drafter saved in `folder`, for `model`. `draft`: the --draft value asked for; weights
     of another kind are an error, as are weights trained for another model."""
-    from selfspec.drafters.trained.kinds import KINDS, make_kind
+    from selfspec.drafters.trained.kinds import KINDS, canonical_kind, make_kind
 
     meta = read_meta(folder)
-    kind_name = meta.get("kind")
+    kind_name = canonical_kind(meta.get("kind"))  # drafters stored under an old kind name still load
     if kind_name not in KINDS:
         raise DrafterError(f"{folder}: unknown drafter kind {kind_name!r}; kinds: {', '.join(KINDS)}")
     if draft is not None and KINDS[kind_name].drafter_name != draft:
