@@ -13,6 +13,7 @@ from selfspec.drafters.heads import HeadsDrafter
 from selfspec.drafters.layerskip import AdaptiveExit
 from selfspec.errors import DrafterError, InvalidParameterError, SelfspecError
 from selfspec.generation import generate
+from selfspec.drafters.early_exit import EarlyExitDrafter
 from selfspec.drafters.factory import build_drafter, parse_method
 from selfspec.sampling import SamplingParams
 from selfspec.train.data import distill, read_data_file
