@@ -56,6 +56,18 @@ def atomic_write_json(path: str | Path, obj, *, indent: int | None = 1, sort_key
     atomic_write_text(path, text + "\n" if indent is not None else text)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id is running (an interrupted write's, a
+    search worker's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def check_writable(out: str | Path, flag: str, error: type[Exception] = InvalidParameterError) -> Path:
     """Refuse an output file (`flag`'s value) that cannot be written, before the work that fills
     it: a folder, a missing parent, no permission."""
@@ -88,7 +100,8 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
 }
 
 
-def _size(path: Path) -> int:
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -100,7 +113,7 @@ def entries() -> list[dict]:
     for kind, (names, what) in KINDS.items():
         paths = [root / n for n in names if (root / n).exists()]
         count = sum(1 if p.is_file() else sum(1 for _ in p.iterdir()) for p in paths)
-        rows.append({"kind": kind, "bytes": sum(_size(p) for p in paths), "entries": count, "what": what,
+        rows.append({"kind": kind, "bytes": sum(disk_size(p) for p in paths), "entries": count, "what": what,
                      "paths": [str(p) for p in paths]})
     return rows
 
@@ -116,7 +129,7 @@ def clear(kinds: list[str]) -> int:
             path = root / name
             if not path.exists():
                 continue
-            freed += _size(path)
+            freed += disk_size(path)
             if path.is_dir():
                 shutil.rmtree(path)
             else:

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selfspec.paths import _size, atomic_write_json, cache_dir
+from selfspec.paths import atomic_write_json, cache_dir, disk_size, pid_alive
 
 # `.{stem}.{pid}.{thread}.tmp{suffix}` (atomic_output), `.{name}.{pid}.tmp` (weight-cache staging),
 # `{name}.{pid}.tmp` (older versions): the process id is the first number before `.tmp`.
@@ -42,30 +42,20 @@ class Stale:
     rows: tuple[str, ...] = ()  # for rows.json: the entries that go (the file stays)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _temporaries(root: Path) -> list[Stale]:
     out = []
     for p in root.rglob("*"):
         if ".tmp" not in p.name:
             continue
         if (m := TMP.search(p.name)) is not None:
-            if _alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
+            if pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
                 continue
             reason = f"left by an interrupted write (process {m.group(1)} is gone)"
         elif p.name.endswith(".tmp") and time.time() - p.stat().st_mtime > TMP_NO_PID_AGE:
             reason = "left by an interrupted write (over an hour old)"
         else:
             continue
-        out.append(Stale("tmp", str(p), _size(p), reason))
+        out.append(Stale("tmp", str(p), disk_size(p), reason))
     # A temporary folder's contents go with it: drop what lies inside another candidate.
     dirs = [s.path + os.sep for s in out if Path(s.path).is_dir()]
     return [s for s in out if not any(s.path.startswith(d) for d in dirs)]
@@ -93,7 +83,7 @@ def _weights(root: Path, skip: set[str]) -> list[Stale]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             wrong = ["no readable manifest"]
         if wrong:
-            out.append(Stale("weights", str(entry), _size(entry), "made for " + ", ".join(wrong)))
+            out.append(Stale("weights", str(entry), disk_size(entry), "made for " + ", ".join(wrong)))
     return out
 
 
@@ -111,7 +101,7 @@ def _costs(root: Path, skip: set[str]) -> list[Stale]:
         except (OSError, ValueError, AttributeError):
             ok = False
         if not ok:
-            out.append(Stale("costs", str(entry), _size(entry), "keyed for another selfspec version"))
+            out.append(Stale("costs", str(entry), disk_size(entry), "keyed for another selfspec version"))
     return out
 
 
@@ -127,18 +117,18 @@ def _rows(root: Path) -> list[Stale]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError):
-        return [Stale("rows", str(path), _size(path), "unreadable")]
+        return [Stale("rows", str(path), disk_size(path), "unreadable")]
     if not isinstance(data, dict):
-        return [Stale("rows", str(path), _size(path), "unreadable")]
+        return [Stale("rows", str(path), disk_size(path), "unreadable")]
     want = (f"probe={PROBE_VERSION}|", f"selfspec={__version__}|", f"torch={torch.__version__}|")
     gone = tuple(sorted(k for k in data if not all(w in k + "|" for w in want)))
     if not gone:
         return []
     if len(gone) == len(data):
-        return [Stale("rows", str(path), _size(path), "every entry is of another probe, selfspec or torch version",
+        return [Stale("rows", str(path), disk_size(path), "every entry is of another probe, selfspec or torch version",
                       gone)]
     kept = {k: v for k, v in data.items() if k not in gone}
-    freed = _size(path) - len(json.dumps(kept, indent=1, sort_keys=True)) - 1
+    freed = disk_size(path) - len(json.dumps(kept, indent=1, sort_keys=True)) - 1
     return [Stale("rows", str(path), max(freed, 0),
                   f"{len(gone)} of {len(data)} entries of another probe, selfspec or torch version", gone)]
 
@@ -150,7 +140,7 @@ def _kernels(root: Path, skip: set[str]) -> list[Stale]:
     if cc is None:
         return []
     current = library_path(cc).name
-    return [Stale("kernels", str(p), _size(p), "built from other kernel sources, flags or compiler")
+    return [Stale("kernels", str(p), disk_size(p), "built from other kernel sources, flags or compiler")
             for p in sorted((root / "kernels").glob("*")) if p.name != current and str(p) not in skip
             and not _temporary(p)]
 

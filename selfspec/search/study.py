@@ -37,7 +37,7 @@ from selfspec.search.calibration import Calibration, calibration_prompts  # noqa
 from selfspec.drafters.layerskip import SkipConfig, shipped_config  # noqa: F401
 from selfspec.drafters.skipspace import SkipSpace, model_identity, seed_sets  # noqa: F401 (search API)
 from selfspec.errors import InvalidParameterError, SelfspecError
-from selfspec.paths import check_writable
+from selfspec.paths import check_writable, pid_alive
 from selfspec.models.transformer import SkipSet
 from selfspec.sampling import SamplingParams
 
@@ -433,22 +433,12 @@ def _fail_stale(study, grace_seconds: float) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = t.user_attrs.get("worker", "").partition(":")
         old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_seconds
-        gone = worker_host == host and pid.isdigit() and not _alive(int(pid))
+        gone = worker_host == host and pid.isdigit() and not pid_alive(int(pid))
         if gone or (old and not worker_host):
             try:
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             except Exception:
                 pass  # finished meanwhile
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_spec_study(storage, study_name: str | None, spec: str) -> None:
