@@ -24,7 +24,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weight-only quantised dtypes: the linears' weights in int8/int4, everything else (embeddings,
 # norms, attention, KV cache) in fp32 (selfspec/models/quant.py).
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4", "native")
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +97,7 @@ def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     around weight-only quantised linears (see `WEIGHT_BITS`)."""
     if name == "auto":
         name = "fp32"
-    if name in WEIGHT_BITS:
+    if name in WEIGHT_BITS or name == "native":  # native: fp32 around the file's own blocks
         return torch.float32, name
     if name not in DTYPES:
         raise InvalidParameterError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")

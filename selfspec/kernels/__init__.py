@@ -32,10 +32,10 @@ import torch
 log = logging.getLogger("selfspec.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = ("attention.c",)
+SOURCES = ("attention.c", "qgemm.c")
 # No -ffast-math: the compiler may vectorise across independent lanes but must keep every sum in
 # the order written; -ffp-contract=off: no fused multiply-add the source does not ask for (fmaf).
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 ENV = "SELFSPEC_KERNELS"  # "torch": use the PyTorch paths even where the C kernels build
 
 _lock = threading.Lock()
@@ -69,7 +69,7 @@ def _cpu_has_avx2() -> bool:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def build(verbose: bool = False) -> Path:
@@ -79,7 +79,7 @@ def build(verbose: bool = False) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     if not _cpu_has_avx2():
-        raise RuntimeError("this CPU lacks AVX2/FMA, which the compiled kernels need")
+        raise RuntimeError("this CPU lacks AVX2/FMA/F16C, which the compiled kernels need")
     out = library_path(cc)
     if out.is_file():
         return out
@@ -114,8 +114,21 @@ def _library():
     f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                                                 ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
                                                                 ctypes.c_int]
+    g = lib.selfspec_qgemm
+    g.restype = ctypes.c_int
+    g.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                           ctypes.c_void_p]
+    d = lib.selfspec_dequant_rows
+    d.restype = ctypes.c_int
+    d.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     _status["attention"] = "fixed-order-c"
     return lib
+
+
+def library():
+    """The loaded C library (attention and the GGUF block kernels of `qgemm.c`), or None when
+    it cannot be built or `SELFSPEC_KERNELS=torch`; `kernel_status()` says why."""
+    return _library()
 
 
 def kernel_status() -> str:
