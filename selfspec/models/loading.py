@@ -217,7 +217,7 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
 def _load_native(path: Path, ctx_size: int | None, info: dict, device: torch.device, t0: float) -> Transformer:
     """`--dtype native` (selfspec/models/native.py): the file's blocks, memory-mapped; no weight
     cache (there is nothing to compute at load), no row probe for the native linears."""
-    from selfspec.models.native import build_native
+    from selfspec.models.native import build_native, read_index
     from selfspec.models.rows import make_row_invariant
 
     check_cpu_only("--dtype native", device)
@@ -225,7 +225,7 @@ def _load_native(path: Path, ctx_size: int | None, info: dict, device: torch.dev
         raise SelfspecError(f"--dtype native computes on a GGUF file's blocks; {path} is a folder "
                             f"(use --dtype fp32, or a .gguf file)")
     info["weight_cache"] = "off"
-    config, src, raw = _read_gguf_tensors(path)
+    config, src, raw = read_index(path)
     transformer, native_info = build_native(config, raw, src, _ctx_limit(config, ctx_size))
     info.update(native_info)
     info["weights_seconds"] = time.perf_counter() - t0

@@ -16,8 +16,10 @@ asked rows; a tied LM head is a `NativeLinear` over the same blocks.
 from __future__ import annotations
 
 import ctypes
+import json
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -150,6 +152,63 @@ class NativeEmbedding:
                                      ids.numel(), out.data_ptr()) != 0:
             raise RuntimeError(f"the native kernel cannot read {self.blocks.type_name} embeddings")
         return out.reshape(*tokens.shape, self.shape[1])
+
+
+# ----------------------------------------------------------------------------------- the index
+class RawTensor:
+    """What the loaders read of a `gguf.ReaderTensor` (name, tensor_type, shape, data), made from
+    the cached index over one read-only memory map of the file."""
+
+    def __init__(self, name: str, tensor_type, shape: list[int], data: np.ndarray) -> None:
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, np.array(shape), data
+
+
+INDEX_VERSION = 1
+
+
+def read_index(path) -> tuple:
+    """(config, fp32 loaders, raw tensors) of a GGUF file for `--dtype native`.
+
+    `gguf.GGUFReader` parses every metadata field up front, the tokenizer's 49k-262k strings
+    included: 5-20 s here, against milliseconds for the weights themselves. So its result (the
+    config and each tensor's type, shape and byte range) is cached once per file version in
+    `SELFSPEC_CACHE/native/` and a warm load maps the file and slices it."""
+    import gguf
+
+    from selfspec.models.config import ModelConfig
+    from selfspec.models.loading import _gguf_loader, _read_gguf_tensors, file_key
+    from selfspec.paths import atomic_write_json, cache_dir
+
+    path = Path(path)
+    index_file = cache_dir() / "native" / f"{file_key(path)}.json"
+    try:
+        index = json.loads(index_file.read_text())
+        if index.get("version") != INDEX_VERSION:
+            index = None
+    except (OSError, ValueError):
+        index = None
+    if index is None:
+        config, _, raw = _read_gguf_tensors(path)
+        index = {"version": INDEX_VERSION, "source": str(path), "config": config.to_dict(),
+                 "tensors": {n: {"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape.tolist()],
+                                 "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for n, t in raw.items()}}
+        try:
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(index_file, index, indent=None)
+        except OSError:
+            pass  # a read-only cache folder: the next load parses again
+    config = ModelConfig.from_dict(index["config"])
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    raw, src = {}, {}
+    for name, e in index["tensors"].items():
+        if e["offset"] + e["nbytes"] > mm.size:
+            raise ModelLoadError(f"tensor {e['name']} needs bytes {e['offset']}..{e['offset'] + e['nbytes']} of {path}, "
+                                 f"which has {mm.size}: the file is truncated")
+        t = RawTensor(e["name"], gguf.GGMLQuantizationType(e["type"]), e["shape"],
+                      mm[e["offset"]: e["offset"] + e["nbytes"]])
+        raw[name] = t
+        src[name] = _gguf_loader(t, name, config)
+    return config, src, raw
 
 
 # ------------------------------------------------------------------------------------- building
