@@ -4,9 +4,16 @@ Prints, in one run: the read bandwidth (a sum over a 1 GiB fp32 tensor, larger t
 then per shape and format the kernel's time at M = 1 (weights streamed: a rotation of copies
 larger than the last-level cache), its GB/s of weight bytes and % of the bandwidth, t(M)/t(1)
 for M = 2, 4, 9, and PyTorch's int4 kernel and fp32 oneDNN at M = 1 and 9 on the same shape for
-comparison. Usage: python scripts/native_gemv.py [--threads 2]
+comparison. Usage: python scripts/native_gemv.py [--threads 2] [--cpu-time], or --rss for the
+peak resident memory of native, fp32 and int4 loads (fresh processes).
 """
 from __future__ import annotations
+
+import os
+import sys
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "tests", "models"),
+                os.path.join(os.path.dirname(__file__), "..", "tests")]
 
 import argparse
 import time
@@ -39,17 +46,44 @@ def timed(fn, xs, reps: int) -> float:
 
 
 def native_linears(tname: str, n: int, k: int):
-    from tests.models.test_native import linear_of, random_blocks
+    from test_native import linear_of, random_blocks
 
     raw, t = random_blocks(tname, n, k, np.random.default_rng(0))
     copies = max(1, COPIES_BYTES // raw.nbytes)
     return [linear_of(raw.copy(), t, n, k) for _ in range(copies)], raw.nbytes
 
 
+_RSS = """
+import resource, sys, torch
+from selfspec.models.loading import load_model
+m = load_model(sys.argv[1], dtype=sys.argv[2])
+after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m.transformer.forward(torch.tensor(m.encode("Hello")), 0, m.fresh_cache())
+print(after_load, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(model: str, dtype: str) -> tuple[float, float]:
+    """Peak RSS in MiB of a fresh process after loading `model` in `dtype`, and after one forward."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS, model, dtype], capture_output=True, text=True, check=True)
+    a, b = out.stdout.split()[-2:]
+    return int(a) / 1024, int(b) / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rss", action="store_true", help="only the peak RSS of native vs fp32 loads")
     args = ap.parse_args()
+    if args.rss:
+        for model in ("smollm2-135m", "gemma3-270m"):
+            for dtype in ("native", "fp32", "int4"):
+                a, b = peak_rss(model, dtype)
+                print(f"{model} --dtype {dtype}: peak RSS {a:.0f} MiB after load, {b:.0f} MiB after a forward")
+        return
     torch.set_num_threads(args.threads)
     bw = bandwidth()
     print(f"read bandwidth (torch sum of 1 GiB, {args.threads} threads): {bw:.1f} GB/s")
