@@ -27,6 +27,9 @@ import torch
 from selfspec.errors import ModelLoadError
 from selfspec.models.transformer import Layer, Linear, Transformer, make_linear
 
+# Byte offset and count of each block's f16 scale fields: a scale that is not finite (inf/NaN)
+# would turn the whole output row into NaN, so the load refuses it and names the tensor.
+SCALE_FIELDS = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q5_0": (0, 1), "Q8_0": (0, 1), "Q4_K": (0, 2), "Q6_K": (208, 1)}
 # ggml type id -> block size (weights) and bytes per block, for the formats qgemm.c computes on.
 KERNEL_FORMATS = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20),
                   "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210),
@@ -60,6 +63,20 @@ class Blocks:
         with warnings.catch_warnings():  # the map is read-only and nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
             self.data = torch.from_numpy(raw.view(np.uint8).reshape(self.rows, self.row_bytes))
+        self._check_scales(block, size)
+
+    def _check_scales(self, block: int, size: int) -> None:
+        fields = SCALE_FIELDS.get(self.type_name)
+        if fields is None:
+            return
+        off, n = fields
+        blocks = self.data.numpy().reshape(-1, size)
+        scales = np.ascontiguousarray(blocks[:, off: off + 2 * n]).view(np.float16)
+        bad = ~np.isfinite(scales)
+        if bad.any():
+            i = int(np.argmax(bad.any(axis=1)))
+            raise ModelLoadError(f"tensor {self.name} ({self.type_name}) has a non-finite scale in block {i} "
+                                 f"(row {i // (self.K // block)}): the file is corrupt")
 
     @property
     def kernel_ok(self) -> bool:

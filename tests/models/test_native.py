@@ -105,6 +105,17 @@ def test_truncated_tensor_is_a_clear_error():
         native.Blocks(native.RawTensor("blk.0.ffn_down.weight", t, [512, 4], raw.reshape(-1)[:-10]))
 
 
+@pytest.mark.parametrize("tname", ["Q4_1", "Q6_K"])
+def test_bad_scale_is_a_clear_error(tname):
+    raw, t = random_blocks(tname, 3, 512, np.random.default_rng(6))
+    raw = raw.copy()
+    off = native.SCALE_FIELDS[tname][0]
+    block_bytes = gguf.GGML_QUANT_SIZES[t][1]
+    raw.reshape(-1, block_bytes)[5, off: off + 2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    with pytest.raises(SelfspecError, match="non-finite scale in block 5"):
+        native.Blocks(native.RawTensor("blk.1.attn_q.weight", t, [512, 3], raw))
+
+
 def test_truncated_file_is_a_clear_error(tmp_path):
     from selfspec.models.loading import load_transformer
     from selfspec.models.registry import REGISTRY
