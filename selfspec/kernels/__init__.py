@@ -121,8 +121,29 @@ def _library():
     d = lib.selfspec_dequant_rows
     d.restype = ctypes.c_int
     d.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.selfspec_qgemm_isa.restype = ctypes.c_int
+    lib.selfspec_qgemm_isa.argtypes = [ctypes.c_int]
+    set_qgemm_isa(lib)
     _status["attention"] = "fixed-order-c"
     return lib
+
+
+def set_qgemm_isa(lib=None) -> str:
+    """Point the GGUF block kernels at this machine's instruction set (`selfspec.hardware.isa`,
+    which honours SELFSPEC_ISA=avx2); returns the one in use, "avx512" or "avx2". Both give the
+    same bits (qgemm.c); tests switch between them."""
+    from selfspec.hardware import isa
+
+    lib = lib or _library()
+    if lib is None:
+        return "none"
+    _status["qgemm"] = "avx512" if lib.selfspec_qgemm_isa(int(isa() == "avx512")) else "avx2"
+    return _status["qgemm"]
+
+
+def qgemm_isa() -> str:
+    """The instruction set the GGUF block kernels run with ("avx512", "avx2" or "none")."""
+    return _status.get("qgemm", "none") if _library() is not None else "none"
 
 
 def library():

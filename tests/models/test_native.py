@@ -86,6 +86,41 @@ def test_row_invariant_bitwise(tname):
             assert torch.equal(y[i: i + 1], single[i]), f"{tname}: row {i} of an {m}-row call differs"
 
 
+@pytest.fixture
+def isa_paths():
+    """Both dequantiser paths of this machine, ["avx2"] or ["avx2", "avx512"]; the machine's own
+    is restored afterwards. An AVX2 machine says the AVX-512 path was not run."""
+    lib = kernels.library()
+    paths = ["avx2"] + (["avx512"] if lib.selfspec_qgemm_isa(1) else [])
+    if len(paths) == 1:
+        print("this CPU has no AVX-512: the AVX-512 dequantisers were not run")
+
+    def use(path: str) -> None:
+        assert lib.selfspec_qgemm_isa(int(path == "avx512")) == int(path == "avx512")
+
+    yield paths, use
+    kernels.set_qgemm_isa(lib)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", FORMATS)
+def test_isa_paths_give_the_same_bits(tname, isa_paths):
+    """The AVX-512 dequantisers (table lookups) give the AVX2 path's outputs bit for bit, for
+    every row count: one model, one answer, on both machine families."""
+    paths, use = isa_paths
+    K, rows = 3 * _block(tname) * (8 if _block(tname) < 32 else 1), 9
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(7))
+    lin = linear_of(raw, t, rows, K)
+    emb = native.NativeEmbedding(lin.parts[0])
+    x = torch.randn(13, K, generator=torch.Generator().manual_seed(8))
+    out = {}
+    for path in paths:
+        use(path)
+        out[path] = [lin(x[:m].clone()) for m in (1, 2, 9, 13)] + [emb.lookup(torch.arange(rows))]
+    for path in paths[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out["avx2"], out[path])), f"{tname}: {path} != avx2"
+
+
 @needs_kernel
 @pytest.mark.parametrize("tname", FORMATS)
 def test_embedding_rows_equal_gguf_dequantiser(tname):
