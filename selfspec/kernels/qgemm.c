@@ -362,9 +362,15 @@ int selfspec_qgemm(int nseg, const int *fmt, const uint8_t *const *ptr, const in
             int ms = M - m0 < SLAB ? (int)(M - m0) : SLAB;
             for (int i = 0; i < RG * SLAB; i++) acc[i] = _mm256_setzero_ps();
             const float *xs = x + m0 * K;
+            const int64_t tile_bytes = row_bytes[s] * TK / K; /* TK is a multiple of every block */
             for (int64_t k0 = 0; k0 < K; k0 += TK) {
                 int n = K - k0 < TK ? (int)(K - k0) : TK;
-                for (int r = 0; r < RG; r++) fn[s](rp[r], (int)k0, n, w + r * TK);
+                const int64_t ahead = row_bytes[s] * (k0 + 2 * TK) / K;
+                for (int r = 0; r < RG; r++) {
+                    if (k0 + 2 * TK < K) /* the tile after next: DRAM latency hidden behind this one */
+                        for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(rp[r] + ahead + b, 0, 0);
+                    fn[s](rp[r], (int)k0, n, w + r * TK);
+                }
                 const float *xk = xs + k0;
                 int m = 0;
                 for (; m + 3 <= ms; m += 3) tile_fma(w, n, xk, K, m, acc, 3);

@@ -250,3 +250,20 @@ def test_native_forward_row_invariant(smollm_native):
         cache.rollback(start + i)
         one = tr.forward(ids[start + i: start + i + 1], start + i, cache)
         assert torch.equal(one, batch[i: i + 1]), f"row {i}"
+
+
+def test_without_kernel_native_falls_back_to_fp32(monkeypatch, smollm):
+    """No compiled kernel: every tensor is dequantised to fp32 (the probed fp32 path), the
+    formats are named in `native_fallback`, and the output is the fp32 model's."""
+    from selfspec.models.loading import load_transformer
+    from selfspec.models.registry import REGISTRY
+
+    monkeypatch.setattr(native, "_lib", lambda: None)
+    info: dict = {}
+    tr = load_transformer(REGISTRY["smollm2-135m"].path(), native=True, info=info, ctx_size=256)
+    assert info["native_fallback"] == ["Q4_1", "Q8_0"] and not info["native_types"]
+    assert not any(isinstance(lin, native.NativeLinear) for lin in (tr.layers[0].wqkv, tr.lm_head))
+    ids = torch.tensor(smollm.encode("Name three colours."))
+    ref = smollm.transformer.forward(ids, 0, smollm.fresh_cache(), last_only=True)
+    got = tr.forward(ids, 0, tr.new_cache(256), last_only=True)
+    assert int(got.argmax()) == int(ref.argmax())
