@@ -217,7 +217,7 @@ def test_smollm_native_drafters_lossless(smollm_native):
     from selfspec.drafters.layerskip import LayerSkipDrafter
     from selfspec.drafters.ngram import NgramDrafter
 
-    _check_drafters(smollm_native, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(smollm_native)), PROMPTS[:2])
+    _check_drafters(smollm_native, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(smollm_native)), PROMPTS[:1])
 
 
 @needs_kernel
@@ -233,6 +233,10 @@ def test_smollm_native_precision_draft_lossless(smollm_native):
     n = m.config.n_layers
     _check_drafters(m, lambda: (QuantizedSelfDrafter.for_model(
         m, SkipConfig(model=m.name, n_layers=n, attention=(n // 2,)), bits=4, max_draft=6),), PROMPTS[:2])
+    from selfspec.drafters.layerskip import LayerSkipDrafter
+    from selfspec.drafters.ngram import NgramDrafter
+
+    _check_drafters(m, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(m)), PROMPTS[1:4])
 
 
 @needs_kernel
