@@ -94,7 +94,9 @@ def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     machine (`AUTO_REASON`). Picking bf16 from a CPU flag had made the default both another model
     and slower (AVX-512-bf16 EPYC: plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and
     `auto` speculation 1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
-    around weight-only quantised linears (see `WEIGHT_BITS`)."""
+    around weight-only quantised linears (see `WEIGHT_BITS`); `native` in fp32 around the GGUF
+    file's own blocks (selfspec/models/native.py). `auto` does not pick native yet: see
+    docs/kernels.md, "Why --dtype auto stays fp32"."""
     if name == "auto":
         name = "fp32"
     if name in WEIGHT_BITS or name == "native":  # native: fp32 around the file's own blocks
