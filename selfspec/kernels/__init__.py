@@ -2,7 +2,8 @@
 ctypes), and the exact PyTorch paths used where no compiler is available.
 
 `attention(...)`: fixed-order attention over the KV cache, row-invariant by construction
-(`attention.c` says how). The shared library is built by `make` (`python -m selfspec.kernels
+(`attention.c` says how). `qgemm.c`: y = x W^T on GGUF weight blocks for `--dtype native`
+(selfspec/models/native.py calls it through `library()`), one fixed summation order per output. The shared library is built by `make` (`python -m selfspec.kernels
 build`), or on first use, into `SELFSPEC_CACHE/kernels/`, keyed by the source, the compiler flags
 and the compiler's version. It links the OpenMP runtime that PyTorch already loaded (same soname),
 so its threads are PyTorch's threads and `torch.set_num_threads` governs both.
@@ -213,7 +214,8 @@ def main(argv: list[str]) -> int:
         path = build(verbose=True)
     except RuntimeError as e:
         print(f"selfspec kernels not built: {e}. selfspec will use its slower exact PyTorch "
-              f"attention instead.", file=sys.stderr)
+              f"attention instead, and --dtype native will dequantise the GGUF's weights to fp32 "
+              f"(said in --json as native_fallback).", file=sys.stderr)
         return 0  # a working fallback exists: never fail the install
     print(f"selfspec kernels: {path}", file=sys.stderr)
     return 0
