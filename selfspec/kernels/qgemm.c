@@ -36,6 +36,7 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K
 
 #define TK 256   /* weights per row and tile: one K-quant super-block, or 8 blocks of 32 */
 #define RG 4     /* output rows per group: four independent FMA chains at M = 1 */
+#define PARALLEL_MIN (128 * 1024) /* weight-row products below which one thread computes a call */
 #define SLAB 12  /* activation rows whose accumulators a group keeps (larger M: more slabs) */
 
 static inline float f16(const uint8_t *p) {
@@ -346,7 +347,9 @@ int selfspec_qgemm(int nseg, const int *fmt, const uint8_t *const *ptr, const in
         first_row[s + 1] = first_row[s] + rows[s];
     }
     const int64_t N = first_row[nseg], G = groups[nseg];
-#pragma omp parallel for schedule(static)
+    /* A parallel region costs a wake-up of the other threads (10-40 µs measured on a busy 2-core
+     * machine): below ~16 µs of work one thread does it. The bits do not depend on it. */
+#pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
     for (int64_t g = 0; g < G; g++) {
         float w[RG * TK] __attribute__((aligned(32)));
         __m256 acc[RG * SLAB];
