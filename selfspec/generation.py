@@ -273,6 +273,9 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             prefix.finish(ids[:valid].tolist())
         if drafter is not None:
             stats.extras.update(drafter.extra_stats())
+        native_fallback = getattr(model, "load_info", {}).get("native_fallback")
+        if native_fallback is not None:  # --dtype native: formats dequantised to fp32 (none: all native)
+            stats.extras.update(native_fallback=native_fallback)
         if hasattr(tr, "compile_status"):  # --compile: what happened, and what it cost so far
             stats.extras.update(compile=tr.compile_status, compile_seconds=tr.compile_seconds)
 

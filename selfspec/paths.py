@@ -95,7 +95,8 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "studies": (("studies.db",), "skip-search studies (Optuna SQLite storage)"),
     "online": (("online",), "skip sets found on the fly (--skip-config online), per model, dtype and skip ratio"),
     "compiled": (("inductor",), "torch.compile kernels (--compile)"),
-    "kernels": (("kernels",), "selfspec's own C kernels (exact attention), built for this machine's compiler"),
+    "native": (("native",), "GGUF indexes (config, tensor types and byte ranges) for --dtype native's memory-mapped loads"),
+    "kernels": (("kernels",), "selfspec's own C kernels (exact attention, GGUF block matmuls), built for this machine's compiler"),
     "rows": (("rows.json",), "per-machine probe of which linears need single rows padded to stay row-invariant"),
 }
 

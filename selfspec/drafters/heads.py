@@ -73,7 +73,7 @@ class HydraHeads(nn.Module):
 
 def embed(tr, tokens: torch.Tensor) -> torch.Tensor:
     """The target's input embeddings of `tokens` (scaled as its forward scales them), fp32."""
-    x = F.embedding(tokens, tr.embed).float()
+    x = tr.embed_tokens(tokens).float()
     return x * tr.config.embed_scale if tr.config.embed_scale != 1.0 else x
 
 

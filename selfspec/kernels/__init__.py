@@ -2,7 +2,8 @@
 ctypes), and the exact PyTorch paths used where no compiler is available.
 
 `attention(...)`: fixed-order attention over the KV cache, row-invariant by construction
-(`attention.c` says how). The shared library is built by `make` (`python -m selfspec.kernels
+(`attention.c` says how). `qgemm.c`: y = x W^T on GGUF weight blocks for `--dtype native`
+(selfspec/models/native.py calls it through `library()`), one fixed summation order per output. The shared library is built by `make` (`python -m selfspec.kernels
 build`), or on first use, into `SELFSPEC_CACHE/kernels/`, keyed by the source, the compiler flags
 and the compiler's version. It links the OpenMP runtime that PyTorch already loaded (same soname),
 so its threads are PyTorch's threads and `torch.set_num_threads` governs both.
@@ -32,10 +33,10 @@ import torch
 log = logging.getLogger("selfspec.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = ("attention.c",)
+SOURCES = ("attention.c", "qgemm.c")
 # No -ffast-math: the compiler may vectorise across independent lanes but must keep every sum in
 # the order written; -ffp-contract=off: no fused multiply-add the source does not ask for (fmaf).
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 ENV = "SELFSPEC_KERNELS"  # "torch": use the PyTorch paths even where the C kernels build
 
 _lock = threading.Lock()
@@ -69,7 +70,7 @@ def _cpu_has_avx2() -> bool:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def build(verbose: bool = False) -> Path:
@@ -79,7 +80,7 @@ def build(verbose: bool = False) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     if not _cpu_has_avx2():
-        raise RuntimeError("this CPU lacks AVX2/FMA, which the compiled kernels need")
+        raise RuntimeError("this CPU lacks AVX2/FMA/F16C, which the compiled kernels need")
     out = library_path(cc)
     if out.is_file():
         return out
@@ -114,8 +115,42 @@ def _library():
     f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                                                 ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
                                                                 ctypes.c_int]
+    g = lib.selfspec_qgemm
+    g.restype = ctypes.c_int
+    g.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                           ctypes.c_void_p]
+    d = lib.selfspec_dequant_rows
+    d.restype = ctypes.c_int
+    d.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.selfspec_qgemm_isa.restype = ctypes.c_int
+    lib.selfspec_qgemm_isa.argtypes = [ctypes.c_int]
+    set_qgemm_isa(lib)
     _status["attention"] = "fixed-order-c"
     return lib
+
+
+def set_qgemm_isa(lib=None) -> str:
+    """Point the GGUF block kernels at this machine's instruction set (`selfspec.hardware.isa`,
+    which honours SELFSPEC_ISA=avx2); returns the one in use, "avx512" or "avx2". Both give the
+    same bits (qgemm.c); tests switch between them."""
+    from selfspec.hardware import isa
+
+    lib = lib or _library()
+    if lib is None:
+        return "none"
+    _status["qgemm"] = "avx512" if lib.selfspec_qgemm_isa(int(isa() == "avx512")) else "avx2"
+    return _status["qgemm"]
+
+
+def qgemm_isa() -> str:
+    """The instruction set the GGUF block kernels run with ("avx512", "avx2" or "none")."""
+    return _status.get("qgemm", "none") if _library() is not None else "none"
+
+
+def library():
+    """The loaded C library (attention and the GGUF block kernels of `qgemm.c`), or None when
+    it cannot be built or `SELFSPEC_KERNELS=torch`; `kernel_status()` says why."""
+    return _library()
 
 
 def kernel_status() -> str:
@@ -179,7 +214,8 @@ def main(argv: list[str]) -> int:
         path = build(verbose=True)
     except RuntimeError as e:
         print(f"selfspec kernels not built: {e}. selfspec will use its slower exact PyTorch "
-              f"attention instead.", file=sys.stderr)
+              f"attention instead, and --dtype native will dequantise the GGUF's weights to fp32 "
+              f"(said in --json as native_fallback).", file=sys.stderr)
         return 0  # a working fallback exists: never fail the install
     print(f"selfspec kernels: {path}", file=sys.stderr)
     return 0

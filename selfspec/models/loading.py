@@ -33,7 +33,7 @@ class Model:
     config: ModelConfig
     transformer: Transformer
     tokenizer: object  # a transformers tokenizer
-    dtype: str  # "fp32" | "bf16" | "int8" | "int4"
+    dtype: str  # "fp32" | "bf16" | "int8" | "int4" | "native"
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
@@ -106,7 +106,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     path, name = model_path(model)
     info: dict = {}
     transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
-                                   device=dev)
+                                   device=dev, native=dtype_name == "native")
     isa = dtype_reason = ""
     if dev.type == "cpu":
         from selfspec import kernels
@@ -161,7 +161,8 @@ def tokenizer_at(path: Path):
 
 def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
                      weight_bits: int | None = None, weight_cache: bool | None = None,
-                     info: dict | None = None, device: torch.device | str = "cpu") -> Transformer:
+                     info: dict | None = None, device: torch.device | str = "cpu",
+                     native: bool = False) -> Transformer:
     """Only the decoder of a GGUF file or HF folder (no tokenizer), with a context of `ctx_size`
     (default: min(model context, 4096)); `weight_bits` 8 or 4 quantises the linears' weights.
     The weights are built (and cached) on the CPU and moved to `device` one by one.
@@ -176,6 +177,8 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
     if weight_bits is not None:
         check_cpu_only(f"--dtype int{weight_bits}", device)
     info = {} if info is None else info
+    if native:
+        return _load_native(path, ctx_size, info, device, t0)
     info["weight_cache"] = "off"
     use_cache = weightcache.enabled() if weight_cache is None else weight_cache
     key = hit = None
@@ -208,6 +211,27 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
         t = time.perf_counter()
         info["row_policies"] = make_row_invariant(transformer)
         info["row_probe_seconds"] = time.perf_counter() - t
+    return transformer
+
+
+def _load_native(path: Path, ctx_size: int | None, info: dict, device: torch.device, t0: float) -> Transformer:
+    """`--dtype native` (selfspec/models/native.py): the file's blocks, memory-mapped; no weight
+    cache (there is nothing to compute at load), no row probe for the native linears."""
+    from selfspec.models.native import build_native, read_index
+    from selfspec.models.rows import make_row_invariant
+
+    check_cpu_only("--dtype native", device)
+    if path.is_dir():
+        raise SelfspecError(f"--dtype native computes on a GGUF file's blocks; {path} is a folder "
+                            f"(use --dtype fp32, or a .gguf file)")
+    info["weight_cache"] = "off"
+    config, src, raw = read_index(path)
+    transformer, native_info = build_native(config, raw, src, _ctx_limit(config, ctx_size))
+    info.update(native_info)
+    info["weights_seconds"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    info["row_policies"] = make_row_invariant(transformer)  # only fallback (dequantised) linears are probed
+    info["row_probe_seconds"] = time.perf_counter() - t
     return transformer
 
 
@@ -374,6 +398,13 @@ _BIAS_NAMES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo", "w_gate": "b_gate
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:
+    config, src, _ = _read_gguf_tensors(path)
+    return config, src
+
+
+def _read_gguf_tensors(path: Path) -> tuple[ModelConfig, TensorSource, dict]:
+    """(config, fp32 loaders, the reader's tensors) by internal name; the reader's tensors are
+    views of the file's read-only memory map (what `--dtype native` computes on)."""
     try:
         import gguf
 
@@ -392,6 +423,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:
             continue
     config = ModelConfig.from_gguf(meta)
     src: TensorSource = {}
+    raw: dict = {}
     for t in reader.tensors:
         parts = t.name.split(".")
         if parts[0] == "blk" and len(parts) == 4:
@@ -410,7 +442,8 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:
             if name is None:
                 continue
         src[name] = _gguf_loader(t, name, config)
-    return config, src
+        raw[name] = t
+    return config, src, raw
 
 
 def _gguf_loader(t, name: str, config: ModelConfig) -> Callable[[], torch.Tensor]:

@@ -49,7 +49,7 @@ def dense_weight(linear: Linear) -> torch.Tensor:
     same scheme gives the same integer values)."""
     if linear.weight is not None:
         return linear.weight
-    if isinstance(linear, (Int8Linear, Int4Linear)):
+    if isinstance(linear, (Int8Linear, Int4Linear)) or hasattr(linear, "parts"):  # parts: NativeLinear
         return linear.dequantize()
     return linear.packed.to_dense()
 

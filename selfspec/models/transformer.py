@@ -140,7 +140,7 @@ class Transformer:
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[Layer],
                  final_norm: torch.Tensor, lm_head: Linear, max_len: int) -> None:
         self.config = config
-        self.embed = embed  # [vocab, hidden]
+        self.embed = embed  # [vocab, hidden]: a tensor, or selfspec.models.native.NativeEmbedding
         self.layers = layers
         self.final_norm = final_norm
         self.lm_head = lm_head
@@ -159,6 +159,12 @@ class Transformer:
         else:
             self.rope_local = self.rope_global
         self.embed_scale = torch.tensor(c.embed_scale, dtype=self.dtype, device=self.device)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of `tokens` (a tensor, or the file's blocks under --dtype native)."""
+        if isinstance(self.embed, torch.Tensor):
+            return F.embedding(tokens, self.embed)
+        return self.embed.lookup(tokens)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
@@ -192,7 +198,7 @@ class Transformer:
         if T > CHUNK and tree is None:
             return self._chunked(tokens, start, cache, skip, last_only, head, exit_layer, return_hidden)
         end = start + T
-        x = F.embedding(tokens, self.embed)  # [T, hidden]
+        x = self.embed_tokens(tokens)  # [T, hidden]
         if c.embed_scale != 1.0:
             x = x * self.embed_scale
         rows = slice(start, end) if tree is None else start + tree.depth  # rope positions

@@ -1,0 +1,304 @@
+"""`--dtype native`: the GGUF file's own weight blocks, memory-mapped, computed on directly.
+
+Each linear weight stays in its file format (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F32, F16, BF16)
+in the read-only memory map that `gguf.GGUFReader` opens: no fp32 copy, no re-quantisation, no
+weight-cache entry. `NativeLinear` computes y = x W^T with fp32 activations and fp32
+accumulation in our C kernel (selfspec/kernels/qgemm.c), which gives every output element one
+fixed summation order whatever the number of rows: row-invariant by construction, so the row
+probe (selfspec/models/rows.py) is skipped for it. The dequantised weights are those of the
+`gguf` package's dequantisers bit for bit; only the summation order differs from the fp32 path.
+
+A tensor whose format the kernel lacks (or every tensor, when no C compiler built the kernels)
+is dequantised to fp32 at load and takes the fp32 path; `fallback_types` lists those formats
+(reported as `native_fallback` in `--json`). The embedding is looked up by dequantising the
+asked rows; a tied LM head is a `NativeLinear` over the same blocks.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfspec.errors import ModelLoadError
+from selfspec.models.transformer import Layer, Linear, Transformer, make_linear
+
+# Byte offset and count of each block's f16 scale fields: a scale that is not finite (inf/NaN)
+# would turn the whole output row into NaN, so the load refuses it and names the tensor.
+SCALE_FIELDS = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q5_0": (0, 1), "Q8_0": (0, 1), "Q4_K": (0, 2), "Q6_K": (208, 1)}
+# ggml type id -> block size (weights) and bytes per block, for the formats qgemm.c computes on.
+KERNEL_FORMATS = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20),
+                  "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210),
+                  "BF16": (30, 1, 2)}
+_SIMD = 8  # the kernel's vector width: F32/F16/BF16 rows need K % 8 == 0
+
+
+class Blocks:
+    """One GGUF tensor `[rows, K]` as its raw bytes `[rows, row_bytes]` (a view of the map)."""
+
+    def __init__(self, tensor) -> None:
+        import gguf
+
+        self.name = tensor.name
+        self.type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        self.type_name = self.type.name
+        shape = [int(s) for s in tensor.shape.tolist()]  # GGUF order: [K, rows, ...]
+        self.K = shape[0]
+        self.rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        block, size = gguf.GGML_QUANT_SIZES[self.type]
+        if self.K % block:
+            raise ModelLoadError(f"tensor {self.name} has {self.K} columns, not a multiple of its "
+                                 f"{self.type_name} block of {block}")
+        self.row_bytes = self.K // block * size
+        raw = np.asarray(tensor.data)
+        expected = self.rows * self.row_bytes
+        if raw.nbytes != expected or not raw.flags.c_contiguous:
+            raise ModelLoadError(f"tensor {self.name} ({self.type_name}, {self.rows}x{self.K}) holds "
+                                 f"{raw.nbytes} bytes where its shape needs {expected}: the file is truncated "
+                                 f"or corrupt")
+        with warnings.catch_warnings():  # the map is read-only and nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            self.data = torch.from_numpy(raw.view(np.uint8).reshape(self.rows, self.row_bytes))
+        self._check_scales(block, size)
+
+    def _check_scales(self, block: int, size: int) -> None:
+        fields = SCALE_FIELDS.get(self.type_name)
+        if fields is None:
+            return
+        off, n = fields
+        blocks = self.data.numpy().reshape(-1, size)
+        scales = np.ascontiguousarray(blocks[:, off: off + 2 * n]).view(np.float16)
+        bad = ~np.isfinite(scales)
+        if bad.any():
+            i = int(np.argmax(bad.any(axis=1)))
+            raise ModelLoadError(f"tensor {self.name} ({self.type_name}) has a non-finite scale in block {i} "
+                                 f"(row {i // (self.K // block)}): the file is corrupt")
+
+    @property
+    def kernel_ok(self) -> bool:
+        fmt = KERNEL_FORMATS.get(self.type_name)
+        return fmt is not None and self.K % max(fmt[1], _SIMD) == 0
+
+    @property
+    def fmt(self) -> int:
+        return KERNEL_FORMATS[self.type_name][0]
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 `[n, K]` of the given rows (all by default), by the `gguf` package (the reference)."""
+        import gguf
+
+        raw = self.data.numpy() if rows is None else self.data.numpy()[rows.cpu().numpy()]
+        return torch.from_numpy(np.array(gguf.quants.dequantize(raw, self.type), dtype=np.float32)).reshape(-1, self.K)
+
+
+def _lib():
+    from selfspec import kernels
+
+    return kernels.library()
+
+
+class NativeLinear(Linear):
+    """y = x W^T (+ b) on one or more `Blocks` side by side (a fused q|k|v keeps each part's
+    format). `maps[i]`: the order in which part i's rows are read (None: file order)."""
+
+    kernel = "gguf-native"
+    row_invariant = True  # one fixed summation order per output element (qgemm.c)
+
+    def __init__(self, parts: list[Blocks], bias: torch.Tensor | None = None,
+                 maps: list[torch.Tensor | None] | None = None) -> None:
+        Ks = {p.K for p in parts}
+        if len(Ks) != 1:
+            raise ModelLoadError(f"fused tensors {[p.name for p in parts]} differ in columns: {sorted(Ks)}")
+        self.parts = parts
+        self.maps = [None if m is None else m.to(torch.int32).contiguous() for m in (maps or [None] * len(parts))]
+        self.weight = None
+        self.bias = bias
+        self.in_features = parts[0].K
+        self.out_features = sum(p.rows for p in parts)
+        self.nbytes = sum(p.data.nbytes for p in parts) + (bias.nbytes if bias is not None else 0)
+        self.types = sorted({p.type_name for p in parts})
+        n = len(parts)
+        self._args = ((ctypes.c_int * n)(*(p.fmt for p in parts)),
+                      (ctypes.c_void_p * n)(*(p.data.data_ptr() for p in parts)),
+                      (ctypes.c_int64 * n)(*(p.rows for p in parts)),
+                      (ctypes.c_void_p * n)(*(None if m is None else m.data_ptr() for m in self.maps)))
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
+        M = x2.shape[0]
+        y = torch.empty(M, self.out_features, dtype=torch.float32, device="cpu")
+        if M:
+            rc = _lib().selfspec_qgemm(len(self.parts), *self._args, self.in_features, x2.data_ptr(), M, y.data_ptr())
+            if rc != 0:
+                raise RuntimeError(f"the native kernel rejected {self.types} weights (code {rc})")
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight `[out, in]` (for the row probe's and precision drafts' dense views)."""
+        ws = [p.dequantize() if m is None else p.dequantize()[m.long()] for p, m in zip(self.parts, self.maps)]
+        return torch.cat(ws)
+
+
+class NativeEmbedding:
+    """The token embedding as file blocks; `lookup` dequantises only the asked rows (the same
+    values as the fp32 path's embedding, bit for bit)."""
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, blocks: Blocks) -> None:
+        self.blocks = blocks
+        self.shape = (blocks.rows, blocks.K)
+        self.nbytes = blocks.data.nbytes
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1).to(device="cpu", dtype=torch.int64).contiguous()
+        lib = _lib()
+        if lib is None or not self.blocks.kernel_ok:
+            return self.blocks.dequantize(ids).reshape(*tokens.shape, self.shape[1])
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
+            raise IndexError(f"token id out of range of the {self.shape[0]}-row embedding")
+        out = torch.empty(ids.numel(), self.shape[1], dtype=torch.float32)
+        if lib.selfspec_dequant_rows(self.blocks.fmt, self.blocks.data.data_ptr(), self.shape[1], ids.data_ptr(),
+                                     ids.numel(), out.data_ptr()) != 0:
+            raise RuntimeError(f"the native kernel cannot read {self.blocks.type_name} embeddings")
+        return out.reshape(*tokens.shape, self.shape[1])
+
+
+# ----------------------------------------------------------------------------------- the index
+class RawTensor:
+    """What the loaders read of a `gguf.ReaderTensor` (name, tensor_type, shape, data), made from
+    the cached index over one read-only memory map of the file."""
+
+    def __init__(self, name: str, tensor_type, shape: list[int], data: np.ndarray) -> None:
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, np.array(shape), data
+
+
+INDEX_VERSION = 1
+
+
+def read_index(path) -> tuple:
+    """(config, fp32 loaders, raw tensors) of a GGUF file for `--dtype native`.
+
+    `gguf.GGUFReader` parses every metadata field up front, the tokenizer's 49k-262k strings
+    included: 5-20 s here, against milliseconds for the weights themselves. So its result (the
+    config and each tensor's type, shape and byte range) is cached once per file version in
+    `SELFSPEC_CACHE/native/` and a warm load maps the file and slices it."""
+    import gguf
+
+    from selfspec.models.config import ModelConfig
+    from selfspec.models.loading import _gguf_loader, _read_gguf_tensors, file_key
+    from selfspec.paths import atomic_write_json, cache_dir
+
+    path = Path(path)
+    index_file = cache_dir() / "native" / f"{file_key(path)}.json"
+    try:
+        index = json.loads(index_file.read_text())
+        if index.get("version") != INDEX_VERSION:
+            index = None
+    except (OSError, ValueError):
+        index = None
+    if index is None:
+        config, _, raw = _read_gguf_tensors(path)
+        index = {"version": INDEX_VERSION, "source": str(path), "config": config.to_dict(),
+                 "tensors": {n: {"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape.tolist()],
+                                 "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for n, t in raw.items()}}
+        try:
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(index_file, index, indent=None)
+        except OSError:
+            pass  # a read-only cache folder: the next load parses again
+    config = ModelConfig.from_dict(index["config"])
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    raw, src = {}, {}
+    for name, e in index["tensors"].items():
+        if e["offset"] + e["nbytes"] > mm.size:
+            raise ModelLoadError(f"tensor {e['name']} needs bytes {e['offset']}..{e['offset'] + e['nbytes']} of {path}, "
+                                 f"which has {mm.size}: the file is truncated")
+        t = RawTensor(e["name"], gguf.GGMLQuantizationType(e["type"]), e["shape"],
+                      mm[e["offset"]: e["offset"] + e["nbytes"]])
+        raw[name] = t
+        src[name] = _gguf_loader(t, name, config)
+    return config, src, raw
+
+
+# ------------------------------------------------------------------------------------- building
+def build_native(config, tensors: dict, src: dict, max_len: int) -> tuple[Transformer, dict]:
+    """The decoder over the file's blocks. `tensors`: internal name -> the reader's tensor;
+    `src`: internal name -> fp32 loader (selfspec/models/loading.py), used for norms, biases and
+    the formats the kernel lacks. Returns (decoder, info) with info["native_fallback"]: the
+    formats dequantised to fp32 (empty when every linear runs natively)."""
+    from selfspec.models.loading import _unpermute
+
+    c = config
+    lib_ok = _lib() is not None
+    fallback: Counter = Counter()
+    native_types: Counter = Counter()
+
+    def get(name, required=True):
+        if name not in src:
+            if required:
+                raise ModelLoadError(f"the model file lacks tensor {name!r}")
+            return None
+        return src[name]()
+
+    def row_map(name: str, rows: int) -> torch.Tensor | None:
+        if c.arch == "llama" and name.split(".")[-1] in ("wq", "wk"):
+            heads = c.n_heads if name.endswith("wq") else c.n_kv_heads
+            return _unpermute(torch.arange(rows).unsqueeze(1), heads).squeeze(1)
+        return None
+
+    def linear(names: list[str], bias_names: list[str], expected_rows: list[int] | None = None) -> Linear:
+        for n in names:
+            if n not in tensors:
+                raise ModelLoadError(f"the model file lacks tensor {n!r}")
+        parts = [Blocks(tensors[n]) for n in names]
+        for n, p, rows in zip(names, parts, expected_rows or [None] * len(parts)):
+            if p.K != c.hidden and n.split(".")[-1] in ("wq", "wk", "wv", "w_gate", "w_up"):
+                raise ModelLoadError(f"tensor {n} has {p.K} columns, expected {c.hidden} from the model config")
+            if rows is not None and p.rows != rows:
+                raise ModelLoadError(f"tensor {n} has {p.rows} rows, expected {rows} from the model config")
+        biases = [get(b, required=False) for b in bias_names]
+        if any(b is not None for b in biases) and any(b is None for b in biases):
+            raise ModelLoadError(f"only some of {names} have a bias")
+        bias = torch.cat(biases).float().contiguous() if biases and biases[0] is not None else None
+        if lib_ok and all(p.kernel_ok for p in parts):
+            native_types.update(p.type_name for p in parts)
+            return NativeLinear(parts, bias, [row_map(n, p.rows) for n, p in zip(names, parts)])
+        fallback.update(p.type_name for p in parts if not (lib_ok and p.kernel_ok))
+        weight = torch.cat([get(n) for n in names]).float().contiguous()
+        return make_linear(weight, bias)
+
+    if "embed" not in tensors:
+        raise ModelLoadError("the model file lacks tensor 'embed'")
+    embed_blocks = Blocks(tensors["embed"])
+    if (embed_blocks.rows, embed_blocks.K) != (c.vocab_size, c.hidden):
+        raise ModelLoadError(f"tensor embed has shape {(embed_blocks.rows, embed_blocks.K)}, expected "
+                             f"{(c.vocab_size, c.hidden)} from the model config")
+    layers = []
+    for i in range(c.n_layers):
+        p = f"L{i}."
+        norms = {n: (t.float().contiguous() if (t := get(p + n, required=False)) is not None else None)
+                 for n in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")}
+        layers.append(Layer(
+            attn_norm=get(p + "attn_norm").float().contiguous(),
+            wqkv=linear([p + "wq", p + "wk", p + "wv"], [p + "bq", p + "bk", p + "bv"],
+                        [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim]),
+            wo=linear([p + "wo"], [p + "bo"], [c.hidden]),
+            ffn_norm=get(p + "ffn_norm").float().contiguous(),
+            w_gate_up=linear([p + "w_gate", p + "w_up"], [p + "b_gate", p + "b_up"], [c.intermediate] * 2),
+            w_down=linear([p + "w_down"], [p + "b_down"], [c.hidden]),
+            **norms))
+    if "lm_head" in tensors:
+        lm_head = linear(["lm_head"], [], [c.vocab_size])
+    else:
+        lm_head = linear(["embed"], [], [c.vocab_size])  # tied: the embedding's blocks
+    tr = Transformer(c, NativeEmbedding(embed_blocks), layers, get("final_norm").float().contiguous(), lm_head,
+                     max_len)
+    return tr, {"native_types": dict(native_types), "native_fallback": sorted(fallback)}

@@ -1,0 +1,291 @@
+"""`--dtype native` (selfspec/models/native.py, selfspec/kernels/qgemm.c): the kernel on every
+block format against the `gguf` package's dequantiser followed by a float64 matmul, bitwise row
+invariance for M = 1..9 (and past the kernel's 12-row slab), odd shapes, and the real SmolLM2
+against its fp32 load: logits, greedy tokens, every drafter lossless on top."""
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from selfspec import kernels
+from selfspec.errors import SelfspecError
+from selfspec.models import native
+
+FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32", "F16", "BF16")
+# byte offset and count of each block's f16 scale fields (kept finite and small in random blocks)
+_F16_FIELDS = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q5_0": (0, 1), "Q8_0": (0, 1), "Q4_K": (0, 2), "Q6_K": (208, 1)}
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no compiled kernel: {kernels.kernel_status()}")
+
+
+def random_blocks(tname: str, rows: int, K: int, rng: np.random.Generator):
+    """Random `[rows, row_bytes]` blocks of format `tname` (every quant bit random, scales finite)."""
+    t = gguf.GGMLQuantizationType[tname]
+    if tname in ("F32", "F16", "BF16"):
+        w = rng.standard_normal((rows, K)).astype(np.float32)
+        raw = {"F32": lambda: w.view(np.uint8), "F16": lambda: w.astype(np.float16).view(np.uint8),
+               "BF16": lambda: (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)}[tname]()
+        return raw.reshape(rows, -1).copy(), t
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, (rows, K // block, size), dtype=np.uint8)
+    off, n = _F16_FIELDS[tname]
+    scales = (rng.uniform(0.5, 2.0, (rows, K // block, n)) * 0.01).astype(np.float16)
+    raw[:, :, off: off + 2 * n] = scales.view(np.uint8).reshape(rows, K // block, 2 * n)
+    return raw.reshape(rows, -1), t
+
+
+def linear_of(raw: np.ndarray, t, rows: int, K: int) -> native.NativeLinear:
+    return native.NativeLinear([native.Blocks(native.RawTensor("w", t, [K, rows], raw))])
+
+
+def reference(raw: np.ndarray, t, rows: int, K: int, x: torch.Tensor) -> torch.Tensor:
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float32)).reshape(rows, K)
+    return (x.double() @ w.double().t()).float()
+
+
+def _block(tname: str) -> int:
+    return max(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tname]][0], 8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", FORMATS)
+@pytest.mark.parametrize("shape", ["37x2block", "1xblock", "5x3block"])
+def test_kernel_matches_dequantised_matmul(tname, shape):
+    rows, nblocks = {"37x2block": (37, 2), "1xblock": (1, 1), "5x3block": (5, 3)}[shape]
+    K = nblocks * _block(tname) * (8 if _block(tname) < 32 else 1)  # F32/F16/BF16: K = 64..192
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(1))
+    x = torch.randn(9, K, generator=torch.Generator().manual_seed(0))
+    y = linear_of(raw, t, rows, K)(x)
+    ref = reference(raw, t, rows, K, x)
+    err = (y - ref).abs().max().item()
+    # fp32 accumulation in another order than float64: a few ulps of the largest partial sums
+    bound = 1e-5 * (x.abs() @ torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float32))
+                    .reshape(rows, K).abs().t()).max().item()
+    print(f"{tname} {rows}x{K}: max |y - ref| = {err:.3g} (bound {bound:.3g})")
+    assert err <= bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", FORMATS)
+def test_row_invariant_bitwise(tname):
+    """Row i of an M-row call equals the 1-row call on that row, bit for bit, for M = 1..9 and
+    past the 12-row slab (13, 64): one fixed summation order per output element."""
+    K = 2 * _block(tname) * (8 if _block(tname) < 32 else 1)
+    rows = 11  # not a multiple of the kernel's 4-row group
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(2))
+    lin = linear_of(raw, t, rows, K)
+    x = torch.randn(64, K, generator=torch.Generator().manual_seed(3))
+    single = [lin(x[i: i + 1].clone()) for i in range(64)]
+    for m in (*range(1, 10), 13, 64):
+        y = lin(x[:m].clone())
+        for i in range(m):
+            assert torch.equal(y[i: i + 1], single[i]), f"{tname}: row {i} of an {m}-row call differs"
+
+
+@pytest.fixture
+def isa_paths():
+    """Both dequantiser paths of this machine, ["avx2"] or ["avx2", "avx512"]; the machine's own
+    is restored afterwards. An AVX2 machine says the AVX-512 path was not run."""
+    lib = kernels.library()
+    paths = ["avx2"] + (["avx512"] if lib.selfspec_qgemm_isa(1) else [])
+    if len(paths) == 1:
+        print("this CPU has no AVX-512: the AVX-512 dequantisers were not run")
+
+    def use(path: str) -> None:
+        assert lib.selfspec_qgemm_isa(int(path == "avx512")) == int(path == "avx512")
+
+    yield paths, use
+    kernels.set_qgemm_isa(lib)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", FORMATS)
+def test_isa_paths_give_the_same_bits(tname, isa_paths):
+    """The AVX-512 dequantisers (table lookups) give the AVX2 path's outputs bit for bit, for
+    every row count: one model, one answer, on both machine families."""
+    paths, use = isa_paths
+    K, rows = 3 * _block(tname) * (8 if _block(tname) < 32 else 1), 9
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(7))
+    lin = linear_of(raw, t, rows, K)
+    emb = native.NativeEmbedding(lin.parts[0])
+    x = torch.randn(13, K, generator=torch.Generator().manual_seed(8))
+    out = {}
+    for path in paths:
+        use(path)
+        out[path] = [lin(x[:m].clone()) for m in (1, 2, 9, 13)] + [emb.lookup(torch.arange(rows))]
+    for path in paths[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out["avx2"], out[path])), f"{tname}: {path} != avx2"
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", FORMATS)
+def test_embedding_rows_equal_gguf_dequantiser(tname):
+    """The C dequantisers give the `gguf` package's values bit for bit (so the native embedding
+    equals the fp32 path's, and the weights the kernel multiplies are the file's)."""
+    K, rows = 2 * _block(tname) * (8 if _block(tname) < 32 else 1), 7
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(4))
+    emb = native.NativeEmbedding(native.Blocks(native.RawTensor("e", t, [K, rows], raw)))
+    ids = torch.tensor([3, 0, 6, 3])
+    want = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float32)).reshape(rows, K)[ids]
+    assert torch.equal(emb.lookup(ids), want)
+
+
+def test_truncated_tensor_is_a_clear_error():
+    raw, t = random_blocks("Q4_K", 4, 512, np.random.default_rng(5))
+    with pytest.raises(SelfspecError, match="truncated or corrupt"):
+        native.Blocks(native.RawTensor("blk.0.ffn_down.weight", t, [512, 4], raw.reshape(-1)[:-10]))
+
+
+@pytest.mark.parametrize("tname", ["Q4_1", "Q6_K"])
+def test_bad_scale_is_a_clear_error(tname):
+    raw, t = random_blocks(tname, 3, 512, np.random.default_rng(6))
+    raw = raw.copy()
+    off = native.SCALE_FIELDS[tname][0]
+    block_bytes = gguf.GGML_QUANT_SIZES[t][1]
+    raw.reshape(-1, block_bytes)[5, off: off + 2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    with pytest.raises(SelfspecError, match="non-finite scale in block 5"):
+        native.Blocks(native.RawTensor("blk.1.attn_q.weight", t, [512, 3], raw))
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    from selfspec.models.loading import load_transformer
+    from selfspec.models.registry import REGISTRY
+
+    src = REGISTRY["smollm2-135m"].path()
+    bad = tmp_path / "cut.gguf"
+    shutil.copyfile(src, bad)
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size * 3 // 5)
+    with pytest.raises(SelfspecError):
+        load_transformer(bad, native=True)
+
+
+# ------------------------------------------------------------------------- the real SmolLM2
+N_GREEDY = 32
+
+
+@pytest.fixture(scope="module")
+def smollm_native(smollm_in):
+    model = smollm_in("native")
+    assert model.dtype == "native" and model.kernel.startswith("gguf-native"), model.kernel
+    return model
+
+
+def _greedy(model, ids: list[int], n: int):
+    tr, cache = model.transformer, model.fresh_cache()
+    logits = [tr.forward(torch.tensor(ids), 0, cache)[-1:]]
+    toks = [int(logits[-1].argmax())]
+    for i in range(n - 1):
+        logits.append(tr.forward(torch.tensor(toks[-1:]), len(ids) + i, cache))
+        toks.append(int(logits[-1].argmax()))
+    return toks, torch.cat(logits)
+
+
+@needs_kernel
+def test_smollm_native_matches_fp32(smollm, smollm_native):
+    from prompts import PROMPTS
+
+    assert smollm_native.load_info["native_fallback"] == []
+    ids = smollm.encode(PROMPTS[0])
+    tok_n, log_n = _greedy(smollm_native, ids, N_GREEDY)
+    tok_f, log_f = _greedy(smollm, ids, N_GREEDY)
+    delta = (log_n - log_f).abs().max().item()
+    print(f"SmolLM2 native vs fp32 over {N_GREEDY} greedy steps: max |Δlogit| = {delta:.3g}")
+    assert delta <= 1e-3
+    assert tok_n == tok_f
+
+
+def _check_drafters(model, drafters, prompts, n_new=24):
+    from lossless import assert_lossless
+    from selfspec.generation import generate
+
+    for prompt in prompts:
+        plain = generate(model, prompt, max_new_tokens=n_new)
+        for d in drafters():
+            spec = generate(model, prompt, max_new_tokens=n_new, drafter=d)
+            assert_lossless(plain.token_ids, spec.token_ids, f"native {d.name} on {prompt[:30]!r}")
+            assert spec.stats.dtype == "native"
+
+
+@needs_kernel
+def test_smollm_native_drafters_lossless(smollm_native):
+    from prompts import PROMPTS
+    from selfspec.drafters.layerskip import LayerSkipDrafter
+    from selfspec.drafters.ngram import NgramDrafter
+
+    _check_drafters(smollm_native, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(smollm_native)), PROMPTS[:1])
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_smollm_native_precision_draft_lossless(smollm_native):
+    """A precision self-draft over native weights: int4 copies (dequantised from the blocks,
+    re-quantised) draft, the file's blocks verify."""
+    from prompts import PROMPTS
+    from selfspec.drafters.layerskip import SkipConfig
+    from selfspec.drafters.quantized import QuantizedSelfDrafter
+
+    m = smollm_native
+    n = m.config.n_layers
+    _check_drafters(m, lambda: (QuantizedSelfDrafter.for_model(
+        m, SkipConfig(model=m.name, n_layers=n, attention=(n // 2,)), bits=4, max_draft=6),), PROMPTS[:2])
+    from selfspec.drafters.layerskip import LayerSkipDrafter
+    from selfspec.drafters.ngram import NgramDrafter
+
+    _check_drafters(m, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(m)), PROMPTS[1:4])
+
+
+@needs_kernel
+def test_native_forward_row_invariant(smollm_native):
+    """A 9-token pass's rows are the 1-token passes at those positions, bitwise (the whole
+    forward: native linears, native head, fixed-order attention)."""
+    m = smollm_native
+    tr = m.transformer
+    ids = torch.tensor(m.encode("The quick brown fox jumps over the lazy dog because"))
+    cache = m.fresh_cache()
+    tr.forward(ids[:-9], 0, cache)
+    start = len(ids) - 9
+    batch = tr.forward(ids[start:], start, cache)
+    for i in range(9):
+        cache.rollback(start + i)
+        one = tr.forward(ids[start + i: start + i + 1], start + i, cache)
+        assert torch.equal(one, batch[i: i + 1]), f"row {i}"
+
+
+def test_without_kernel_native_falls_back_to_fp32(monkeypatch, smollm):
+    """No compiled kernel: every tensor is dequantised to fp32 (the probed fp32 path), the
+    formats are named in `native_fallback`, and the output is the fp32 model's."""
+    from selfspec.models.loading import load_transformer
+    from selfspec.models.registry import REGISTRY
+
+    monkeypatch.setattr(native, "_lib", lambda: None)
+    info: dict = {}
+    tr = load_transformer(REGISTRY["smollm2-135m"].path(), native=True, info=info, ctx_size=256)
+    assert info["native_fallback"] == ["Q4_1", "Q8_0"] and not info["native_types"]
+    assert not any(isinstance(lin, native.NativeLinear) for lin in (tr.layers[0].wqkv, tr.lm_head))
+    ids = torch.tensor(smollm.encode("Name three colours."))
+    ref = smollm.transformer.forward(ids, 0, smollm.fresh_cache(), last_only=True)
+    got = tr.forward(ids, 0, tr.new_cache(256), last_only=True)
+    assert int(got.argmax()) == int(ref.argmax())
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_gemma_native_matches_fp32(gemma):
+    """Gemma-3's Q5_0/Q8_0/Q4_K/Q6_K mix against its fp32 load (measured: max |Δlogit| 4e-5)."""
+    from conftest import _load
+    from prompts import PROMPTS
+
+    nat = _load("gemma3-270m", "native")
+    assert nat.load_info["native_fallback"] == []
+    ids = gemma.encode(PROMPTS[0])
+    tok_n, log_n = _greedy(nat, ids, N_GREEDY)
+    tok_f, log_f = _greedy(gemma, ids, N_GREEDY)
+    delta = (log_n - log_f).abs().max().item()
+    print(f"Gemma-3 native vs fp32 over {N_GREEDY} greedy steps: max |Δlogit| = {delta:.3g}")
+    assert delta <= 1e-3
+    assert tok_n == tok_f
