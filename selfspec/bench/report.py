@@ -130,6 +130,21 @@ def write_report(results: dict, out_dir: Path) -> Path:
         state = info["status"] + (f": {info['reason']}" if info.get("reason") else "")
         lines.append(f"| `{m}` | {state} | {_fmt(info.get('load_seconds'), '.1f')} | "
                      f"{_fmt(row and row['prefill_seconds'], '.3f')} | {_fmt(rss, '.0f')} | {ratio} |")
+    engines = [(m, status[m]["engine"]) for m in methods if status[m].get("engine")]
+    if engines:
+        lines += ["", "## Engine builds", ""]
+        for m, e in engines:
+            build = e.get("build") or {}
+            parts = [f"{e.get('engine')} {e.get('version') or '?'}"]
+            if e.get("openvino"):
+                parts.append(f"OpenVINO {e['openvino']}, precision {e.get('precision')} (CPU default hint "
+                             f"{e.get('inference_precision')}), CPU capabilities {', '.join(e.get('cpu_capabilities', []))}")
+            if "build" in e:
+                parts.append(f"built here for {build.get('isa')} ({', '.join(build.get('flags', []))}), "
+                             f"{build.get('cmake_args')}" if build else "not built by `make extras` on this machine")
+            if e.get("system_info"):
+                parts.append(f"system info: `{e['system_info'].strip()}`")
+            lines.append(f"- `{m}`: " + "; ".join(parts) + f"; this machine's ISA: {e.get('machine_isa')}")
     charts = _charts(s, results, out_dir)
     if charts:
         lines += [""] + [f"![{name}]({name})" for name in charts]

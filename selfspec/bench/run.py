@@ -173,6 +173,7 @@ class Runner:
     tokenizer = None
     chat = False
     load_seconds = 0.0
+    info: dict = {}  # which engine build runs the method (version, instruction set, precision...)
 
     def generate(self, prompt_ids: list[int], settings: BenchSettings) -> TurnResult:
         raise NotImplementedError
@@ -354,6 +355,13 @@ class LlamaCppRunner(Runner):
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
         self.stop = {self.llm.token_eos(), getattr(self.tokenizer, "eos_token_id", None)} - {None}
         self.load_seconds = time.perf_counter() - t0
+        from selfspec.bench.extras import build_info
+        from selfspec.hardware import isa
+
+        system = llama_cpp.llama_print_system_info()
+        self.info = {"engine": "llama-cpp-python", "version": getattr(llama_cpp, "__version__", None),
+                     "machine_isa": isa(), "build": build_info(),  # None: not built by `make extras` here
+                     "system_info": system.decode() if isinstance(system, bytes) else str(system)}
 
     def generate(self, prompt_ids, settings):
         kw = dict(temp=settings.temperature, top_k=settings.top_k if settings.temperature > 0 else 1,
@@ -450,7 +458,16 @@ class OpenVINORunner(Runner):
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
         self.eos = {getattr(self.tokenizer, "eos_token_id", None)} - {None}
         self.load_seconds = time.perf_counter() - t0
-        self.version = getattr(og, "__version__", None)
+        import openvino as ov
+
+        from selfspec.hardware import isa
+
+        core = ov.Core()
+        self.info = {"engine": "openvino-genai", "version": getattr(og, "__version__", None),
+                     "openvino": ov.get_version(), "architecture": arch, "machine_isa": isa(),
+                     "precision": precision or "default",
+                     "inference_precision": _ov_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+                     "cpu_capabilities": [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]}
 
     def generate(self, prompt_ids, settings):
         import numpy as np
@@ -502,6 +519,10 @@ class OpenVINORunner(Runner):
         # calls stand in for rounds (τ); plain decoding has no rounds to count
         return TurnResult(result, self.tokenizer.decode(result, skip_special_tokens=True), first - t0,
                           max(last - first, 1e-9), rounds=len(times) if self.kind != "openvino" else 0)
+
+
+def _ov_name(value) -> str:
+    return value.to_string() if hasattr(value, "to_string") else str(value)
 
 
 class OpenAIRunner(Runner):
@@ -618,7 +639,7 @@ def run_method(spec: MethodSpec, settings: BenchSettings, prompts: list[Prompt],
     except Unavailable as e:
         emit({"event": "unavailable", "reason": str(e), "status": e.status})
         return
-    emit({"event": "loaded", "load_seconds": runner.load_seconds})
+    emit({"event": "loaded", "load_seconds": runner.load_seconds, "engine": runner.info})
     if settings.warmup:  # first forward passes pay one-off kernel and allocator set-up
         runner.warm_up(settings)
     for prompt in prompts:
@@ -729,6 +750,8 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
                 kind = ev["event"]
                 if kind == "loaded":
                     status["load_seconds"] = ev["load_seconds"]
+                    if ev.get("engine"):
+                        status["engine"] = ev["engine"]
                 elif kind == "run":
                     runs.append(ev["run"])
                     done += 1
