@@ -50,6 +50,18 @@ def _say(msg: str) -> None:
     print(f"llama.cpp: {msg}", file=sys.stderr, flush=True)
 
 
+def _progress(log: Path) -> str:
+    """The compiler's latest `[ 42%]` step in the build log (pip -v passes CMake's output on)."""
+    import re
+
+    try:
+        tail = log.read_bytes()[-20000:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    steps = re.findall(r"\[\s*(\d+)%\]", tail)
+    return f", {steps[-1]}% of llama.cpp compiled" if steps else ""
+
+
 def build_wheel() -> Path:
     """The cached wheel for this machine, built first if there is none (progress on stderr)."""
     from selfspec.hardware import cpu_info, isa
@@ -68,14 +80,14 @@ def build_wheel() -> Path:
          f"with {jobs} jobs, once for this machine (about 15 minutes on 2 cores); log: {log}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary=llama-cpp-python",
+        proc = subprocess.Popen([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-binary=llama-cpp-python",
                                  f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-w", tmp], stdout=err,
                                 stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                _say(f"still building, {time.perf_counter() - t0:.0f} s")
+                _say(f"still building, {time.perf_counter() - t0:.0f} s{_progress(log)}")
         if proc.returncode != 0:
             raise SystemExit(f"llama.cpp: the build failed (status {proc.returncode}); see {log}")
         built = next(Path(tmp).glob("llama_cpp_python-*.whl"))
