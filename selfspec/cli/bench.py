@@ -19,7 +19,9 @@ def bench(
     model=MODEL,
     suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
     methods: Annotated[str, typer.Option(help="Comma-separated methods: ar (= none), auto, layer-skip, ngram, draft-model "
-                                              "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup; options as "
+                                              "(= model), quantized, hf, hf-lookup, llama-cpp, llama-cpp-lookup, openvino, openvino-lookup, "
+                                              "openvino-spec:draft=ALIAS, openai:url=URL[,model=NAME,key_env=VAR] "
+                                              "(peers need make extras); options as openvino:precision=f32, "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
                                               "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
