@@ -212,3 +212,25 @@ def test_openvino_real_run_on_smollm2(tmp_path):
     assert runs and all(r["same_as_own_plain"] is True and r["tokens_per_s"] > 0 and r["new_tokens"] > 0
                         for r in runs)
     assert all(isinstance(r["same_as_own_plain"], bool) for r in results["runs"] if r["method"] == "openvino-lookup")
+
+
+# ------------------------------------------------------------------------------ llama.cpp build
+def test_llama_cpp_build_is_keyed_by_isa_and_reused(tmp_path, monkeypatch, capsys):
+    from selfspec.bench import extras
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    key = extras.build_key()
+    assert key.startswith(extras.LLAMA_CPP_VERSION + "-") and key.split("-")[1] in ("avx512", "avx2", "default")
+    folder = tmp_path / "llama-cpp" / key
+    folder.mkdir(parents=True)
+    wheel = folder / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt although this machine's build is cached")
+
+    monkeypatch.setattr(extras.subprocess, "Popen", no_build)
+    assert extras.build_wheel() == wheel
+    assert f"reusing the build for {key}" in capsys.readouterr().err
+    (folder / "build.json").write_text(json.dumps({"isa": "avx512", "flags": ["avx2"]}))
+    assert extras.build_info()["isa"] == "avx512"
