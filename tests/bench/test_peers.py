@@ -200,9 +200,9 @@ def test_gguf_architecture_reads_the_header():
 
 
 @pytest.mark.slow
-def test_openvino_real_run_on_smollm2(tmp_path):
+def test_openvino_real_run_on_smollm2(suite, tmp_path):
     pytest.importorskip("openvino_genai", reason="openvino-genai not installed (make extras)")
-    settings = BenchSettings(model="smollm2-135m", suite="quick", methods=["ar", "openvino", "openvino-lookup"],
+    settings = BenchSettings(model="smollm2-135m", suite=str(suite), methods=["ar", "openvino", "openvino-lookup"],
                              max_new_tokens=16, threads=2)
     results = run_bench(settings, tmp_path / "out", progress=False)  # one process per method
     status = {m["method"]: m for m in results["methods"]}
