@@ -127,7 +127,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         info, row = status[m], table.get(m, {}).get(ALL)
         rss = info.get("peak_rss_mb")
         ratio = f"{rss / base_rss - 1:+.1%}" if rss and base_rss else "–"
-        state = info["status"] + (f": {info['reason']}" if info.get("reason") else "")
+        state = info["status"] + (f": {_one_line(info['reason'])}" if info.get("reason") else "")
         lines.append(f"| `{m}` | {state} | {_fmt(info.get('load_seconds'), '.1f')} | "
                      f"{_fmt(row and row['prefill_seconds'], '.3f')} | {_fmt(rss, '.0f')} | {ratio} |")
     engines = [(m, status[m]["engine"]) for m in methods if status[m].get("engine")]
@@ -151,6 +151,11 @@ def write_report(results: dict, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _one_line(text: str | None) -> str:
+    """A reason fit for a table cell: a multi-line error message on one line, pipes escaped."""
+    return " ".join((text or "").split()).replace("|", "\\|")
 
 
 def _same_cell(row: dict | None, key: str, pids: str, loud: bool) -> str:
@@ -190,7 +195,7 @@ def _ranking(methods, table, status, ours, plain) -> list[str]:
         if m not in ran:
             info = status[m]
             out.append(f"| – | `{m}` | {'selfspec' if m in ours else info['kind'].split('-')[0]} | "
-                       f"{info['status']}: {info.get('reason') or ''} | | | |")
+                       f"{info['status']}: {_one_line(info.get('reason'))} | | | |")
     return out + [""]
 
 

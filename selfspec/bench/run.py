@@ -448,6 +448,9 @@ class OpenVINORunner(Runner):
             kw["prompt_lookup"] = True
         elif spec.kind == "openvino-spec":
             draft = _model_path(spec.options["draft_model"])
+            if not draft.is_dir():  # 2026.4: draft_model() opens DIR/openvino_model.xml, no GGUF reader
+                raise Unavailable(f"OpenVINO GenAI's draft_model() reads an exported OpenVINO IR folder "
+                                  f"(optimum-cli export openvino), not a GGUF file ({draft.name})", "not supported")
             kw["draft_model"] = og.draft_model(str(draft), "CPU", **props)
         try:
             self.pipe = og.LLMPipeline(str(path), "CPU", **kw)
