@@ -67,6 +67,7 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "online": (("online",), "skip sets found on the fly (--skip-config online), per model, dtype and skip ratio"),
     "compiled": (("inductor",), "torch.compile kernels (--compile)"),
     "kernels": (("kernels",), "selfspec's own C kernels (exact attention), built for this machine's compiler"),
+    "openvino": (("openvino",), "OpenVINO IR folders converted once from GGUF files by OpenVINO GenAI (bench peers)"),
     "llama-cpp": (("llama-cpp",), "llama-cpp-python wheels built once per instruction set (`make extras`)"),
     "rows": (("rows.json",), "per-machine probe of which linears need single rows padded to stay row-invariant"),
 }

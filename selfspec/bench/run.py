@@ -409,6 +409,45 @@ def gguf_architecture(path: Path) -> str | None:
         return None
 
 
+def ov_model_dir(gguf: Path) -> Path:
+    """An OpenVINO IR folder of a GGUF file, written once by OpenVINO GenAI's own GGUF reader
+    (`enable_save_ov_model`) into the cache folder (`openvino/`), in a separate process so that
+    the conversion's memory does not count in the method's peak RSS. Every openvino method loads
+    this same converted model (its draft_model() reads IR folders only)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import openvino_genai as og
+
+    from selfspec.paths import cache_dir
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()};{st.st_size};{st.st_mtime_ns};{og.__version__}".encode()).hexdigest()[:12]
+    out = cache_dir() / "openvino" / f"{gguf.stem}-{key}"
+    if (out / "openvino_model.xml").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        (tmp / "model.gguf").symlink_to(gguf.resolve())
+        code = ("import sys, openvino_genai as og; "
+                "og.LLMPipeline(sys.argv[1], 'CPU', enable_save_ov_model=True)")
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp / "model.gguf")], capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "openvino_model.xml").is_file():
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Check")]
+            reason = next((ln for ln in reversed(lines) if "Error" in ln or "failed" in ln), lines[-1] if lines else "?")
+            raise Unavailable(f"OpenVINO GenAI could not read {gguf.name}: {reason}", "not supported")
+        (tmp / "model.gguf").unlink()
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            pass
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class OpenVINORunner(Runner):
     """OpenVINO GenAI's `LLMPipeline` reading the same GGUF, fed the same prompt token ids (an
     `ov.Tensor`; the chat template is applied once, by us), greedy or sampled with its own
@@ -444,19 +483,15 @@ class OpenVINORunner(Runner):
         self.kind = spec.kind
         t0 = time.perf_counter()
         kw = dict(props)
+        ir = ov_model_dir(path)  # its own GGUF reader's model, converted once and cached
         if spec.kind == "openvino-lookup":
             kw["prompt_lookup"] = True
-        elif spec.kind == "openvino-spec":
+        elif spec.kind == "openvino-spec":  # draft_model() opens an IR folder only: convert the draft too
             draft = _model_path(spec.options["draft_model"])
-            if not draft.is_dir():  # 2026.4: draft_model() opens DIR/openvino_model.xml, no GGUF reader
-                raise Unavailable(f"OpenVINO GenAI's draft_model() reads an exported OpenVINO IR folder "
-                                  f"(optimum-cli export openvino), not a GGUF file ({draft.name})", "not supported")
-            kw["draft_model"] = og.draft_model(str(draft), "CPU", **props)
-        try:
-            self.pipe = og.LLMPipeline(str(path), "CPU", **kw)
-        except RuntimeError as e:  # its GGUF reader refuses a quantisation or layout it lacks
-            first = next((ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Check")), str(e))
-            raise Unavailable(f"OpenVINO GenAI could not read {path.name}: {first.strip()}", "not supported") from None
+            if not draft.is_dir() and gguf_architecture(draft) not in OV_GGUF_ARCHS:
+                raise Unavailable(f"OpenVINO GenAI's GGUF reader does not read the draft {draft.name}", "not supported")
+            kw["draft_model"] = og.draft_model(str(draft if draft.is_dir() else ov_model_dir(draft)), "CPU", **props)
+        self.pipe = og.LLMPipeline(str(ir), "CPU", **kw)
         self.tokenizer = _tokenizer(path)
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
         self.eos = {getattr(self.tokenizer, "eos_token_id", None)} - {None}

@@ -236,11 +236,11 @@ def test_llama_cpp_build_is_keyed_by_isa_and_reused(tmp_path, monkeypatch, capsy
     assert extras.build_info()["isa"] == "avx512"
 
 
-def test_openvino_spec_with_a_gguf_draft_is_not_supported():
+def test_openvino_spec_with_an_unreadable_draft_is_not_supported():
     pytest.importorskip("openvino_genai", reason="openvino-genai not installed (make extras)")
     from selfspec.bench.run import OpenVINORunner, Unavailable
 
-    spec = parse_method("openvino-spec:draft=smollm2-135m")
-    with pytest.raises(Unavailable, match="IR folder") as e:
+    spec = parse_method("openvino-spec:draft=gemma3-270m")
+    with pytest.raises(Unavailable, match="does not read the draft") as e:
         OpenVINORunner(spec, BenchSettings(model="smollm2-135m"))
     assert e.value.status == "not supported"
