@@ -90,7 +90,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         pids = table.get(m, {}).get(ALL, {}).get("own_mismatches")
         if pids and m not in ours and status[m]["kind"] in OWN_PLAIN:
             lines += [f"> **MISMATCH: `{m}` (another engine's speculation) changed its own engine's greedy "
-                      f"output** (vs its plain `{OWN_PLAIN[status[m]['kind']]}` run) on {len(pids)} prompt(s): "
+                      f"output** (vs its plain `{_own_plain_label(m, methods)}` run) on {len(pids)} prompt(s): "
                       f"{', '.join(pids)}. Its speculative decoding is not lossless here.", ""]
     for m, pids in bad:
         if m in ours:
@@ -153,6 +153,20 @@ def write_report(results: dict, out_dir: Path) -> Path:
     return path
 
 
+def _own_plain_label(method: str, methods: list[str]) -> str:
+    """The label of the run a peer's speculative method was compared with (same engine, same
+    options but the draft), as the user wrote it; the canonical name if it did not run."""
+    from selfspec.drafters.factory import OWN_PLAIN, parse_method
+
+    spec = parse_method(method)
+    want = (OWN_PLAIN.get(spec.kind, spec.kind), {k: v for k, v in spec.options.items() if k != "draft_model"})
+    for m in methods:
+        other = parse_method(m)
+        if (other.kind, other.options) == want:
+            return m
+    return want[0]
+
+
 def _one_line(text: str | None) -> str:
     """A reason fit for a table cell: a multi-line error message on one line, pipes escaped."""
     return " ".join((text or "").split()).replace("|", "\\|")
@@ -188,7 +202,9 @@ def _ranking(methods, table, status, ours, plain) -> list[str]:
         engine = "selfspec" if m in ours else kind.split("-")[0]
         speculative = m in ours and kind != "none" or kind in OWN_PLAIN
         own = _same_cell(row, "same_own", ", ".join(row["own_mismatches"]), loud=speculative)
-        mine = _same_cell(row, "same", ", ".join(row["mismatches"]), loud=m in ours)
+        n, k = row["prompts"], len(row["mismatches"])
+        short = f"{k} of {n} prompts" if k > 3 and m not in ours else ", ".join(row["mismatches"])
+        mine = _same_cell(row, "same", short, loud=m in ours)
         out.append(f"| {i} | `{m}` | {engine} | {row['tokens_per_s']:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
                    f"{own} | {mine} |")
     for m in methods:
