@@ -48,7 +48,7 @@ models: $(STAMP)
 # Optional baselines for `selfspec bench`. First OpenVINO GenAI (methods openvino, openvino-lookup,
 # openvino-spec): binary wheels only, no compiler. Then llama-cpp-python (methods llama-cpp,
 # llama-cpp-lookup): the registry has no wheel for this platform, so llama.cpp is compiled for this
-# machine's instruction set once (about 15 minutes on 2 cores) into the cache folder and reused
+# machine's instruction set once (15-45 minutes on 2 cores) into the cache folder and reused
 # after that; a failed build prints why and does not stop the target (the `-` prefix).
 extras: $(STAMP)
 	$(PIP) install --only-binary=:all: "openvino-genai==2026.4.1.0"

@@ -2,7 +2,7 @@
 
     python -m selfspec.bench.extras llama-cpp   # build llama-cpp-python once per machine, install it
 
-PyPI has no llama-cpp-python wheel for this platform, so pip compiles llama.cpp (about 15 minutes
+PyPI has no llama-cpp-python wheel for this platform, so pip compiles llama.cpp (15-45 minutes
 on 2 cores). The build is a wheel kept in the cache folder under a key of this machine's
 instruction set (`llama-cpp/<version>-<isa>-<flags hash>/`) and compiled for that instruction set
 (`GGML_NATIVE`): a second install on the same machine (a fresh clone, a new venv) reuses it in
@@ -77,7 +77,7 @@ def build_wheel() -> Path:
     env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"),
            "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", jobs)}
     _say(f"building llama-cpp-python {LLAMA_CPP_VERSION} for {isa()} ({', '.join(cpu_info()['flags'])}) "
-         f"with {jobs} jobs, once for this machine (about 15 minutes on 2 cores); log: {log}")
+         f"with {jobs} jobs, once for this machine (15-45 minutes on 2 cores); log: {log}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-binary=llama-cpp-python",
