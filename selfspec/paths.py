@@ -97,6 +97,8 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "compiled": (("inductor",), "torch.compile kernels (--compile)"),
     "native": (("native",), "GGUF indexes (config, tensor types and byte ranges) for --dtype native's memory-mapped loads"),
     "kernels": (("kernels",), "selfspec's own C kernels (exact attention, GGUF block matmuls), built for this machine's compiler"),
+    "openvino": (("openvino",), "OpenVINO IR folders converted once from GGUF files by OpenVINO GenAI (bench peers)"),
+    "llama-cpp": (("llama-cpp",), "llama-cpp-python wheels built once per instruction set (`make extras`)"),
     "rows": (("rows.json",), "per-machine probe of which linears need single rows padded to stay row-invariant"),
 }
 

@@ -39,12 +39,16 @@ def summarise(results: dict) -> dict:
             drafted = sum(rs[0].get("drafted") or 0 for _, rs in prompts)
             accepted = sum(rs[0].get("accepted") or 0 for _, rs in prompts)
             same = [r.get("same_as_plain") for _, rs in prompts for r in rs]
+            own = [r.get("same_as_own_plain") for _, rs in prompts for r in rs]
             rows[cat] = {
                 "tokens_per_s": new / secs if secs > 0 else 0.0,
                 "tau": new / rounds if rounds else None,
                 "acceptance": accepted / drafted if drafted else None,
                 "same": None if any(s is None for s in same) else all(same),
                 "mismatches": sorted({pid for pid, rs in prompts if any(r.get("same_as_plain") is False for r in rs)}),
+                "same_own": None if any(s is None for s in own) else all(own),
+                "own_mismatches": sorted({pid for pid, rs in prompts
+                                          if any(r.get("same_as_own_plain") is False for r in rs)}),
                 "prefill_seconds": statistics.mean(r["prefill_seconds"] for _, rs in prompts for r in rs),
                 "prompts": len(prompts),
             }
@@ -67,8 +71,10 @@ def write_report(results: dict, out_dir: Path) -> Path:
     methods, cats, table = s["methods"], s["categories"], s["table"]
     st, mach = results["settings"], results["machine"]
     status = {m["method"]: m for m in results["methods"]}
+    from selfspec.drafters.factory import ENGINES, OWN_PLAIN
+
     plain = methods[0] if methods else "none"
-    ours = {m for m in methods if status[m]["kind"] not in ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")}
+    ours = {m for m in methods if status[m]["kind"] not in ENGINES}
     lines = [f"# selfspec bench: {st['model']}, suite `{st['suite']}`", ""]
     if results.get("command"):
         lines += ["```", results["command"], "```", ""]
@@ -80,6 +86,12 @@ def write_report(results: dict, out_dir: Path) -> Path:
               f"dtype {st['dtype']}. Decode tokens/s exclude prefill; speedup is against `{plain}` "
               f"(our plain decoding) in this run.", ""]
     bad = [(m, table[m][ALL]["mismatches"]) for m in methods if table.get(m, {}).get(ALL, {}).get("mismatches")]
+    for m in methods:  # a peer's speculation that changed its own engine's output: as loud as ours
+        pids = table.get(m, {}).get(ALL, {}).get("own_mismatches")
+        if pids and m not in ours and status[m]["kind"] in OWN_PLAIN:
+            lines += [f"> **MISMATCH: `{m}` (another engine's speculation) changed its own engine's greedy "
+                      f"output** (vs its plain `{_own_plain_label(m, methods)}` run) on {len(pids)} prompt(s): "
+                      f"{', '.join(pids)}. Its speculative decoding is not lossless here.", ""]
     for m, pids in bad:
         if m in ours:
             lines += [f"> **MISMATCH: `{m}` produced different greedy output from plain decoding** on "
@@ -88,6 +100,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
             lines += [f"> Note: `{m}` (another engine, different numerics) differs from our plain decoding on "
                       f"{len(pids)} prompt(s); reported, not a failure.", ""]
     shown = [m for m in methods if table.get(m)]
+    lines += _ranking(methods, table, status, ours, plain)
     lines += ["## Speedup over plain decoding", "",
               "| method | " + " | ".join(cats) + " | **all** |", "|---|" + "---|" * (len(cats) + 1)]
     for m in shown:
@@ -114,15 +127,92 @@ def write_report(results: dict, out_dir: Path) -> Path:
         info, row = status[m], table.get(m, {}).get(ALL)
         rss = info.get("peak_rss_mb")
         ratio = f"{rss / base_rss - 1:+.1%}" if rss and base_rss else "–"
-        state = info["status"] + (f": {info['reason']}" if info.get("reason") else "")
+        state = info["status"] + (f": {_one_line(info['reason'])}" if info.get("reason") else "")
         lines.append(f"| `{m}` | {state} | {_fmt(info.get('load_seconds'), '.1f')} | "
                      f"{_fmt(row and row['prefill_seconds'], '.3f')} | {_fmt(rss, '.0f')} | {ratio} |")
+    engines = [(m, status[m]["engine"]) for m in methods if status[m].get("engine")]
+    if engines:
+        lines += ["", "## Engine builds", ""]
+        for m, e in engines:
+            build = e.get("build") or {}
+            parts = [f"{e.get('engine')} {e.get('version') or '?'}"]
+            if e.get("openvino"):
+                parts.append(f"OpenVINO {e['openvino']}, precision {e.get('precision')} (CPU default hint "
+                             f"{e.get('inference_precision')}), CPU capabilities {', '.join(e.get('cpu_capabilities', []))}")
+            if "build" in e:
+                parts.append(f"built here for {build.get('isa')} ({', '.join(build.get('flags', []))}), "
+                             f"{build.get('cmake_args')}" if build else "not built by `make extras` on this machine")
+            if e.get("system_info"):
+                parts.append(f"system info: `{e['system_info'].strip()}`")
+            lines.append(f"- `{m}`: " + "; ".join(parts) + f"; this machine's ISA: {e.get('machine_isa')}")
     charts = _charts(s, results, out_dir)
     if charts:
         lines += [""] + [f"![{name}]({name})" for name in charts]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _own_plain_label(method: str, methods: list[str]) -> str:
+    """The label of the run a peer's speculative method was compared with (same engine, same
+    options but the draft), as the user wrote it; the canonical name if it did not run."""
+    from selfspec.drafters.factory import OWN_PLAIN, parse_method
+
+    spec = parse_method(method)
+    want = (OWN_PLAIN.get(spec.kind, spec.kind), {k: v for k, v in spec.options.items() if k != "draft_model"})
+    for m in methods:
+        other = parse_method(m)
+        if (other.kind, other.options) == want:
+            return m
+    return want[0]
+
+
+def _one_line(text: str | None) -> str:
+    """A reason fit for a table cell: a multi-line error message on one line, pipes escaped."""
+    return " ".join((text or "").split()).replace("|", "\\|")
+
+
+def _same_cell(row: dict | None, key: str, pids: str, loud: bool) -> str:
+    if row is None:
+        return "–"
+    value = row[key]
+    if value is None:
+        return "n/a"
+    if value:
+        return "yes"
+    return f"**NO: {pids}**" if loud else f"differs: {pids}"
+
+
+def _ranking(methods, table, status, ours, plain) -> list[str]:
+    """The first table: every method ranked by decode tokens/s over all prompts, with whether its
+    output equals its own engine's plain run (the lossless question, asked of every engine) and
+    ours; methods that did not run follow with their status."""
+    from selfspec.drafters.factory import OWN_PLAIN
+
+    ran = sorted((m for m in methods if table.get(m, {}).get(ALL)), key=lambda m: -table[m][ALL]["tokens_per_s"])
+    out = ["## Ranking by decode tokens/s", "",
+           f"Every method, fastest first. *Same as its own plain*: greedy output equal to the same engine's "
+           f"plain run (ours: `{plain}`; a peer's speculation: that peer's plain method) — a lossless "
+           f"speculation must say yes. *Same as ours*: equal to our plain decoding (other engines' numerics "
+           f"may differ; reported, not a failure).", "",
+           "| # | method | engine | tokens/s | vs our plain | same as its own plain | same as ours |",
+           "|---|---|---|---|---|---|---|"]
+    for i, m in enumerate(ran, 1):
+        row, kind = table[m][ALL], status[m]["kind"]
+        engine = "selfspec" if m in ours else kind.split("-")[0]
+        speculative = m in ours and kind != "none" or kind in OWN_PLAIN
+        own = _same_cell(row, "same_own", ", ".join(row["own_mismatches"]), loud=speculative)
+        n, k = row["prompts"], len(row["mismatches"])
+        short = f"{k} of {n} prompts" if k > 3 and m not in ours else ", ".join(row["mismatches"])
+        mine = _same_cell(row, "same", short, loud=m in ours)
+        out.append(f"| {i} | `{m}` | {engine} | {row['tokens_per_s']:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
+                   f"{own} | {mine} |")
+    for m in methods:
+        if m not in ran:
+            info = status[m]
+            out.append(f"| – | `{m}` | {'selfspec' if m in ours else info['kind'].split('-')[0]} | "
+                       f"{info['status']}: {_one_line(info.get('reason'))} | | | |")
+    return out + [""]
 
 
 def _cost_model_table(results: dict, table: dict, cats: list[str]) -> list[str]:
@@ -193,8 +283,9 @@ def _charts(s: dict, results: dict, out_dir: Path) -> list[str]:
 
 def console_summary(results: dict) -> str:
     """One line per method: tokens/s, speedup over plain decoding and whether the output equals
-    plain decoding's (another engine's differing output is flagged as its numerics, ours loudly)."""
-    from selfspec.drafters.factory import ENGINES
+    plain decoding's (another engine's differing output is flagged as its numerics, ours loudly),
+    and for a peer's speculation whether it kept its own engine's plain output (loudly if not)."""
+    from selfspec.drafters.factory import ENGINES, OWN_PLAIN
 
     s = summarise(results)
     status = {m["method"]: m for m in results["methods"]}
@@ -207,5 +298,8 @@ def console_summary(results: dict) -> str:
         differs = "differs from plain (another engine's numerics)" if status[m]["kind"] in ENGINES \
             else "OUTPUT DIFFERS FROM PLAIN"
         flag = {True: "same as plain", None: "", False: differs}[row["same"]]
+        if status[m]["kind"] in OWN_PLAIN:
+            flag += {True: "; same as its own plain", None: "",
+                     False: "; ITS SPECULATION CHANGED ITS OWN OUTPUT"}[row["same_own"]]
         lines.append(f"{m:24s} {row['tokens_per_s']:7.1f} tok/s  {row['speedup']:.2f}x  {flag}")
     return "\n".join(lines)

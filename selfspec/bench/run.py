@@ -8,8 +8,13 @@ writes DIR/results.json, DIR/report.md and PNG charts.
 
 Methods are `selfspec.drafters.factory` specs: our drafters (`none`, `layer-skip`, `ngram`, `model`, with
 options such as `layer-skip:skip=F`) and other engines (`hf`, `hf-lookup`: transformers `generate`
-greedy and with prompt lookup; `llama-cpp`, `llama-cpp-lookup`: llama-cpp-python on the same GGUF).
-A missing optional engine is reported as "not installed", never as an error.
+greedy and with prompt lookup; `llama-cpp`, `llama-cpp-lookup`: llama-cpp-python on the same GGUF;
+`openvino`, `openvino-lookup`, `openvino-spec`: OpenVINO GenAI on the same GGUF, fed the same token
+ids; `openai:url=...`: any OpenAI-compatible server, through streaming chat completions).
+A missing optional engine is reported as "not installed", a model it cannot read as "not
+supported", never as an error. Every run is compared with our plain decoding (`same_as_plain`) and
+with its own engine's plain run (`same_as_own_plain`): a peer's speculation that changes its own
+output is as much a failure of losslessness as ours would be.
 """
 from __future__ import annotations
 
@@ -175,6 +180,7 @@ class TurnResult:
     drafted: int = 0
     accepted: int = 0
     extras: dict = field(default_factory=dict)
+    new_tokens: int | None = None  # when token_ids are a stand-in (a server's text re-tokenised)
 
 
 class Runner:
@@ -183,25 +189,35 @@ class Runner:
     tokenizer = None
     chat = False
     load_seconds = 0.0
+    info: dict = {}  # which engine build runs the method (version, instruction set, precision...)
 
     def generate(self, prompt_ids: list[int], settings: BenchSettings) -> TurnResult:
         raise NotImplementedError
+
+    def turn(self, turns: list[str], answers: list[str], settings: BenchSettings) -> tuple[int, TurnResult]:
+        """One turn of a conversation: (prompt tokens, result). Engines fed text override this."""
+        prompt_ids = _encode(self.tokenizer, turns, answers, self.chat)
+        return len(prompt_ids), self.generate(prompt_ids, settings)
+
+    def warm_up(self, settings: BenchSettings) -> None:
+        warm = BenchSettings(**{**asdict(settings), "max_new_tokens": min(8, settings.max_new_tokens)})
+        self.turn([WARMUP_PROMPT], [], warm)
 
     def run(self, prompt: Prompt, settings: BenchSettings) -> dict:
         """All turns of a prompt: one run record of results.json (without method/repeat/rss)."""
         answers, ids, turns = [], [], []
         for i in range(len(prompt.turns)):
-            prompt_ids = _encode(self.tokenizer, list(prompt.turns[: i + 1]), answers, self.chat)
-            turn = self.generate(prompt_ids, settings)
-            turns.append((len(prompt_ids), turn))
+            n_prompt, turn = self.turn(list(prompt.turns[: i + 1]), answers, settings)
+            turns.append((n_prompt, turn))
             answers.append(turn.text)
             ids.extend(turn.token_ids)
-        new = len(ids)
+        new = sum(len(t.token_ids) if t.new_tokens is None else t.new_tokens for _, t in turns)
         decode = sum(t.decode_seconds for _, t in turns)
         rounds = sum(t.rounds for _, t in turns)
         drafted = sum(t.drafted for _, t in turns)
         accepted = sum(t.accepted for _, t in turns)
         return {"category": prompt.category, "prompt_id": prompt.id, "prompt_tokens": turns[0][0],
+                "text": "".join(t.text for _, t in turns),
                 "new_tokens": new, "prefill_seconds": sum(t.prefill_seconds for _, t in turns),
                 "decode_seconds": decode, "tokens_per_s": new / decode if decode > 0 else 0.0,
                 "rounds": rounds, "drafted": drafted, "accepted": accepted,
@@ -355,6 +371,13 @@ class LlamaCppRunner(Runner):
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
         self.stop = {self.llm.token_eos(), getattr(self.tokenizer, "eos_token_id", None)} - {None}
         self.load_seconds = time.perf_counter() - t0
+        from selfspec.bench.extras import build_info
+        from selfspec.hardware import isa
+
+        system = llama_cpp.llama_print_system_info()
+        self.info = {"engine": "llama-cpp-python", "version": getattr(llama_cpp, "__version__", None),
+                     "machine_isa": isa(), "build": build_info(),  # None: not built by `make extras` here
+                     "system_info": system.decode() if isinstance(system, bytes) else str(system)}
 
     def generate(self, prompt_ids, settings):
         kw = dict(temp=settings.temperature, top_k=settings.top_k if settings.temperature > 0 else 1,
@@ -376,6 +399,267 @@ class LlamaCppRunner(Runner):
         return TurnResult(ids, self.tokenizer.decode(ids, skip_special_tokens=True), first - t0, t1 - first)
 
 
+OV_GGUF_ARCHS = ("llama", "qwen2", "qwen3")  # what OpenVINO GenAI's GGUF reader converts (2026.4)
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` of a GGUF file: read from the header (it is the first key in files
+    written by llama.cpp's tools), else through gguf's full reader."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            magic, _version, _n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+            if magic == b"GGUF" and n_kv:
+                (n,) = struct.unpack("<Q", f.read(8))
+                key = f.read(n).decode("utf-8", "replace")
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if key == "general.architecture" and vtype == 8:  # 8 = string
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    return f.read(n).decode("utf-8", "replace")
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+        return field.contents() if field is not None else None
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def ov_model_dir(gguf: Path) -> Path:
+    """An OpenVINO IR folder of a GGUF file, written once by OpenVINO GenAI's own GGUF reader
+    (`enable_save_ov_model`) into the cache folder (`openvino/`), in a separate process so that
+    the conversion's memory does not count in the method's peak RSS. Every openvino method loads
+    this same converted model (its draft_model() reads IR folders only)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import openvino_genai as og
+
+    from selfspec.paths import cache_dir
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()};{st.st_size};{st.st_mtime_ns};{og.__version__}".encode()).hexdigest()[:12]
+    out = cache_dir() / "openvino" / f"{gguf.stem}-{key}"
+    if (out / "openvino_model.xml").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        (tmp / "model.gguf").symlink_to(gguf.resolve())
+        code = ("import sys, openvino_genai as og; "
+                "og.LLMPipeline(sys.argv[1], 'CPU', enable_save_ov_model=True)")
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp / "model.gguf")], capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "openvino_model.xml").is_file():
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Check")]
+            reason = next((ln for ln in reversed(lines) if "Error" in ln or "failed" in ln), lines[-1] if lines else "?")
+            raise Unavailable(f"OpenVINO GenAI could not read {gguf.name}: {reason}", "not supported")
+        (tmp / "model.gguf").unlink()
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            pass
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class OpenVINORunner(Runner):
+    """OpenVINO GenAI's `LLMPipeline` reading the same GGUF, fed the same prompt token ids (an
+    `ov.Tensor`; the chat template is applied once, by us), greedy or sampled with its own
+    sampler. `openvino-lookup` is its prompt-lookup decoding (10 tokens a draft, n-grams up to 3),
+    `openvino-spec:draft=ALIAS` its draft-model speculative decoding. `precision=f32|bf16|f16`
+    sets its inference precision hint and KV cache precision (default: its own choice, bf16
+    compute with a u8 KV cache on CPUs with AVX-512 BF16/AMX). Token times come from its
+    streamer: prefill is until the first token, decode from the first to the last."""
+
+    LOOKUP_TOKENS, LOOKUP_NGRAM = 10, 3
+
+    def __init__(self, spec: MethodSpec, settings: BenchSettings) -> None:
+        try:
+            import openvino_genai as og
+        except ImportError:
+            raise Unavailable("openvino-genai is not installed (make extras)", "not installed") from None
+        self.og = og
+        path = _model_path(settings.model)
+        if path.is_dir():
+            raise Unavailable("OpenVINO GenAI reads a GGUF file (or an exported OpenVINO IR folder); "
+                              "the model is a Hugging Face folder", "not supported")
+        arch = gguf_architecture(path)
+        if arch not in OV_GGUF_ARCHS:
+            raise Unavailable(f"OpenVINO GenAI's GGUF reader does not read architecture {arch!r} "
+                              f"(it reads {', '.join(OV_GGUF_ARCHS)})", "not supported")
+        if settings.temperature > 0 and settings.min_p > 0:
+            raise Unavailable("OpenVINO GenAI has no min-p sampling", "not supported")
+        props: dict = {}
+        if settings.threads:
+            props["INFERENCE_NUM_THREADS"] = settings.threads
+        if precision := spec.options.get("precision"):
+            props.update(INFERENCE_PRECISION_HINT=precision, KV_CACHE_PRECISION=precision)
+        self.kind = spec.kind
+        t0 = time.perf_counter()
+        kw = dict(props)
+        ir = ov_model_dir(path)  # its own GGUF reader's model, converted once and cached
+        if spec.kind == "openvino-lookup":
+            kw["prompt_lookup"] = True
+        elif spec.kind == "openvino-spec":  # draft_model() opens an IR folder only: convert the draft too
+            draft = _model_path(spec.options["draft_model"])
+            if not draft.is_dir() and gguf_architecture(draft) not in OV_GGUF_ARCHS:
+                raise Unavailable(f"OpenVINO GenAI's GGUF reader does not read the draft {draft.name}", "not supported")
+            kw["draft_model"] = og.draft_model(str(draft if draft.is_dir() else ov_model_dir(draft)), "CPU", **props)
+        self.pipe = og.LLMPipeline(str(ir), "CPU", **kw)
+        self.tokenizer = _tokenizer(path)
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
+        self.eos = {getattr(self.tokenizer, "eos_token_id", None)} - {None}
+        self.load_seconds = time.perf_counter() - t0
+        import openvino as ov
+
+        from selfspec.hardware import isa
+
+        core = ov.Core()
+        self.info = {"engine": "openvino-genai", "version": getattr(og, "__version__", None),
+                     "openvino": ov.get_version(), "architecture": arch, "machine_isa": isa(),
+                     "precision": precision or "default",
+                     "inference_precision": _ov_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+                     "cpu_capabilities": [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]}
+
+    def generate(self, prompt_ids, settings):
+        import numpy as np
+        import openvino as ov
+
+        og = self.og
+        cfg = og.GenerationConfig()
+        cfg.max_new_tokens = settings.max_new_tokens
+        if self.eos:  # with prompt lookup its pipeline forgets the GGUF's EOS: say it every time
+            cfg.eos_token_id = min(self.eos)
+            cfg.stop_token_ids = set(self.eos)
+        if settings.temperature > 0:
+            cfg.do_sample = True
+            cfg.temperature = settings.temperature
+            cfg.top_k = settings.top_k or 0
+            cfg.top_p = settings.top_p
+            if settings.seed is not None:
+                cfg.rng_seed = settings.seed
+        else:
+            cfg.do_sample = False
+        if settings.repetition_penalty != 1.0:
+            cfg.repetition_penalty = settings.repetition_penalty
+        if self.kind == "openvino-lookup":
+            cfg.num_assistant_tokens = self.LOOKUP_TOKENS
+            cfg.max_ngram_size = self.LOOKUP_NGRAM
+        elif self.kind == "openvino-spec":
+            cfg.num_assistant_tokens = 5
+        times: list[float] = []
+        ids: list[int] = []
+
+        class Clock(og.StreamerBase):  # write() gets each new token (or several, after a verify)
+            def write(self, token):
+                times.append(time.perf_counter())
+                ids.extend(token if isinstance(token, list) else [token])
+                return og.StreamingStatus.RUNNING
+
+            def end(self):
+                pass
+
+        x = ov.Tensor(np.array([prompt_ids], dtype=np.int64))
+        t0 = time.perf_counter()
+        out = self.pipe.generate(x, cfg, Clock())
+        t1 = time.perf_counter()
+        result = [int(t) for t in out.tokens[0]] if getattr(out, "tokens", None) else ids
+        while result and result[-1] in self.eos:
+            result.pop()
+        first, last = (times[0], times[-1]) if times else (t1, t1)
+        # a speculative pipeline's streamer gets each verify step's accepted tokens at once: its
+        # calls stand in for rounds (τ); plain decoding has no rounds to count
+        return TurnResult(result, self.tokenizer.decode(result, skip_special_tokens=True), first - t0,
+                          max(last - first, 1e-9), rounds=len(times) if self.kind != "openvino" else 0)
+
+
+def _ov_name(value) -> str:
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+class OpenAIRunner(Runner):
+    """Any OpenAI-compatible server that is already running (llama-server, vLLM, Ollama, OpenVINO
+    Model Server, another `selfspec serve`), measured through streaming chat completions: the
+    prompt goes as chat messages (the server applies its own template), prefill_seconds is the
+    time to the first content chunk, decode the first to the last content chunk. The answer's
+    tokens are the server's `usage.completion_tokens` when it reports them, else the text
+    re-tokenised with the model's tokenizer; the text is compared with ours."""
+
+    def __init__(self, spec: MethodSpec, settings: BenchSettings) -> None:
+        self.url = spec.options["url"].rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/chat/completions"
+        self.model = spec.options.get("model") or settings.model
+        self.key = None
+        if var := spec.options.get("key_env"):
+            self.key = os.environ.get(var)
+            if not self.key:
+                raise Unavailable(f"environment variable {var} (key_env) is not set", "unavailable")
+        try:
+            self.tokenizer = _tokenizer(_model_path(settings.model))
+        except Exception:  # a model name only the server knows: no local tokenizer to count with
+            self.tokenizer = None
+        self.chat = True
+
+    def _post(self, body: dict):
+        import urllib.request
+
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        return urllib.request.urlopen(req, timeout=600)
+
+    def turn(self, turns, answers, settings):
+        import urllib.error
+
+        messages = []
+        for i, turn in enumerate(turns):
+            messages.append({"role": "user", "content": turn})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": settings.max_new_tokens,
+                "temperature": settings.temperature, "top_p": settings.top_p,
+                "stream_options": {"include_usage": True}}
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        pieces, times, usage = [], [], None
+        t0 = time.perf_counter()
+        try:
+            with self._post(body) as resp:
+                for raw in resp:
+                    line = raw.decode("utf-8").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            times.append(time.perf_counter())
+                            pieces.append(content)
+        except urllib.error.HTTPError as e:
+            raise SelfspecError(f"{self.url} answered {e.code}: {e.read()[:300].decode('utf-8', 'replace')}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise SelfspecError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from None
+        t1 = time.perf_counter()
+        text = "".join(pieces)
+        ids = list(self.tokenizer(text, add_special_tokens=False).input_ids) if self.tokenizer else []
+        n = (usage or {}).get("completion_tokens") or len(ids) or len(pieces)
+        prompt_tokens = (usage or {}).get("prompt_tokens") or 0
+        first, last = (times[0], times[-1]) if times else (t1, t1)
+        return prompt_tokens, TurnResult(ids, text, first - t0, max(last - first, 1e-9), new_tokens=n,
+                                         extras={"chunks": len(times)})
+
+    def generate(self, prompt_ids, settings):  # the server is fed text: see turn()
+        raise NotImplementedError
+
+
 class Unavailable(Exception):
     """An optional engine that is not installed or cannot run this model: reported, not failed."""
 
@@ -389,6 +673,10 @@ def make_runner(spec: MethodSpec, settings: BenchSettings, model=None) -> Runner
         return HFRunner(spec, settings)
     if spec.kind in ("llama-cpp", "llama-cpp-lookup"):
         return LlamaCppRunner(spec, settings)
+    if spec.kind in ("openvino", "openvino-lookup", "openvino-spec"):
+        return OpenVINORunner(spec, settings)
+    if spec.kind == "openai":
+        return OpenAIRunner(spec, settings)
     return OursRunner(spec, settings, model=model)
 
 
@@ -405,10 +693,9 @@ def run_method(spec: MethodSpec, settings: BenchSettings, prompts: list[Prompt],
     except Unavailable as e:
         emit({"event": "unavailable", "reason": str(e), "status": e.status})
         return
-    emit({"event": "loaded", "load_seconds": runner.load_seconds})
+    emit({"event": "loaded", "load_seconds": runner.load_seconds, "engine": runner.info})
     if settings.warmup:  # first forward passes pay one-off kernel and allocator set-up
-        warm = BenchSettings(**{**asdict(settings), "max_new_tokens": min(8, settings.max_new_tokens)})
-        runner.generate(_encode(runner.tokenizer, [WARMUP_PROMPT], [], runner.chat), warm)
+        runner.warm_up(settings)
     for prompt in prompts:
         for repeat in range(settings.repeats):
             run = runner.run(prompt, settings)
@@ -517,6 +804,8 @@ def run_bench(settings: BenchSettings, out_dir: Path, *, isolate: bool = True,
                 kind = ev["event"]
                 if kind == "loaded":
                     status["load_seconds"] = ev["load_seconds"]
+                    if ev.get("engine"):
+                        status["engine"] = ev["engine"]
                 elif kind == "run":
                     runs.append(ev["run"])
                     done += 1
@@ -558,22 +847,45 @@ def _prepare_out(out_dir: Path) -> None:
         raise InvalidParameterError(f"cannot write to --out {out_dir}: {e.strerror}") from None
 
 
+def _own_plain_key(spec: MethodSpec, settings: BenchSettings) -> tuple:
+    """Which plain run a method's output must equal: ours (`none`) at the same dtype for our
+    drafters, the same engine's plain method with the same options for a peer's speculation."""
+    from selfspec.drafters.factory import ENGINES, OWN_PLAIN
+
+    if spec.kind in ENGINES:
+        opts = {k: v for k, v in spec.options.items() if k != "draft_model"}
+        return (OWN_PLAIN.get(spec.kind, spec.kind), tuple(sorted(opts.items())))
+    return ("none", (("dtype", spec.options.get("dtype", settings.dtype)),))
+
+
 def _mark_same_as_plain(runs: list[dict], specs: list[MethodSpec], settings: BenchSettings) -> None:
-    """Greedy output of each method vs plain decoding at the same dtype, prompt and repeat 0.
-    Under sampling there is nothing to compare token by token: None."""
+    """Greedy output of each method vs our plain decoding at the same dtype (`same_as_plain`) and
+    vs its own engine's plain run with the same options (`same_as_own_plain`), at the same prompt
+    and repeat 0. A server's answer (`openai`) is compared as text. Under sampling there is
+    nothing to compare token by token: None; so is a comparison whose plain run is missing."""
     by_label = {s.text: s for s in specs}
-    plain: dict[tuple[str, str], list[int]] = {}
+    plain: dict[tuple[str, str], dict] = {}
+    own: dict[tuple, dict] = {}
     for r in runs:
         spec = by_label[r["method"]]
-        if spec.kind == "none" and r["repeat"] == 0:
-            plain.setdefault((spec.options.get("dtype", settings.dtype), r["prompt_id"]), r["token_ids"])
-    for r in runs:
-        spec = by_label[r["method"]]
-        ref = plain.get((spec.options.get("dtype", settings.dtype), r["prompt_id"]))
+        if r["repeat"] != 0:
+            continue
+        if spec.kind == "none":
+            plain.setdefault((spec.options.get("dtype", settings.dtype), r["prompt_id"]), r)
+        if spec.kind == "none" or spec.kind in ("hf", "llama-cpp", "openvino", "openai"):
+            own.setdefault((_own_plain_key(spec, settings), r["prompt_id"]), r)
+
+    def same(r: dict, ref: dict | None):
         if settings.temperature > 0 or ref is None:
-            r["same_as_plain"] = None
-        else:
-            r["same_as_plain"] = r["token_ids"] == ref
+            return None
+        if "openai" in (by_label[r["method"]].kind, by_label[ref["method"]].kind):
+            return r.get("text") == ref.get("text")
+        return r["token_ids"] == ref["token_ids"]
+
+    for r in runs:
+        spec = by_label[r["method"]]
+        r["same_as_plain"] = same(r, plain.get((spec.options.get("dtype", settings.dtype), r["prompt_id"])))
+        r["same_as_own_plain"] = same(r, own.get((_own_plain_key(spec, settings), r["prompt_id"])))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def bench(
     model=MODEL,
     suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
     methods: Annotated[str, typer.Option(help=f"Comma-separated methods: {', '.join(DRAFTS + ENGINES)} (aliases: "
-                                              f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}); options as "
+                                              f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}; peers need make extras: openvino-spec:draft=ALIAS, "
+                                              "openai:url=URL[,model=NAME,key_env=VAR]); options as openvino:precision=f32, "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
                                               "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,

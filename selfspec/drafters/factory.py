@@ -3,7 +3,10 @@
 
 A method spec is `kind[:key=value[,key=value...]]`, e.g. `layer-skip:skip=my.json`,
 `model:draft=qwen2.5-coder-0.5b`, `none:dtype=bf16`. Kinds are the `--draft` values plus other
-engines (`hf`, `hf-lookup`, `llama-cpp`, `llama-cpp-lookup`) that only `bench` runs.
+engines that only `bench` runs: `hf`, `hf-lookup`, `llama-cpp`, `llama-cpp-lookup`, `openvino`,
+`openvino-lookup`, `openvino-spec` (OpenVINO GenAI) and `openai` (any OpenAI-compatible server).
+Options are key=value pairs only, split at the first `:` and at each `=`, so a value may hold
+colons: `openai:url=http://127.0.0.1:8080/v1,model=NAME,key_env=VAR`.
 """
 from __future__ import annotations
 
@@ -14,14 +17,28 @@ from selfspec.errors import InvalidParameterError, SelfspecError
 
 DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "retrieval", "early-exit", "medusa", "hydra")
 TRAINED = ("early-exit", "medusa", "hydra")  # need --drafter-weights DIR from `selfspec train-drafter`
-ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup")
+ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup", "openvino", "openvino-lookup", "openvino-spec",
+           "openai")
+# Each peer's speculative methods and the plain run of the same engine they are checked against
+# (`same_as_own_plain` in results.json); our own drafters' own plain run is `none`.
+OWN_PLAIN = {"hf-lookup": "hf", "llama-cpp-lookup": "llama-cpp", "openvino-lookup": "openvino",
+             "openvino-spec": "openvino"}
 NGRAM_MODES = ("lookup", "adaptive")  # prompt lookup (ngram.py) | online n-gram model (anpd.py)
-BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup"
+BENCH_DEFAULT = "ar,auto,layer-skip,ngram,hf,hf-lookup,llama-cpp,llama-cpp-lookup,openvino,openvino-lookup"
 ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
                "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits", "tree": "tree",
                "mode": "ngram_mode", "store": "datastore", "weights": "drafter_weights"}
+# Options of the other engines, by kind: key -> the name MethodSpec.options holds it under.
+OV_PRECISIONS = ("f32", "bf16", "f16")
+ENGINE_OPTIONS = {
+    "hf": {"dtype": "dtype"}, "hf-lookup": {"dtype": "dtype"},
+    "openvino": {"precision": "precision"}, "openvino-lookup": {"precision": "precision"},
+    "openvino-spec": {"precision": "precision", "draft": "draft_model"},
+    "openai": {"url": "url", "model": "model", "key_env": "key_env"},
+}
+ALL_OPTION_KEYS = set(OPTION_KEYS) | {k for opts in ENGINE_OPTIONS.values() for k in opts}
 
 
 @dataclass(frozen=True)
@@ -39,21 +56,28 @@ def parse_method(text: str) -> MethodSpec:
     if kind not in DRAFTS + ENGINES:
         known = ", ".join(DRAFTS + ENGINES + tuple(ALIASES))
         raise InvalidParameterError(f"unknown method {text!r}; known: {known}")
+    keys = ENGINE_OPTIONS.get(kind, {}) if kind in ENGINES else OPTION_KEYS
     options = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or key not in OPTION_KEYS:
+        if not eq or key not in keys:
             raise InvalidParameterError(
                 f"bad option {item!r} in method {text!r}; options are key=value with key in "
-                f"{', '.join(OPTION_KEYS)}")
-        name = OPTION_KEYS[key]
+                f"{', '.join(keys) or '(none: this method takes no options)'}")
+        name = keys[key]
         if name in ("draft_vocab", "max_draft", "draft_bits", "tree"):
             value = _number(text, key, value, int)
         elif name == "gamma":
             value = _number(text, key, value, float)
         elif name == "ngram_mode" and value not in NGRAM_MODES:
             raise InvalidParameterError(f"option mode of method {text!r} must be one of {', '.join(NGRAM_MODES)}")
+        elif name == "precision" and value not in OV_PRECISIONS:
+            raise InvalidParameterError(f"option precision of method {text!r} must be one of {', '.join(OV_PRECISIONS)}")
         options[name] = value
+    if kind == "openai" and "url" not in options:
+        raise InvalidParameterError(f"method {text!r} needs url=: openai:url=http://HOST:PORT/v1[,model=NAME,key_env=VAR]")
+    if kind == "openvino-spec" and "draft_model" not in options:
+        raise InvalidParameterError(f"method {text!r} needs draft=ALIAS_OR_GGUF (a smaller model with the same tokenizer)")
     return MethodSpec(text=text, kind=kind, options=options)
 
 
@@ -62,7 +86,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
     `key=value` (another option of the method before)."""
     specs, current = [], ""
     for piece in text.split(","):
-        if current and "=" in piece and piece.split("=", 1)[0].strip() in OPTION_KEYS:
+        if current and "=" in piece and piece.split("=", 1)[0].strip() in ALL_OPTION_KEYS:
             current += "," + piece
         else:
             if current.strip():

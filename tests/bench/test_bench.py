@@ -12,27 +12,13 @@ import pytest
 from selfspec.bench.run import BenchSettings, OursRunner, load_suite, run_bench
 from selfspec.errors import InvalidParameterError
 
-from tiny import build_tiny
-
 RUN_KEYS = {"method", "category", "prompt_id", "repeat", "prompt_tokens", "new_tokens", "prefill_seconds",
             "decode_seconds", "tokens_per_s", "mean_accepted_tokens", "acceptance_rate", "peak_rss_mb",
-            "token_ids", "same_as_plain"}
+            "token_ids", "same_as_plain", "same_as_own_plain"}
 SUITE = [
     {"id": "one", "category": "qa", "prompt": "Why is the sky blue?"},
     {"id": "two", "category": "multi-turn", "turns": ["Hello there.", "Say it again, louder."]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory) -> Path:
-    """A tiny random Llama with SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
-    from selfspec.models.loading import load_gguf_tokenizer
-    from selfspec.models.registry import REGISTRY
-
-    tmp = tmp_path_factory.mktemp("tinychat")
-    _, folder = build_tiny("llama", tmp, vocab_size=49152, max_position_embeddings=512)
-    load_gguf_tokenizer(REGISTRY["smollm2-135m"].path()).save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture
