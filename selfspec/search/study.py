@@ -367,7 +367,14 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
             notify("wait", done)
             time.sleep(poll_seconds)
             continue
-        study.optimize(objective, n_trials=1)  # heartbeats; an error or Ctrl-C marks the trial FAIL
+        try:
+            study.optimize(objective, n_trials=1)  # heartbeats; an error or Ctrl-C marks the trial FAIL
+        except ValueError as e:
+            # Two workers on SQLite can pop the same enqueued trial (its WAITING -> RUNNING update
+            # is not exclusive there); the one that finishes second cannot record it again. The
+            # value is in the study already: go on.
+            if not str(e).startswith("Cannot tell a COMPLETE trial"):
+                raise
         ran += 1
         notify("trial", done + 1, value=last.get("value"))
 
