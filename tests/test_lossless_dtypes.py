@@ -1,7 +1,8 @@
 """Greedy speculative output equals plain greedy output, token for token (`==`, no near-tie
 exception: DESIGN.md, "Losslessness, precisely"), on the real SmolLM2 in every dtype the engine
 offers (fp32, bf16, int8, int4), for the drafters users run: auto, ngram, layer-skip, quantized.
-`make test` runs 2 prompts x 64 new tokens; `make test-full` (slow) every drafter version on
+`make test` runs bf16, int8 and int4 (fp32: test_lossless_real.py) on 2 prompts x 64 new tokens;
+`make test-full` (slow) adds fp32 and every drafter version on
 >= 8 prompts x 128 new tokens."""
 from __future__ import annotations
 
@@ -101,8 +102,10 @@ def check(model, drafter, prompts, n_new: int, label: str) -> int:
     return drafted
 
 
+# fp32 with these drafters (and more) is test_lossless_real.py's every-drafter test on 10 prompts;
+# `make test-full` runs fp32 here too.
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=pytest.mark.slow) if d == "fp32" else d for d in DTYPES])
 def test_smollm_greedy_lossless_in_every_dtype(smollm_in, dtype, name):
     model = smollm_in(dtype)
     drafted = check(model, DRAFTERS[name](model), FAST_PROMPTS, N_NEW, name)

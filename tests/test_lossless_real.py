@@ -29,9 +29,10 @@ def drafters(model):
 
 
 def check_model(model, prompts, n_new=N_NEW):
+    built = list(drafters(model))  # once: each keeps what it learnt across prompts, as in a server
     for prompt in prompts:
         plain = generate(model, prompt, max_new_tokens=n_new)
-        for d in drafters(model):
+        for d in built:
             spec = generate(model, prompt, max_new_tokens=n_new, drafter=d)
             assert_lossless(plain.token_ids, spec.token_ids, f"{d.name} on {prompt[:30]!r}")
             s = spec.stats
