@@ -97,8 +97,9 @@ class Bar:
         if not force and now - self._last < self.every:
             return
         self._last = now
-        count = f"{self.completed}/{self.total}" if self.total else f"{self.completed}"
-        parts = [f"{self.label}: {count}", self._text(), f"{now - self._t0:.0f} s"]
+        # a step without a count (a conversion that reports nothing until it ends) shows no "0"
+        count = f"{self.completed}/{self.total}" if self.total else f"{self.completed}" if self.completed else ""
+        parts = [f"{self.label}: {count}" if count else self.label, self._text(), f"{now - self._t0:.0f} s"]
         if self.total and 0 < self.completed < self.total and not end:
             parts.append(f"eta {(now - self._t0) / self.completed * (self.total - self.completed):.0f} s")
         print(", ".join(p for p in parts if p) + (f" ({end})" if end else ""), file=sys.stderr, flush=True)

@@ -30,3 +30,11 @@ def test_disabled_bar_prints_nothing(capsys):
         bar.advance()
         bar.note("hidden")
     assert capsys.readouterr().err == ""
+
+
+def test_a_step_without_a_count_shows_no_zero(capsys):
+    with Bar("converting the tokenizer", every=3600):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("converting the tokenizer, 0 s") and lines[-1].endswith("(done)")
+    assert all(": 0" not in line for line in lines)
