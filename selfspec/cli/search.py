@@ -67,7 +67,8 @@ def search(
     texts, source = ss.calibration_prompts(prompts, suite)
     ss.check_spec_study(ss.open_storage(url), study_name, model.model)  # before minutes of loading
     m = load(model)
-    with Bar(f"measuring plain decoding on {plural(len(texts), 'calibration prompt')} ({source})", trials,
+    # no trial count until the baseline is measured (the first event sets it)
+    with Bar(f"measuring plain decoding on {plural(len(texts), 'calibration prompt')} ({source})",
              fields="last {last}, best {best}, skip {skip} {note}", last="-", best="-", skip="-", note="") as bar:
         result = ss.run_search(m, texts, settings, params, out=out, storage=url, study_name=study_name,
                                prompts_source=source, on_progress=lambda p: _show(bar, p))
