@@ -121,6 +121,17 @@ static void deq_q8_0(const uint8_t *row, int k0, int n, float *out) {
     }
 }
 
+/* Scale and min of Q4_K sub-block i (0..7): 6-bit values packed in the block's 12 bytes `s`. */
+static inline void q4k_scale_min(const uint8_t *s, int i, int *sc, int *mn) {
+    if (i < 4) {
+        *sc = s[i] & 63;
+        *mn = s[i + 4] & 63;
+    } else {
+        *sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 2) & 0x30);
+        *mn = (s[i + 4] >> 4) | ((s[i] >> 2) & 0x30);
+    }
+}
+
 static void deq_q4_k(const uint8_t *row, int k0, int n, float *out) {
     (void)n; /* always one super-block */
     const uint8_t *blk = row + (size_t)(k0 / 256) * 144;
@@ -132,13 +143,7 @@ static void deq_q4_k(const uint8_t *row, int k0, int n, float *out) {
         __m256i half[2] = {_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask)};
         for (int h = 0; h < 2; h++) {
             int i = 2 * j + h, sc, mn;
-            if (i < 4) {
-                sc = s[i] & 63;
-                mn = s[i + 4] & 63;
-            } else {
-                sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 2) & 0x30);
-                mn = (s[i + 4] >> 4) | ((s[i] >> 2) & 0x30);
-            }
+            q4k_scale_min(s, i, &sc, &mn);
             __m256 dv = _mm256_set1_ps(d * (float)sc), mv = _mm256_set1_ps(dmin * (float)mn);
             __m128i lo = _mm256_castsi256_si128(half[h]), hi = _mm256_extracti128_si256(half[h], 1);
             __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
@@ -267,13 +272,7 @@ static AVX512 void deq_q4_k_512(const uint8_t *row, int k0, int n, float *out) {
         __m256i half[2] = {_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask)};
         for (int h = 0; h < 2; h++) {
             int i = 2 * j + h, sc, mn;
-            if (i < 4) {
-                sc = s[i] & 63;
-                mn = s[i + 4] & 63;
-            } else {
-                sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 2) & 0x30);
-                mn = (s[i + 4] >> 4) | ((s[i] >> 2) & 0x30);
-            }
+            q4k_scale_min(s, i, &sc, &mn);
             __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)sc), iota16()),
                                        _mm512_set1_ps(dmin * (float)mn));
             __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(half[h]));

@@ -185,18 +185,24 @@ def _greedy(model, ids: list[int], n: int):
     return toks, torch.cat(logits)
 
 
+def _assert_native_matches_fp32(native, fp32, prompt: str, label: str) -> None:
+    """Every tensor native (no fallback); over N_GREEDY greedy steps the logits within 1e-3 of the
+    fp32 load's and the tokens equal."""
+    assert native.load_info["native_fallback"] == []
+    ids = fp32.encode(prompt)
+    tok_n, log_n = _greedy(native, ids, N_GREEDY)
+    tok_f, log_f = _greedy(fp32, ids, N_GREEDY)
+    delta = (log_n - log_f).abs().max().item()
+    print(f"{label} native vs fp32 over {N_GREEDY} greedy steps: max |Δlogit| = {delta:.3g}")
+    assert delta <= 1e-3
+    assert tok_n == tok_f
+
+
 @needs_kernel
 def test_smollm_native_matches_fp32(smollm, smollm_native):
     from prompts import PROMPTS
 
-    assert smollm_native.load_info["native_fallback"] == []
-    ids = smollm.encode(PROMPTS[0])
-    tok_n, log_n = _greedy(smollm_native, ids, N_GREEDY)
-    tok_f, log_f = _greedy(smollm, ids, N_GREEDY)
-    delta = (log_n - log_f).abs().max().item()
-    print(f"SmolLM2 native vs fp32 over {N_GREEDY} greedy steps: max |Δlogit| = {delta:.3g}")
-    assert delta <= 1e-3
-    assert tok_n == tok_f
+    _assert_native_matches_fp32(smollm_native, smollm, PROMPTS[0], "SmolLM2")
 
 
 def _check_drafters(model, drafters, prompts, n_new=24):
@@ -281,11 +287,4 @@ def test_gemma_native_matches_fp32(gemma):
     from prompts import PROMPTS
 
     nat = _load("gemma3-270m", "native")
-    assert nat.load_info["native_fallback"] == []
-    ids = gemma.encode(PROMPTS[0])
-    tok_n, log_n = _greedy(nat, ids, N_GREEDY)
-    tok_f, log_f = _greedy(gemma, ids, N_GREEDY)
-    delta = (log_n - log_f).abs().max().item()
-    print(f"Gemma-3 native vs fp32 over {N_GREEDY} greedy steps: max |Δlogit| = {delta:.3g}")
-    assert delta <= 1e-3
-    assert tok_n == tok_f
+    _assert_native_matches_fp32(nat, gemma, PROMPTS[0], "Gemma-3")
