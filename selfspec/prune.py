@@ -66,7 +66,7 @@ def _temporary(p: Path) -> bool:
     return TMP.search(p.name) is not None or p.name.endswith(".tmp")
 
 
-def _weights(root: Path, skip: set[str]) -> list[Stale]:
+def _weights(root: Path) -> list[Stale]:
     import torch
 
     from selfspec import __version__
@@ -75,7 +75,7 @@ def _weights(root: Path, skip: set[str]) -> list[Stale]:
     want = {"selfspec": __version__, "format": FORMAT, "torch": torch.__version__, "code": code_fingerprint()}
     out = []
     for entry in sorted((root / FOLDER).glob("*")):
-        if str(entry) in skip or not entry.is_dir() or _temporary(entry):
+        if not entry.is_dir() or _temporary(entry):
             continue
         try:
             key = json.loads((entry / MANIFEST).read_text())["key"]
@@ -87,13 +87,13 @@ def _weights(root: Path, skip: set[str]) -> list[Stale]:
     return out
 
 
-def _costs(root: Path, skip: set[str]) -> list[Stale]:
+def _costs(root: Path) -> list[Stale]:
     from selfspec import __version__
     from selfspec.drafters.costs import KEY_FORMAT
 
     out = []
     for entry in sorted((root / "costs").glob("*.json")):
-        if str(entry) in skip or _temporary(entry):
+        if _temporary(entry):
             continue
         try:
             d = json.loads(entry.read_text())
@@ -133,24 +133,21 @@ def _rows(root: Path) -> list[Stale]:
                   f"{len(gone)} of {len(data)} entries of another probe, selfspec or torch version", gone)]
 
 
-def _kernels(root: Path, skip: set[str]) -> list[Stale]:
-    from selfspec.kernels import _compiler, library_path
+def _kernels(root: Path) -> list[Stale]:
+    from selfspec.kernels import compiler, library_path
 
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         return []
     current = library_path(cc).name
     return [Stale("kernels", str(p), disk_size(p), "built from other kernel sources, flags or compiler")
-            for p in sorted((root / "kernels").glob("*")) if p.name != current and str(p) not in skip
-            and not _temporary(p)]
+            for p in sorted((root / "kernels").glob("*")) if p.name != current and not _temporary(p)]
 
 
 def find() -> list[Stale]:
     """What `prune` would delete."""
     root = cache_dir()
-    out = _temporaries(root)
-    skip = {s.path for s in out}
-    return out + _weights(root, skip) + _costs(root, skip) + _rows(root) + _kernels(root, skip)
+    return _temporaries(root) + _weights(root) + _costs(root) + _rows(root) + _kernels(root)
 
 
 def prune(dry_run: bool = False) -> tuple[list[Stale], int]:

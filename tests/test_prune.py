@@ -50,11 +50,11 @@ def cache(tmp_path, monkeypatch):
     old = now.replace(f"probe={rows.PROBE_VERSION}|", "probe=1|").replace(f"selfspec={__version__}", "selfspec=0.0.9")
     (root / "rows.json").write_text(json.dumps({now: "direct", old: "pad1"}))
     # kernels: today's library name, one of other sources.
-    from selfspec.kernels import _compiler, library_path
+    from selfspec.kernels import compiler, library_path
 
     (root / "kernels").mkdir()
-    if _compiler() is not None:
-        current = library_path(_compiler())
+    if compiler() is not None:
+        current = library_path(compiler())
         current.write_bytes(b"\x7fELF today")
         keep.append(current)
         gone.append(root / "kernels" / "libselfspec-0123456789abcdef.so")

@@ -43,7 +43,7 @@ _lock = threading.Lock()
 _status: dict[str, str] = {}
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
@@ -76,7 +76,7 @@ def _cpu_has_avx2() -> bool:
 def build(verbose: bool = False) -> Path:
     """Compile the kernels (if not yet built for this source and compiler) and return the library
     path. Raises RuntimeError with the reason when that is impossible."""
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     if not _cpu_has_avx2():
