@@ -36,19 +36,18 @@ class Bar:
 
     def _show(self) -> None:
         self._shown = True
-        if sys.stderr.isatty() and Bar._live is not None:  # nested (a load inside a search): one more row
-            self._rich, self._owner = Bar._live, False
-            self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
-        elif sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+        if sys.stderr.isatty():
+            self._owner = Bar._live is None  # else nested (a load inside a search): one more row
+            if self._owner:
+                from rich.console import Console
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn)
 
-            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                  TimeRemainingColumn(), console=Console(stderr=True))
-            self._rich.start()
-            Bar._live, self._owner = self._rich, True
+                Bar._live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), console=Console(stderr=True))
+                Bar._live.start()
+            self._rich = Bar._live
             self._task = self._rich.add_task(self.label, total=self.total, completed=self.completed, text=self._text())
         else:
             self._line(force=True)
