@@ -398,11 +398,11 @@ _BIAS_NAMES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo", "w_gate": "b_gate
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, TensorSource]:
-    config, src, _ = _read_gguf_tensors(path)
+    config, src, _ = read_gguf_tensors(path)
     return config, src
 
 
-def _read_gguf_tensors(path: Path) -> tuple[ModelConfig, TensorSource, dict]:
+def read_gguf_tensors(path: Path) -> tuple[ModelConfig, TensorSource, dict]:
     """(config, fp32 loaders, the reader's tensors) by internal name; the reader's tensors are
     views of the file's read-only memory map (what `--dtype native` computes on)."""
     try:
@@ -441,12 +441,12 @@ def _read_gguf_tensors(path: Path) -> tuple[ModelConfig, TensorSource, dict]:
                     "output_norm.weight": "final_norm"}.get(t.name)
             if name is None:
                 continue
-        src[name] = _gguf_loader(t, name, config)
+        src[name] = gguf_loader(t, name, config)
         raw[name] = t
     return config, src, raw
 
 
-def _gguf_loader(t, name: str, config: ModelConfig) -> Callable[[], torch.Tensor]:
+def gguf_loader(t, name: str, config: ModelConfig) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         import gguf
 
@@ -460,13 +460,13 @@ def _gguf_loader(t, name: str, config: ModelConfig) -> Callable[[], torch.Tensor
             # llama.cpp's converter permutes Q/K rows for interleaved RoPE; undo it to use the
             # rotate-half layout of HF checkpoints.
             heads = config.n_heads if name.endswith(("wq", "bq")) else config.n_kv_heads
-            out = _unpermute(out, heads)
+            out = unpermute(out, heads)
         return out
 
     return load
 
 
-def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 

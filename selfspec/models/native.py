@@ -193,7 +193,7 @@ def read_index(path) -> tuple:
     import gguf
 
     from selfspec.models.config import ModelConfig
-    from selfspec.models.loading import _gguf_loader, _read_gguf_tensors, file_key
+    from selfspec.models.loading import gguf_loader, read_gguf_tensors, file_key
     from selfspec.paths import atomic_write_json, cache_dir
 
     path = Path(path)
@@ -205,7 +205,7 @@ def read_index(path) -> tuple:
     except (OSError, ValueError):
         index = None
     if index is None:
-        config, _, raw = _read_gguf_tensors(path)
+        config, _, raw = read_gguf_tensors(path)
         index = {"version": INDEX_VERSION, "source": str(path), "config": config.to_dict(),
                  "tensors": {n: {"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape.tolist()],
                                  "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for n, t in raw.items()}}
@@ -224,7 +224,7 @@ def read_index(path) -> tuple:
         t = RawTensor(e["name"], gguf.GGMLQuantizationType(e["type"]), e["shape"],
                       mm[e["offset"]: e["offset"] + e["nbytes"]])
         raw[name] = t
-        src[name] = _gguf_loader(t, name, config)
+        src[name] = gguf_loader(t, name, config)
     return config, src, raw
 
 
@@ -234,7 +234,7 @@ def build_native(config, tensors: dict, src: dict, max_len: int) -> tuple[Transf
     `src`: internal name -> fp32 loader (selfspec/models/loading.py), used for norms, biases and
     the formats the kernel lacks. Returns (decoder, info) with info["native_fallback"]: the
     formats dequantised to fp32 (empty when every linear runs natively)."""
-    from selfspec.models.loading import _unpermute
+    from selfspec.models.loading import unpermute
 
     c = config
     lib_ok = _lib() is not None
@@ -251,14 +251,21 @@ def build_native(config, tensors: dict, src: dict, max_len: int) -> tuple[Transf
     def row_map(name: str, rows: int) -> torch.Tensor | None:
         if c.arch == "llama" and name.split(".")[-1] in ("wq", "wk"):
             heads = c.n_heads if name.endswith("wq") else c.n_kv_heads
-            return _unpermute(torch.arange(rows).unsqueeze(1), heads).squeeze(1)
+            return unpermute(torch.arange(rows).unsqueeze(1), heads).squeeze(1)
         return None
 
+    made: dict[str, Blocks] = {}
+
+    def blocks(name: str) -> Blocks:
+        """The tensor's blocks, checked once (a tied LM head shares the embedding's)."""
+        if name not in tensors:
+            raise ModelLoadError(f"the model file lacks tensor {name!r}")
+        if name not in made:
+            made[name] = Blocks(tensors[name])
+        return made[name]
+
     def linear(names: list[str], bias_names: list[str], expected_rows: list[int] | None = None) -> Linear:
-        for n in names:
-            if n not in tensors:
-                raise ModelLoadError(f"the model file lacks tensor {n!r}")
-        parts = [Blocks(tensors[n]) for n in names]
+        parts = [blocks(n) for n in names]
         for n, p, rows in zip(names, parts, expected_rows or [None] * len(parts)):
             if p.K != c.hidden and n.split(".")[-1] in ("wq", "wk", "wv", "w_gate", "w_up"):
                 raise ModelLoadError(f"tensor {n} has {p.K} columns, expected {c.hidden} from the model config")
@@ -275,9 +282,7 @@ def build_native(config, tensors: dict, src: dict, max_len: int) -> tuple[Transf
         weight = torch.cat([get(n) for n in names]).float().contiguous()
         return make_linear(weight, bias)
 
-    if "embed" not in tensors:
-        raise ModelLoadError("the model file lacks tensor 'embed'")
-    embed_blocks = Blocks(tensors["embed"])
+    embed_blocks = blocks("embed")
     if (embed_blocks.rows, embed_blocks.K) != (c.vocab_size, c.hidden):
         raise ModelLoadError(f"tensor embed has shape {(embed_blocks.rows, embed_blocks.K)}, expected "
                              f"{(c.vocab_size, c.hidden)} from the model config")
