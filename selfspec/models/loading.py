@@ -251,11 +251,15 @@ def _dtype_name(dtype: torch.dtype, weight_bits: int | None) -> str:
 
 
 def _layout(weight_bits: int | None) -> str:
-    """How the stored tensors are laid out (part of the weight cache's key)."""
+    """How the stored tensors are laid out (part of the weight cache's key). PyTorch packs int4
+    weights in a layout of ATen's CPU capability (AVX2 and AVX-512 differ): an entry packed under
+    one must never be read under the other (a cache folder shared between machines, or a run with
+    ATEN_CPU_CAPABILITY=avx2 beside a normal one: the output was garbage)."""
     from selfspec.models.quant import DEFAULT_INT4_GROUP, HEAD_BITS
 
-    return {None: "dense", 8: f"int8-rowwise-head{HEAD_BITS}",
-            4: f"int4pack-g{DEFAULT_INT4_GROUP}-head{HEAD_BITS}"}[weight_bits]
+    if weight_bits == 4:
+        return f"int4pack-g{DEFAULT_INT4_GROUP}-head{HEAD_BITS}-{torch.backends.cpu.get_cpu_capability().lower()}"
+    return {None: "dense", 8: f"int8-rowwise-head{HEAD_BITS}"}[weight_bits]
 
 
 def _prepacked(dtype: torch.dtype, weight_bits: int | None) -> bool:

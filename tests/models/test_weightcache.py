@@ -309,3 +309,29 @@ def test_every_record_names_an_hf_folder_by_one_hash_and_old_hashes_still_load(c
     gguf.parent.mkdir(parents=True, exist_ok=True)
     gguf.write_bytes(b"GGUF" + bytes(100))
     assert registry.model_identity(gguf) == hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+
+def test_int4_entry_packed_under_another_isa_is_never_read(cache, folders):
+    """PyTorch packs int4 weights in a layout of ATen's CPU capability: an entry written by a
+    forced-AVX2 process (or another machine sharing the cache folder) must not be read by an
+    AVX-512 one. It was: the model then gave garbage, identically with and without a drafter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.backends.cpu.get_cpu_capability().lower() != "avx512":
+        pytest.skip("needs an AVX-512 machine to write an entry under the other capability")
+    folder = folders["llama"]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "SELFSPEC_ISA": "avx2",
+           "PYTHONPATH": str(root)}
+    code = ("import sys, torch; from selfspec.models.loading import load_transformer; "
+            "assert torch.backends.cpu.get_cpu_capability().lower() == 'avx2'; "
+            "from pathlib import Path; load_transformer(Path(sys.argv[1]), torch.float32, 64, 4)")
+    subprocess.run([sys.executable, "-c", code, str(folder)], env=env, check=True, timeout=300)
+    (avx2_entry,) = cache.iterdir()
+    fresh, _ = _load(folder, torch.float32, 4, weight_cache=False)
+    here, info = _load(folder, torch.float32, 4)
+    assert info["weight_cache"] != "hit", "an int4 entry packed under AVX2 was read under AVX-512"
+    assert torch.equal(_logits(here), _logits(fresh))
+    assert [p.name for p in cache.iterdir()] != [avx2_entry.name]  # its own entry (replacing the other's)
