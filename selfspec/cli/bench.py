@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, SAMPLING, Json, command
+from selfspec.cli.options import MODEL, SAMPLING, TEXT, Json, command
 from selfspec.drafters.factory import ALIASES, BENCH_DEFAULT, DRAFTS, ENGINES
 from selfspec.models.registry import check_spec
 
@@ -24,25 +24,24 @@ def bench(
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
                                               "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Per turn.")] = 64,
+    text=TEXT("max_new_tokens", "chat", max_new_tokens=64),
     sampling=SAMPLING,
     repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts of each category of the suite (a quick first try: --limit 1).")] = None,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template (default: when the model has one).")] = None,
     startup: Annotated[bool, typer.Option("--startup", help="Instead of methods on a suite: load time cold vs warm (weight cache emptied / present, fresh processes; --repeats warm loads, at least 3) and time to first token of turn 5 of a chat with and without prompt-prefix reuse (-n tokens per answer). Writes startup.json and startup.md.")] = False,
     as_json: Json = False,
 ) -> None:
     """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
     if startup:
         del model.device  # --startup loads on the default device
-        return _startup(out, max_new_tokens, repeats, as_json, **vars(model))
+        return _startup(out, text.max_new_tokens, repeats, as_json, **vars(model))
     from selfspec.bench.report import ALL, console_summary, summarise
     from selfspec.bench.run import BenchSettings, run_bench
     from selfspec.drafters.factory import parse_methods
 
     specs = parse_methods(methods)
-    settings = BenchSettings(suite=suite, methods=[s.text for s in specs], max_new_tokens=max_new_tokens,
-                             repeats=repeats, chat=chat, limit=limit, **vars(sampling), **vars(model))
+    settings = BenchSettings(suite=suite, methods=[s.text for s in specs], repeats=repeats, limit=limit,
+                             **vars(text), **vars(sampling), **vars(model))
     settings.check()
     check_spec(model.model)
     results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Annotated, Optional, TextIO
+from typing import TextIO
 
 import typer
 
-from selfspec.cli.options import (DRAFTER, MODEL, SAMPLING, check_max_new_tokens, command, load, sampling_params,
-                                  split_drafter)
+from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, TEXT, command, load, sampling_params, split_drafter
 from selfspec.errors import SelfspecError
 
 HELP = "/reset starts over, /stats shows the last turn's numbers, /exit or Ctrl-D quits; Ctrl-C stops an answer."
@@ -72,15 +71,12 @@ def run(session, out: TextIO = sys.stdout) -> int:
 @command(interrupted="interrupted")
 def chat(
     model=MODEL,
-    system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
-    chat_template: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one; a model without one chats in raw text, continuing the conversation's text).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
+    text=TEXT(max_new_tokens=512),
     sampling=SAMPLING,
     drafter=DRAFTER,
 ) -> None:
     """Chat in the terminal: multi-turn, streamed; each turn processes only the new message (the
     conversation's KV is kept). /reset, /stats, /exit; Ctrl-D quits, Ctrl-C stops an answer."""
-    check_max_new_tokens(max_new_tokens)
     sampling = sampling_params(sampling)
     draft, options = split_drafter(drafter, model.model)
     from selfspec.chat import ChatSession  # torch: only once every argument is checked
@@ -88,5 +84,5 @@ def chat(
 
     m = load(model)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
-    session = ChatSession(m, drafter, sampling, max_new_tokens=max_new_tokens, system=system, chat=chat_template)
+    session = ChatSession(m, drafter, sampling, **vars(text))
     raise typer.Exit(run(session))

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import (DRAFTER, MODEL, SAMPLING, Json, check_max_new_tokens, command, load, sampling_params,
-                                  split_drafter)
+from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, TEXT, Json, command, load, sampling_params, split_drafter
 from selfspec.errors import SelfspecError
 from selfspec.paths import check_writable
 
@@ -19,9 +18,7 @@ def generate(
     model=MODEL,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (else --prompt-file or stdin).")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from a file.")] = None,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the model's chat template (default: when it has one).")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System message (none unless given).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
+    text=TEXT,
     sampling=SAMPLING,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeat for several.")] = None,
     drafter=DRAFTER,
@@ -32,15 +29,14 @@ def generate(
     as_json: Json = False,
 ) -> None:
     """Generate text, streaming it as it is decoded."""
-    check_max_new_tokens(max_new_tokens)
     sampling = sampling_params(sampling)
     draft, options = split_drafter(drafter, model.model)
     if save_skip_config is not None:
         if draft != "layer-skip":
             raise SelfspecError("--save-skip-config needs --draft layer-skip (e.g. with --skip-config online)")
         check_writable(save_skip_config, "--save-skip-config")
-    text = _read_prompt(prompt, prompt_file)
-    if not text.strip():
+    prompt = _read_prompt(prompt, prompt_file)
+    if not prompt.strip():
         raise SelfspecError("the prompt is empty; give some text")
     # Every argument is checked; now torch and the model.
     from selfspec.drafters.factory import build_drafter
@@ -52,10 +48,10 @@ def generate(
         print(f"--compile: {m.transformer.compile_status}", file=sys.stderr)
     # A prompt too long for the context is refused now, before a drafter is built (auto's cost
     # calibration takes minutes on a new context size).
-    ids = m.encode(text, chat=chat, system=system)  # tokenised once, for every run below
-    check_request(m, ids, max_new_tokens)
+    ids = m.encode(prompt, chat=text.chat, system=text.system)  # tokenised once, for every run below
+    check_request(m, ids, text.max_new_tokens)
     drafter = build_drafter(draft, m, dtype=model.dtype, threads=model.threads, **options)
-    kwargs = dict(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or ())
+    kwargs = dict(sampling=sampling, max_new_tokens=text.max_new_tokens, stop=stop or ())
     if compare:  # the first forward passes pay one-off kernel set-up; keep it out of both timings
         from selfspec.hardware import comparison_caveat, load_average
 

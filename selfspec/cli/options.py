@@ -65,6 +65,10 @@ OPTIONS: dict[str, tuple] = {  # parameter name -> (annotation, default)
     "draft_model": _opt(None, Optional[str], help="Draft model for --draft model or auto (same tokenizer)."),
     "draft_vocab": _opt(None, Optional[int], help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all."),
     "drafter_weights": _opt(None, Optional[Path], help=f"--draft {'|'.join(TRAINED)}: the folder `selfspec train-drafter --out` wrote."),
+    # the text: how long, and how the prompt is wrapped
+    "max_new_tokens": _opt(256, int, "--max-new-tokens", "-n", help="Most new tokens (chat: per answer, bench: per turn, search: per calibration prompt and trial)."),
+    "chat": _opt(None, Optional[bool], "--chat/--no-chat", help="Apply the model's chat template to the prompts (default: when it has one; a model without one reads raw text)."),
+    "system": _opt(None, Optional[str], help="System message (none unless given)."),
 }
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout).")]
 
@@ -84,6 +88,7 @@ SAMPLING = Group("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
 DRAFTER = Group("draft", "skip_config", "draft_bits", "max_draft", "gamma", "alpha", "epsilon", "beta1", "beta2",
                 "adaptive", "ngram_max", "ngram_min", "ngram_mode", "tree", "datastore", "draft_model",
                 "draft_vocab", "drafter_weights")
+TEXT = Group("max_new_tokens", "chat", "system")
 
 
 def command(interrupted: str | Callable[[dict], str] | None = None):
@@ -137,6 +142,8 @@ def _check_group(v: SimpleNamespace) -> None:
         check_model_options(v)
     if "temperature" in names:
         sampling_params(v)
+    if "max_new_tokens" in names and v.max_new_tokens < 1:
+        raise SelfspecError(f"--max-new-tokens (-n) must be >= 1, got {v.max_new_tokens}")
 
 
 def sampling_params(v: SimpleNamespace):
@@ -166,11 +173,6 @@ def check_model_options(v: SimpleNamespace) -> None:
     for flag, value in (("--threads", getattr(v, "threads", None)), ("--ctx-size", getattr(v, "ctx_size", None))):
         if value is not None and value < 1:
             raise SelfspecError(f"{flag} must be >= 1, got {value}")
-
-
-def check_max_new_tokens(n: int) -> None:
-    if n < 1:
-        raise SelfspecError(f"--max-new-tokens (-n) must be >= 1, got {n}")
 
 
 def load(v: SimpleNamespace, **extra):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, SAMPLING, Json, command, load, sampling_params
+from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, TEXT, Json, command, load, sampling_params
 from selfspec.errors import SelfspecError, plural
 from selfspec.models.registry import check_spec
 from selfspec.progress import Bar
@@ -31,11 +31,9 @@ def search(
     keep_last: Annotated[int, typer.Option(help="Never skip sub-layers of the last N layers.")] = 1,
     max_skip_fraction: Annotated[float, typer.Option(help="Most sub-layers a set may skip, as a fraction of all of them.")] = 0.5,
     skip_fraction: Annotated[float, typer.Option(help="match_rate: the fraction every set skips (at least); also the size of the seeded starting sets.")] = 0.25,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="New tokens per calibration prompt and trial.")] = 32,
-    max_draft: Annotated[int, typer.Option(help="Most draft tokens per round.")] = 8,
-    draft_vocab: Annotated[Optional[int], typer.Option(help="As in generate: draft head over the context's tokens plus N frequent ones.")] = None,
+    text=TEXT("max_new_tokens", max_new_tokens=32),
     draft: Annotated[str, typer.Option(help="layer-skip (full-precision draft) | quantized (the skip set of a precision self-draft: int8/int4 weights and skipped sub-layers; the config records draft_bits).")] = "layer-skip",
-    draft_bits: Annotated[Optional[int], typer.Option(help="--draft quantized: 8 or 4 (default 8).")] = None,
+    drafter=DRAFTER("draft_bits", "max_draft", "draft_vocab", max_draft=8),
     sampling=SAMPLING,
     report: Annotated[bool, typer.Option("--report", help="Print the study's best trials and write PNG charts; no search.")] = False,
     report_dir: Annotated[Optional[Path], typer.Option(help="Folder for the --report charts (default: next to --out, else the current folder).")] = None,
@@ -55,9 +53,9 @@ def search(
         return show(url, study_name, report_dir or (out.parent if out is not None else Path(".")), as_json)
     settings = ss.SearchSettings(trials=trials, objective=objective, sampler=sampler, keep_first=keep_first,
                                  keep_last=keep_last, max_skip_fraction=max_skip_fraction,
-                                 skip_fraction=skip_fraction, seed=sampling.seed or 0, max_new_tokens=max_new_tokens,
-                                 max_draft=max_draft, draft_vocab=draft_vocab, timeout_minutes=timeout,
-                                 draft_bits=_search_bits(draft, draft_bits))
+                                 skip_fraction=skip_fraction, seed=sampling.seed or 0, timeout_minutes=timeout,
+                                 max_new_tokens=text.max_new_tokens, max_draft=drafter.max_draft,
+                                 draft_vocab=drafter.draft_vocab, draft_bits=_search_bits(draft, drafter.draft_bits))
     settings.check()
     params = sampling_params(sampling)
     if out is None:

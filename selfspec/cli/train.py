@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, Json, command
+from selfspec.cli.options import MODEL, TEXT, Json, command
 
 
 @command(interrupted=lambda a: f"interrupted; continue with --resume (checkpoint in {a['out'] / 'checkpoint'})")
@@ -28,7 +28,7 @@ def train_drafter(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint (same data and settings; --steps may grow).")] = False,
     seed: Annotated[int, typer.Option(help="Seeds initialisation, window sampling and the sampled distillation passes.")] = 0,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat template on the prompts (default: when the model has one).")] = None,
+    text=TEXT("chat"),
     as_json: Json = False,
 ) -> None:
     """Train a drafter on the model's own generations (self-distillation; the backbone stays frozen)."""
@@ -43,7 +43,7 @@ def train_drafter(
     settings = TrainSettings(steps=steps, batch=batch, window=window, lr=lr, seed=seed,
                              checkpoint_every=checkpoint_every)
     result = run(kind=kind, out=out, exit_layer=exit_layer, heads=heads, data=data, self_distill=self_distill,
-                 distill_tokens=distill_tokens, settings=settings, resume=resume, chat=chat, **vars(model))
+                 distill_tokens=distill_tokens, settings=settings, resume=resume, **vars(text), **vars(model))
     d = result["distill"]
     print(f"{result['kind']}: {result['sequences']} sequences, {result['tokens']} tokens "
           f"(distilled in {d['seconds']:.1f} s{', cached' if d['cached'] else ''}); features {result['feature_seconds']:.1f} s; "
