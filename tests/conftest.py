@@ -13,6 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # Keep tests off the user's cache folder only when asked; the default cache makes reruns fast.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs one pytest-xdist worker per core: each worker's PyTorch (and the CLI processes it
+# starts) on one thread, or two workers' thread pools would fight over the cores. Tests of
+# multi-threaded kernels ask for their threads themselves (tiny.threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _load(alias: str, dtype: str = "fp32"):

@@ -29,7 +29,7 @@ from selfspec.hardware import isa
 from selfspec.models.rows import linears, probe_linear, probe_rows
 from selfspec.models.transformer import Linear
 from selfspec.tree import TreeLayout
-from tiny import ARCHS, DTYPES, WINDOW, build_tiny, one_thread, tiny_transformer
+from tiny import ARCHS, DTYPES, USER_THREADS, WINDOW, build_tiny, one_thread, threads, tiny_transformer
 
 CTX = 192  # room for the ~150-token prompt of the prefill test
 VOCAB = 160
@@ -40,9 +40,9 @@ FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "SEL
 
 @pytest.fixture(autouse=True)
 def _one_thread(request):
-    """Tiny models on one thread (fastest); SmolLM2 on the default threads, as users run it."""
+    """Tiny models on one thread (fastest); SmolLM2 on two threads, as users run it."""
     if "smollm_in" in request.fixturenames:
-        yield
+        yield from threads(USER_THREADS)
     else:
         yield from one_thread()
 

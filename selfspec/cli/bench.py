@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, SAMPLING, TEXT, Json, command
+from selfspec.cli.options import MODEL, PROMPTS, SAMPLING, Json, command
 from selfspec.drafters.factory import ALIASES, BENCH_DEFAULT, DRAFTS, ENGINES
 from selfspec.models.registry import check_spec
 
@@ -17,14 +17,13 @@ from selfspec.models.registry import check_spec
 def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and the charts.")],
     model=MODEL,
-    suite: Annotated[str, typer.Option(help="quick | full | code | a JSONL file of {id, category, prompt|turns}.")] = "quick",
+    prompts=PROMPTS("suite", "max_new_tokens", "chat", max_new_tokens=64),
     methods: Annotated[str, typer.Option(help=f"Comma-separated methods: {', '.join(DRAFTS + ENGINES)} (aliases: "
                                               f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}; peers need make extras: openvino-spec:draft=ALIAS, "
                                               "openai:url=URL[,model=NAME,key_env=VAR]); options as openvino:precision=f32, "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
                                               "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
-    text=TEXT("max_new_tokens", "chat", max_new_tokens=64),
     sampling=SAMPLING,
     repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts of each category of the suite (a quick first try: --limit 1).")] = None,
@@ -34,14 +33,14 @@ def bench(
     """Benchmark methods against our plain decoding on a prompt suite; every method in a fresh process."""
     if startup:
         del model.device  # --startup loads on the default device
-        return _startup(out, text.max_new_tokens, repeats, as_json, **vars(model))
+        return _startup(out, prompts.max_new_tokens, repeats, as_json, **vars(model))
     from selfspec.bench.report import ALL, console_summary, summarise
     from selfspec.bench.run import BenchSettings, run_bench
     from selfspec.drafters.factory import parse_methods
 
     specs = parse_methods(methods)
-    settings = BenchSettings(suite=suite, methods=[s.text for s in specs], repeats=repeats, limit=limit,
-                             **vars(text), **vars(sampling), **vars(model))
+    settings = BenchSettings(methods=[s.text for s in specs], repeats=repeats, limit=limit,
+                             **vars(prompts), **vars(sampling), **vars(model))
     settings.check()
     check_spec(model.model)
     results = run_bench(settings, out, command="selfspec " + " ".join(sys.argv[1:]))

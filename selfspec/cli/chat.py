@@ -8,7 +8,7 @@ from typing import TextIO
 
 import typer
 
-from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, TEXT, command, load, sampling_params, split_drafter
+from selfspec.cli.options import DRAFTER, MODEL, PROMPTS, SAMPLING, command, load, sampling_params, split_drafter
 from selfspec.errors import SelfspecError
 
 HELP = "/reset starts over, /stats shows the last turn's numbers, /exit or Ctrl-D quits; Ctrl-C stops an answer."
@@ -71,7 +71,7 @@ def run(session, out: TextIO = sys.stdout) -> int:
 @command(interrupted="interrupted")
 def chat(
     model=MODEL,
-    text=TEXT(max_new_tokens=512),
+    text=PROMPTS("max_new_tokens", "chat", "system", max_new_tokens=512),
     sampling=SAMPLING,
     drafter=DRAFTER,
 ) -> None:

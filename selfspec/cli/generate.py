@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, TEXT, Json, command, load, sampling_params, split_drafter
+from selfspec.cli.options import DRAFTER, MODEL, PROMPTS, SAMPLING, Json, command, load, sampling_params, split_drafter
 from selfspec.errors import SelfspecError
 from selfspec.paths import check_writable
 
@@ -18,7 +18,7 @@ def generate(
     model=MODEL,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (else --prompt-file or stdin).")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from a file.")] = None,
-    text=TEXT,
+    text=PROMPTS("max_new_tokens", "chat", "system"),
     sampling=SAMPLING,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeat for several.")] = None,
     drafter=DRAFTER,
@@ -121,7 +121,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None:
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
-        raise SelfspecError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+        raise SelfspecError("no prompt: give --prompt PROMPTS, --prompt-file FILE, or pipe text on stdin")
     return _utf8(sys.stdin.buffer.read(), "the prompt on stdin")
 
 

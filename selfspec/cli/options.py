@@ -65,7 +65,8 @@ OPTIONS: dict[str, tuple] = {  # parameter name -> (annotation, default)
     "draft_model": _opt(None, Optional[str], help="Draft model for --draft model or auto (same tokenizer)."),
     "draft_vocab": _opt(None, Optional[int], help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all."),
     "drafter_weights": _opt(None, Optional[Path], help=f"--draft {'|'.join(TRAINED)}: the folder `selfspec train-drafter --out` wrote."),
-    # the text: how long, and how the prompt is wrapped
+    # the prompts: which (a suite), how they are wrapped, how long the answers are
+    "suite": _opt("quick", Optional[str], help="A bench suite: quick | full | code | a JSONL file of {id, category, prompt|turns} (search: its prompts calibrate)."),
     "max_new_tokens": _opt(256, int, "--max-new-tokens", "-n", help="Most new tokens (chat: per answer, bench: per turn, search: per calibration prompt and trial)."),
     "chat": _opt(None, Optional[bool], "--chat/--no-chat", help="Apply the model's chat template to the prompts (default: when it has one; a model without one reads raw text)."),
     "system": _opt(None, Optional[str], help="System message (none unless given)."),
@@ -88,7 +89,7 @@ SAMPLING = Group("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
 DRAFTER = Group("draft", "skip_config", "draft_bits", "max_draft", "gamma", "alpha", "epsilon", "beta1", "beta2",
                 "adaptive", "ngram_max", "ngram_min", "ngram_mode", "tree", "datastore", "draft_model",
                 "draft_vocab", "drafter_weights")
-TEXT = Group("max_new_tokens", "chat", "system")
+PROMPTS = Group("suite", "max_new_tokens", "chat", "system")
 
 
 def command(interrupted: str | Callable[[dict], str] | None = None):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import DRAFTER, MODEL, SAMPLING, TEXT, Json, command, load, sampling_params
+from selfspec.cli.options import DRAFTER, MODEL, PROMPTS, SAMPLING, Json, command, load, sampling_params
 from selfspec.errors import SelfspecError, plural
 from selfspec.models.registry import check_spec
 from selfspec.progress import Bar
@@ -20,7 +20,7 @@ def search(
     model=MODEL,
     out: Annotated[Optional[Path], typer.Option(help="Write the skip-config JSON here (atomically).")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="Calibration prompts, JSONL with a \"prompt\" per line (default: the shipped calibration set).")] = None,
-    suite: Annotated[Optional[str], typer.Option(help="Use the bench suite NAME as calibration prompts instead.")] = None,
+    calibration=PROMPTS("suite", "max_new_tokens", suite=None, max_new_tokens=32),
     trials: Annotated[int, typer.Option(help="Finished trials wanted in the study, counting those of earlier runs and other workers.")] = 40,
     timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many minutes.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna RDB URL (default sqlite:///<cache>/studies.db). SQLite for one machine; a postgresql:// or mysql:// URL lets workers on many machines share a study.")] = None,
@@ -31,7 +31,6 @@ def search(
     keep_last: Annotated[int, typer.Option(help="Never skip sub-layers of the last N layers.")] = 1,
     max_skip_fraction: Annotated[float, typer.Option(help="Most sub-layers a set may skip, as a fraction of all of them.")] = 0.5,
     skip_fraction: Annotated[float, typer.Option(help="match_rate: the fraction every set skips (at least); also the size of the seeded starting sets.")] = 0.25,
-    text=TEXT("max_new_tokens", max_new_tokens=32),
     draft: Annotated[str, typer.Option(help="layer-skip (full-precision draft) | quantized (the skip set of a precision self-draft: int8/int4 weights and skipped sub-layers; the config records draft_bits).")] = "layer-skip",
     drafter=DRAFTER("draft_bits", "max_draft", "draft_vocab", max_draft=8),
     sampling=SAMPLING,
@@ -54,7 +53,7 @@ def search(
     settings = ss.SearchSettings(trials=trials, objective=objective, sampler=sampler, keep_first=keep_first,
                                  keep_last=keep_last, max_skip_fraction=max_skip_fraction,
                                  skip_fraction=skip_fraction, seed=sampling.seed or 0, timeout_minutes=timeout,
-                                 max_new_tokens=text.max_new_tokens, max_draft=drafter.max_draft,
+                                 max_new_tokens=calibration.max_new_tokens, max_draft=drafter.max_draft,
                                  draft_vocab=drafter.draft_vocab, draft_bits=_search_bits(draft, drafter.draft_bits))
     settings.check()
     params = sampling_params(sampling)
@@ -62,7 +61,7 @@ def search(
         raise SelfspecError("give --out FILE.json, where the skip config will be written")
     check_spec(model.model)
     ss.check_out(out)
-    texts, source = ss.calibration_prompts(prompts, suite)
+    texts, source = ss.calibration_prompts(prompts, calibration.suite)
     ss.check_spec_study(ss.open_storage(url), study_name, model.model)  # before minutes of loading
     m = load(model)
     # no trial count until the baseline is measured (the first event sets it)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfspec.cli.options import MODEL, TEXT, Json, command
+from selfspec.cli.options import MODEL, PROMPTS, Json, command
 
 
 @command(interrupted=lambda a: f"interrupted; continue with --resume (checkpoint in {a['out'] / 'checkpoint'})")
@@ -28,7 +28,7 @@ def train_drafter(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint (same data and settings; --steps may grow).")] = False,
     seed: Annotated[int, typer.Option(help="Seeds initialisation, window sampling and the sampled distillation passes.")] = 0,
-    text=TEXT("chat"),
+    text=PROMPTS("chat"),
     as_json: Json = False,
 ) -> None:
     """Train a drafter on the model's own generations (self-distillation; the backbone stays frozen)."""

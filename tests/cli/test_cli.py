@@ -98,3 +98,34 @@ def test_skip_config_for_another_model_is_refused(tmp_path):
     proc = run("generate", "--model", "smollm2-135m", "--prompt", "hi", "-n", "4", "--draft", "layer-skip",
                "--skip-config", str(other))
     assert_user_error(proc, "18 layers", "selfspec search")
+
+
+# Flags that mean a different thing per command, by design: where the results go (a folder or the
+# skip-config file), train-drafter's own seed (initialisation, not sampling), search's --draft
+# (whose skip set to search: layer-skip or quantized).
+DIFFERENT_PER_COMMAND = {"--out", "--seed", "--draft"}
+
+
+def test_each_shared_option_is_declared_once():
+    """Options that several commands take come from one declaration (options.py), so their help,
+    default type and spelling cannot drift apart: a flag in two commands with two different help
+    texts was declared twice."""
+    import typer.main
+
+    from selfspec.cli.main import app
+
+    seen: dict[str, dict[str, str]] = {}  # flag -> {help text: command}
+    group = typer.main.get_group(app)
+
+    def walk(cmd, name):
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}".strip())
+        for p in getattr(cmd, "params", []):
+            for flag in getattr(p, "opts", []):
+                if flag.startswith("--"):
+                    seen.setdefault(flag, {}).setdefault(p.help or "", name)
+
+    walk(group, "")
+    twice = {f: cmds for f, cmds in seen.items() if len(cmds) > 1 and f not in DIFFERENT_PER_COMMAND}
+    assert not twice, f"declared more than once (different help per command): {twice}"
+    assert {"--max-new-tokens", "--chat", "--temperature", "--draft-bits", "--model"} <= set(seen)
