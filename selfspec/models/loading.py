@@ -159,7 +159,7 @@ def tokenizer_at(path: Path):
     return load_hf_tokenizer(path) if path.is_dir() else load_gguf_tokenizer(path)
 
 
-def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
+def load_transformer(path: Path | str, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
                      weight_bits: int | None = None, weight_cache: bool | None = None,
                      info: dict | None = None, device: torch.device | str = "cpu",
                      native: bool = False) -> Transformer:
@@ -173,7 +173,7 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.float32, ctx_size: i
     from selfspec.models import weightcache
 
     t0 = time.perf_counter()
-    device = torch.device(device)
+    path, device = Path(path), torch.device(device)
     if weight_bits is not None:
         check_cpu_only(f"--dtype int{weight_bits}", device)
     info = {} if info is None else info
