@@ -90,11 +90,14 @@ def profile(args) -> None:
 def phases(args) -> None:
     """Where a step's wall time goes by Python-level phase, for kernels torch.profiler does not see
     (the native linears and the attention kernel are ctypes calls): every phase is timed
-    exclusively (a phase inside another is subtracted from it) with time.perf_counter."""
+    exclusively (a phase inside another is subtracted from it) with time.perf_counter, or with
+    --cpu-time by the CPU time of 1 thread (what a phase costs a core, robust on a shared machine)."""
     import selfspec.models.transformer as T
     from selfspec import kernels
 
-    model = load_model(args.model, dtype=args.dtype, threads=args.threads, ctx_size=args.context + 64)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    model = load_model(args.model, dtype=args.dtype, threads=1 if args.cpu_time else args.threads,
+                       ctx_size=args.context + 64)
     tr, cache = _prepared(model, args.context)
     spent: dict[str, float] = {}
     stack: list[float] = []  # time of the running phases' children
@@ -102,11 +105,11 @@ def phases(args) -> None:
     def timed(name, fn):
         def wrapper(*a, **kw):
             stack.append(0.0)
-            t = time.perf_counter()
+            t = clock()
             try:
                 return fn(*a, **kw)
             finally:
-                dt = time.perf_counter() - t
+                dt = clock() - t
                 child = stack.pop()
                 label = name(a) if callable(name) else name
                 spent[label] = spent.get(label, 0.0) + dt - child
@@ -129,10 +132,13 @@ def phases(args) -> None:
     spent.clear()
     total = 0.0
     for _ in range(args.repeats):
-        total += _step(tr, cache, args.context, args.tokens, tokens)
+        cache.rollback(args.context)
+        t = clock()
+        tr.forward(tokens[:args.tokens], args.context, cache)
+        total += clock() - t
     print(f"model {args.model}, dtype {model.dtype}, kernel {model.kernel}, {args.tokens} token(s) per step, "
           f"threads {torch.get_num_threads()}, context {args.context}, mean of {args.repeats} steps: "
-          f"{1e3 * total / args.repeats:.2f} ms per step (wall)\n")
+          f"{1e3 * total / args.repeats:.2f} ms per step ({clock.__name__})\n")
     print("| phase | ms/step | share |")
     print("|---|---|---|")
     spent["rest of the forward (Python, residual adds, final norm's caller)"] = total - sum(spent.values())
@@ -155,6 +161,7 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=15, help="rows of the profile table")
     ap.add_argument("--phases", action="store_true", help="time Python-level phases instead of torch ops "
                     "(linears, attention, norms, ...): the native kernels are ctypes calls the profiler does not see")
+    ap.add_argument("--cpu-time", action="store_true", help="--phases by 1 thread's CPU time")
     args = ap.parse_args(argv)
     if args.phases:
         phases(args)
