@@ -3,9 +3,12 @@
 Prints, in one run: the read bandwidth (a sum over a 1 GiB fp32 tensor, larger than any cache),
 then per shape and format the kernel's time at M = 1 (weights streamed: a rotation of copies
 larger than the last-level cache), its GB/s of weight bytes and % of the bandwidth, t(M)/t(1)
-for M = 2, 4, 9, and PyTorch's int4 kernel and fp32 oneDNN at M = 1 and 9 on the same shape for
-comparison. Usage: python scripts/native_gemv.py [--threads 2] [--cpu-time], or --rss for the
-peak resident memory of native, fp32 and int4 loads (fresh processes).
+for M = 2, 4, 9 (also for `--dtype native-q8`'s int8-activation kernel), and PyTorch's int4 kernel and fp32 oneDNN at M = 1 and 9 on the same shape for
+comparison. `--compare-with before=OLD.so` times another build of the kernels (e.g. the previous
+qgemm.c) interleaved with this checkout's, so before and after share the run and its load.
+Usage: python scripts/native_gemv.py [--threads 2] [--cpu-time] [--compare-with NAME=OLD.so,...]
+[--native-only], or --rss for the peak resident memory of native, fp32 and int4 loads (fresh
+processes).
 """
 from __future__ import annotations
 
@@ -53,7 +56,9 @@ def native_linears(tname: str, n: int, k: int):
 
     raw, t = random_blocks(tname, n, k, np.random.default_rng(0))
     copies = max(1, COPIES_BYTES // raw.nbytes)
-    return [linear_of(raw.copy(), t, n, k) for _ in range(copies)], raw.nbytes
+    lins = [linear_of(raw.copy(), t, n, k) for _ in range(copies)]
+    q8 = [linear_of(lin.parts[0].data.numpy(), t, n, k, q8=True) for lin in lins]  # the same copies
+    return lins, q8, raw.nbytes
 
 
 _RSS = """
@@ -76,12 +81,31 @@ def peak_rss(model: str, dtype: str) -> tuple[float, float]:
     return int(a) / 1024, int(b) / 1024
 
 
+def other_library(path: str):
+    """Another build of the kernels (ctypes signatures as selfspec.kernels sets them), on this
+    machine's instruction set."""
+    import ctypes
+
+    from selfspec import kernels
+
+    lib = ctypes.CDLL(path)
+    mine = kernels.library()
+    for f in ("selfspec_qgemm", "selfspec_dequant_rows", "selfspec_qgemm_isa"):
+        getattr(lib, f).restype = getattr(mine, f).restype
+        getattr(lib, f).argtypes = getattr(mine, f).argtypes
+    lib.selfspec_qgemm_isa(int(kernels.qgemm_isa() == "avx512"))
+    return lib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rss", action="store_true", help="only the peak RSS of native vs fp32 loads")
     ap.add_argument("--cpu-time", action="store_true", help="1 thread, timed by its CPU time: what one core "
                     "computes, unaffected by other processes taking turns on the cores")
+    ap.add_argument("--compare-with", metavar="NAME=SO,...", help="also time the native kernel of these built "
+                    "libraries (e.g. the previous qgemm.c), interleaved with this checkout's in the same run")
+    ap.add_argument("--native-only", action="store_true", help="skip PyTorch's kernels")
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -98,17 +122,34 @@ def main() -> None:
           f"timing by {CLOCK.__name__}; load average {os.getloadavg()[0]:.2f}")
     shapes = [("Q4_1", 1536, 576), ("Q4_1", 576, 1536), ("Q8_0", 49152, 576), ("Q4_K", 8960, 1536),
               ("Q4_K", 1536, 8960), ("Q6_K", 1536, 8960), ("Q4_0", 8960, 1536), ("Q8_0", 8960, 1536)]
-    print("| format | N x K | MB | t(1) µs | GB/s | % of bw | t(2)/t(1) | t(4)/t(1) | t(9)/t(1) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    from selfspec import kernels
+    from selfspec.models import native
+
+    libs = {}
+    for entry in (args.compare_with or "").split(","):
+        if entry:
+            name, _, path = entry.rpartition("=")
+            libs[name or path] = other_library(path)
+    libs["this"] = kernels.library()
+    print("| kernel | format | N x K | MB | t(1) µs | GB/s | % of bw | t(2)/t(1) | t(4)/t(1) | t(9)/t(1) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for tname, n, k in shapes:
-        lins, nbytes = native_linears(tname, n, k)
-        ts = {}
+        lins, q8, nbytes = native_linears(tname, n, k)
+        runs = {name: (lib, lins) for name, lib in libs.items()}
+        runs["this, native-q8"] = (libs["this"], q8)
+        ts = {name: {} for name in runs}
         for m in (1, 2, 4, 9):
             x = torch.randn(m, k)
-            ts[m] = timed(lambda i: lins[i % len(lins)]._apply(x), [0], reps=max(20, len(lins)))
-        gbs = nbytes / ts[1] / 1e9
-        print(f"| {tname} | {n}x{k} | {nbytes / 1e6:.2f} | {ts[1] * 1e6:.0f} | {gbs:.1f} | {100 * gbs / bw:.0f} | "
-              f"{ts[2] / ts[1]:.2f} | {ts[4] / ts[1]:.2f} | {ts[9] / ts[1]:.2f} |")
+            for name, (lib, ls) in runs.items():  # interleaved: load from other processes hits all alike
+                native._lib = lambda lib=lib: lib
+                ts[name][m] = timed(lambda i: ls[i % len(ls)]._apply(x), [0], reps=max(20, len(ls)))
+        for name, t in ts.items():
+            gbs = nbytes / t[1] / 1e9
+            print(f"| {name} | {tname} | {n}x{k} | {nbytes / 1e6:.2f} | {t[1] * 1e6:.0f} | {gbs:.1f} | "
+                  f"{100 * gbs / bw:.0f} | {t[2] / t[1]:.2f} | {t[4] / t[1]:.2f} | {t[9] / t[1]:.2f} |")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if args.native_only:
+        return
     print("\nPyTorch kernels on the same shapes (weights streamed the same way):")
     print("| kernel | N x K | t(1) µs | GB/s | t(9)/t(1) |")
     print("|---|---|---|---|---|")

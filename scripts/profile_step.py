@@ -2,6 +2,7 @@
 
     python scripts/profile_step.py --model smollm2-135m --dtype int8            # profiler table
     python scripts/profile_step.py --model smollm2-135m --time fp32,int8,int4   # step costs
+    python scripts/profile_step.py --model smollm2-135m --dtype native --phases # by phase
 
 The profile prints torch.profiler's top ops of one forward over `--tokens` tokens (1 = a decode
 step, k+1 = verifying k drafts) as a Markdown table, for docs/benchmarks.md. `--time` loads each
@@ -86,10 +87,69 @@ def profile(args) -> None:
               f"{100 * e.self_cpu_time_total / total:.1f}% |")
 
 
+def phases(args) -> None:
+    """Where a step's wall time goes by Python-level phase, for kernels torch.profiler does not see
+    (the native linears and the attention kernel are ctypes calls): every phase is timed
+    exclusively (a phase inside another is subtracted from it) with time.perf_counter, or with
+    --cpu-time by the CPU time of 1 thread (what a phase costs a core, robust on a shared machine)."""
+    import selfspec.models.transformer as T
+    from selfspec import kernels
+
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    model = load_model(args.model, dtype=args.dtype, threads=1 if args.cpu_time else args.threads,
+                       ctx_size=args.context + 64)
+    tr, cache = _prepared(model, args.context)
+    spent: dict[str, float] = {}
+    stack: list[float] = []  # time of the running phases' children
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            stack.append(0.0)
+            t = clock()
+            try:
+                return fn(*a, **kw)
+            finally:
+                dt = clock() - t
+                child = stack.pop()
+                label = name(a) if callable(name) else name
+                spent[label] = spent.get(label, 0.0) + dt - child
+                if stack:
+                    stack[-1] += dt
+        return wrapper
+
+    head = tr.lm_head
+    T.Linear.__call__ = timed(lambda a: "LM head" if a[0] is head else "linears (q|k|v, o, gate|up, down)",
+                              T.Linear.__call__)
+    T.kernels.attention = timed("attention kernel (over the cache)", kernels.attention)
+    T.apply_rope = timed("RoPE", T.apply_rope)
+    T.Transformer._norm = timed("RMS norms", T.Transformer._norm)
+    T.Transformer._attention = timed("attention block, rest (reshapes, cache writes)", T.Transformer._attention)
+    T.Transformer._mlp = timed("MLP, rest (SiLU, product)", T.Transformer._mlp)
+    T.Transformer.embed_tokens = timed("embedding lookup", T.Transformer.embed_tokens)
+    tokens = torch.arange(7, 7 + args.tokens)
+    for _ in range(args.warmup):
+        _step(tr, cache, args.context, args.tokens, tokens)
+    spent.clear()
+    total = 0.0
+    for _ in range(args.repeats):
+        cache.rollback(args.context)
+        t = clock()
+        tr.forward(tokens[:args.tokens], args.context, cache)
+        total += clock() - t
+    print(f"model {args.model}, dtype {model.dtype}, kernel {model.kernel}, {args.tokens} token(s) per step, "
+          f"threads {torch.get_num_threads()}, context {args.context}, mean of {args.repeats} steps: "
+          f"{1e3 * total / args.repeats:.2f} ms per step ({clock.__name__})\n")
+    print("| phase | ms/step | share |")
+    print("|---|---|---|")
+    spent["rest of the forward (Python, residual adds, final norm's caller)"] = total - sum(spent.values())
+    for name, t in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {1e3 * t / args.repeats:.2f} | {100 * t / total:.1f}% |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="auto", help="auto|fp32|bf16|int8|int4 (profile)")
+    ap.add_argument("--dtype", default="auto", help="auto|fp32|bf16|int8|int4|native|native-q8 (profile)")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per profiled forward (profile)")
     ap.add_argument("--time", help="comma-separated dtypes to time against each other, e.g. fp32,int8,int4")
     ap.add_argument("--verify", type=int, default=8, help="tokens of the verify step (--time)")
@@ -99,8 +159,13 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--top", type=int, default=15, help="rows of the profile table")
+    ap.add_argument("--phases", action="store_true", help="time Python-level phases instead of torch ops "
+                    "(linears, attention, norms, ...): the native kernels are ctypes calls the profiler does not see")
+    ap.add_argument("--cpu-time", action="store_true", help="--phases by 1 thread's CPU time")
     args = ap.parse_args(argv)
-    if args.time:
+    if args.phases:
+        phases(args)
+    elif args.time:
         time_dtypes(args)
     else:
         profile(args)

@@ -24,7 +24,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weight-only quantised dtypes: the linears' weights in int8/int4, everything else (embeddings,
 # norms, attention, KV cache) in fp32 (selfspec/models/quant.py).
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4", "native")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4", "native", "native-q8")
 
 
 @lru_cache(maxsize=1)
@@ -95,11 +95,12 @@ def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     and slower (AVX-512-bf16 EPYC: plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and
     `auto` speculation 1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
     around weight-only quantised linears (see `WEIGHT_BITS`); `native` in fp32 around the GGUF
-    file's own blocks (selfspec/models/native.py). `auto` does not pick native yet: see
+    file's own blocks (selfspec/models/native.py; native-q8 quantises the activations of those
+    linears per row to int8 blocks, opt-in: another model). `auto` does not pick native yet: see
     docs/kernels.md, "Why --dtype auto stays fp32"."""
     if name == "auto":
         name = "fp32"
-    if name in WEIGHT_BITS or name == "native":  # native: fp32 around the file's own blocks
+    if name in WEIGHT_BITS or name in ("native", "native-q8"):  # fp32 around the file's own blocks
         return torch.float32, name
     if name not in DTYPES:
         raise InvalidParameterError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")

@@ -35,7 +35,7 @@ DRAFT_HELP = (f"{'|'.join(DRAFTS)} ({', '.join(TRAINED)}: trained, need --drafte
 OPTIONS: dict[str, tuple] = {  # parameter name -> (annotation, default)
     # the model and how it runs
     "model": _opt(DEFAULT_MODEL, str, "--model", "-m", help="Registry alias (see `selfspec models`), .gguf file or HF folder."),
-    "dtype": _opt("auto", str, help="auto|fp32|bf16|int8|int4|native (auto: fp32, the model at full precision, the same answer on every machine; native computes on the GGUF file's own quantised blocks, memory-mapped, with fp32 activations (docs/kernels.md); bf16 and int8/int4 weight-only re-quantised linears change the output and are opt-in)."),
+    "dtype": _opt("auto", str, help="auto|fp32|bf16|int8|int4|native|native-q8 (auto: fp32, the model at full precision, the same answer on every machine; native computes on the GGUF file's own quantised blocks, memory-mapped, with fp32 activations (docs/kernels.md); native-q8 also rounds those linears' activations per row to int8 blocks of 32 for integer dot products (faster, a slightly different model); bf16 and int8/int4 weight-only re-quantised linears change the output and are opt-in)."),
     "threads": _opt(None, Optional[int], help="CPU threads (default: PyTorch's choice)."),
     "ctx_size": _opt(None, Optional[int], "--ctx-size", help="KV cache length (default min(model context, 4096))."),
     "device": _opt("auto", str, help="auto|cpu|cuda (auto: CUDA when PyTorch sees a GPU, else the CPU; on CUDA --dtype auto is bf16 and int8/int4 are not available). See docs/gpu.md."),

@@ -34,6 +34,7 @@ log = logging.getLogger("selfspec.kernels")
 
 HERE = Path(__file__).parent
 SOURCES = ("attention.c", "qgemm.c")
+HEADERS = ("qgemm_group.h", "qgemm_q8.h")  # included by qgemm.c: part of the build key, not compiled alone
 # No -ffast-math: the compiler may vectorise across independent lanes but must keep every sum in
 # the order written; -ffp-contract=off: no fused multiply-add the source does not ask for (fmaf).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
@@ -58,7 +59,7 @@ def library_path(cc: str) -> Path:
     from selfspec.paths import cache_dir
 
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update((HERE / name).read_bytes())
     h.update(" ".join(CFLAGS).encode())
     h.update(_compiler_version(cc).encode())
@@ -115,10 +116,10 @@ def _library():
     f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                                                 ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
                                                                 ctypes.c_int]
-    g = lib.selfspec_qgemm
-    g.restype = ctypes.c_int
-    g.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                                           ctypes.c_void_p]
+    for g in (lib.selfspec_qgemm, lib.selfspec_qgemm_q8):
+        g.restype = ctypes.c_int
+        g.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                               ctypes.c_void_p]
     d = lib.selfspec_dequant_rows
     d.restype = ctypes.c_int
     d.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]

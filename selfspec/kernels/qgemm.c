@@ -13,9 +13,14 @@
  *   lane l = k mod 8 accumulates fma(w_k, x[m, k], lane) over k in increasing order
  *   y     = lanes added as ((0+4)+(2+6)) + ((1+5)+(3+7)) (hsum_tree8)
  * One accumulator chain per (m, n), never split or merged by M: row m of an M-row call is the
- * 1-row call on that row, bit for bit. The four rows of a group and the activation rows of a
- * slab only share the dequantised tile (computed once, read by every activation row), which is
- * what makes t(M) grow slower than M. Built with -ffp-contract=off (see kernels/__init__.py).
+ * 1-row call on that row, bit for bit. Two paths run that order: at M = 1 the block formats are
+ * decoded into registers, 8 rows at a time (qgemm_group.h); otherwise the four rows of a group
+ * and the activation rows of a slab share a dequantised tile in L1 (computed once, read by every
+ * activation row), which is what makes t(M) grow slower than M. Built with -ffp-contract=off
+ * (see kernels/__init__.py).
+ *
+ * selfspec_qgemm_q8 (`--dtype native-q8`): the block formats against activations quantised per
+ * row in blocks of 32 to int8, integer dot products (qgemm_q8.h says its order).
  *
  * Block layouts (learnt from the `gguf` package's dequantisers; this code is our own):
  *   Q4_0  18 B / 32: f16 d, 16 B nibbles (low: 0..15, high: 16..31)     w = d * (q - 8)
@@ -283,13 +288,14 @@ static AVX512 void deq_q4_k_512(const uint8_t *row, int k0, int n, float *out) {
     }
 }
 
-static int use_avx512 = 0;
+static int use_avx512 = 0, use_vnni = 0;
 
 /* 1 asks for the AVX-512 dequantisers (taken only where the CPU has them); returns what is used. */
 int selfspec_qgemm_isa(int avx512) {
     __builtin_cpu_init();
     use_avx512 = avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    use_vnni = use_avx512 && __builtin_cpu_supports("avx512vnni");
     return use_avx512;
 }
 
@@ -315,6 +321,317 @@ static int format_info(int fmt, int64_t K, int64_t *row_bytes, deq_fn *fn) {
     return block;
 }
 
+/* ---- the block formats, decoded into registers ----
+ * A "unit" is 32 consecutive weights of a row, decoded into four vectors of the very weights the
+ * dequantisers above write (the same operations), and used from registers by every activation
+ * row of the slab (up to QSLAB): no tile buffer, no store and reload, one decode per weight and
+ * call. The accumulation is the tile path's, operation for operation: lane l = k mod 8 of each
+ * output's accumulator takes fma(w_k, x_k) in increasing k (qgemm_group.h). */
+#define AI inline __attribute__((always_inline))
+#define QSLAB 9 /* activation rows per pass over the weights (a 9-token verify: one pass) */
+
+static AI __m256 cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+
+/* 32 signed bytes (in one 256-bit register) -> 4 vectors of floats */
+static AI void bytes32(__m256i b, __m256 q[4]) {
+    __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+    q[0] = cvt8(lo), q[1] = cvt8(_mm_srli_si128(lo, 8)), q[2] = cvt8(hi), q[3] = cvt8(_mm_srli_si128(hi, 8));
+}
+
+/* 8 bytes at p, each widened to a 32-bit lane (one load-and-extend instruction) */
+static AI __m256i widen8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+/* 16 bytes of nibbles minus `off` -> 32 values (low nibbles first) as 4 float vectors: bytes 0..7
+ * hold weights 0..7 (low nibbles) and 16..23 (high), bytes 8..15 weights 8..15 and 24..31 */
+static AI void nib32(const uint8_t *p, int off, __m256 q[4]) {
+    const __m256i mask = _mm256_set1_epi32(0x0F), o = _mm256_set1_epi32(off);
+    __m256i v0 = widen8(p), v1 = widen8(p + 8);
+    q[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, mask), o));
+    q[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, mask), o));
+    q[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), o));
+    q[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), o));
+}
+
+/* the f16 at p, converted and broadcast */
+static AI __m256 f16x8(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _mm256_cvtph_ps(_mm_set1_epi16((short)h));
+}
+
+/* w = the 32 weights of unit u of a row, as the dequantisers (deq_*) compute them */
+static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4]) {
+    __m256 q[4];
+    switch (fmt) {
+    case Q4_0: {
+        const uint8_t *blk = row + u * 18;
+        nib32(blk + 2, 8, q);
+        __m256 d = f16x8(blk);
+        for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(d, q[v]);
+        break;
+    }
+    case Q4_1: {
+        const uint8_t *blk = row + u * 20;
+        nib32(blk + 4, 0, q);
+        __m256 d = f16x8(blk), m = f16x8(blk + 2);
+        for (int v = 0; v < 4; v++) w[v] = _mm256_add_ps(_mm256_mul_ps(d, q[v]), m);
+        break;
+    }
+    case Q5_0: {
+        const uint8_t *blk = row + u * 22;
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        /* bit j of qh -> 16 in byte j: spread the 32 bits over 32 bytes, test each byte's bit */
+        const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                                3, 3, 3, 3, 3, 3, 3);
+        const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+        __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+        h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bits), bits), _mm256_set1_epi8(16));
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        __m128i b = _mm_loadu_si128((const __m128i *)(blk + 6));
+        __m256i n = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+        bytes32(_mm256_sub_epi8(_mm256_or_si256(n, h), _mm256_set1_epi8(16)), q);
+        __m256 d = f16x8(blk);
+        for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(d, q[v]);
+        break;
+    }
+    case Q8_0: {
+        const uint8_t *blk = row + u * 34;
+        __m256 d = f16x8(blk);
+        for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(d, cvt8(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * v))));
+        break;
+    }
+    case Q4_K: {
+        const uint8_t *blk = row + (u >> 3) * 144;
+        int i = (int)(u & 7), sc, mn;
+        q4k_scale_min(blk + 4, i, &sc, &mn);
+        __m256 d = _mm256_set1_ps(f16(blk) * (float)sc), m = _mm256_set1_ps(f16(blk + 2) * (float)mn);
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
+        bytes32(_mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), _mm256_set1_epi8(0x0F)), q);
+        for (int v = 0; v < 4; v++) w[v] = _mm256_sub_ps(_mm256_mul_ps(d, q[v]), m);
+        break;
+    }
+    case Q6_K: {
+        const uint8_t *blk = row + (u >> 3) * 210;
+        int i = (int)(u & 7), half = i >> 2, c = i & 3;
+        const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
+        float d = f16(blk + 208);
+        __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32 * (c & 1)));
+        __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+        a = _mm256_and_si256(_mm256_srl_epi16(a, _mm_cvtsi32_si128(4 * (c >> 1))), _mm256_set1_epi8(0x0F));
+        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(0x03));
+        bytes32(_mm256_sub_epi8(_mm256_or_si256(a, _mm256_slli_epi16(h, 4)), _mm256_set1_epi8(32)), q);
+        __m256 d0 = _mm256_set1_ps(d * (float)sc[0]), d1 = _mm256_set1_ps(d * (float)sc[1]); /* per 16 */
+        for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(v < 2 ? d0 : d1, q[v]);
+        break;
+    }
+    }
+}
+
+/* The AVX-512 decoders: the table lookups of deq_*_512 (so the same bits), kept in registers. */
+static AVX512 AI void halves(__m512 v, __m256 *w) {
+    w[0] = _mm512_castps512_ps256(v), w[1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+/* the 32 nibbles at q (low nibbles first) looked up in tab */
+static AVX512 AI void lookup32_w(const uint8_t *q, __m512 tab, __m256 w[4]) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)q);
+    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)), tab), w);
+    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), tab), w + 2);
+}
+
+static AVX512 AI void unit_weights_512(int fmt, const uint8_t *row, int64_t u, __m256 w[4]) {
+    switch (fmt) {
+    case Q4_0: {
+        const uint8_t *blk = row + u * 18;
+        lookup32_w(blk + 2, _mm512_mul_ps(_mm512_set1_ps(f16(blk)), _mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f))), w);
+        break;
+    }
+    case Q4_1: {
+        const uint8_t *blk = row + u * 20;
+        lookup32_w(blk + 4, _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f16(blk)), iota16()), _mm512_set1_ps(f16(blk + 2))),
+                   w);
+        break;
+    }
+    case Q5_0: {
+        const uint8_t *blk = row + u * 22;
+        __m512 d = _mm512_set1_ps(f16(blk));
+        __m512 tab_lo = _mm512_mul_ps(d, _mm512_sub_ps(iota16(), _mm512_set1_ps(16.0f))), tab_hi = _mm512_mul_ps(d, iota16());
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(blk + 6));
+        __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask));
+        __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+        const __m512i sixteen = _mm512_set1_epi32(16);
+        lo = _mm512_mask_or_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, sixteen);
+        hi = _mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, sixteen);
+        halves(_mm512_permutex2var_ps(tab_lo, lo, tab_hi), w);
+        halves(_mm512_permutex2var_ps(tab_lo, hi, tab_hi), w + 2);
+        break;
+    }
+    case Q4_K: {
+        const uint8_t *blk = row + (u >> 3) * 144;
+        int i = (int)(u & 7), sc, mn;
+        q4k_scale_min(blk + 4, i, &sc, &mn);
+        __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(f16(blk) * (float)sc), iota16()),
+                                   _mm512_set1_ps(f16(blk + 2) * (float)mn));
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
+        __m256i nib = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), mask);
+        halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nib)), tab), w);
+        halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nib, 1)), tab), w + 2);
+        break;
+    }
+    default: unit_weights(fmt, row, u, w); /* Q8_0, Q6_K: the AVX2 code (conversion, no table) */
+    }
+}
+
+#define GROUP_ISA avx2
+#define GROUP_ATTR
+#define UNIT_WEIGHTS unit_weights
+#include "qgemm_group.h"
+#undef GROUP_ISA
+#undef GROUP_ATTR
+#undef UNIT_WEIGHTS
+#define GROUP_ISA avx512
+#define GROUP_ATTR AVX512
+#define UNIT_WEIGHTS unit_weights_512
+#include "qgemm_group.h"
+
+/* ---- native-q8: activations quantised per row in blocks of 32, integer dot products ----
+ * Each activation block of 32 (a row's own values only: row invariance by construction) becomes
+ * xq = round-to-nearest-even(x * (127 / amax)) in int8, with dx = amax / 127 (0 for an all-zero
+ * block); s = xq's lane sums (lane i: bytes 4i..4i+3) and sf = dx * float(s) serve the formats
+ * whose codes carry an offset. The weights stay the file's blocks; only the activations are
+ * rounded (to 8 bits per 32-block, as llama.cpp's Q8 dot products do), so this is a different
+ * model than fp32 activations: opt-in, its greedy agreement is measured in docs/kernels.md. */
+typedef struct {
+    int64_t K;
+    int8_t *q;  /* [M, K] */
+    float *d;   /* [M, K/32] */
+    int32_t *s; /* [M, K/32, 8] */
+    float *sf;  /* [M, K/32, 8] */
+} qact;
+
+static int quantise_rows(const float *x, int64_t M, int64_t K, qact *xa) {
+    const int64_t U = M * (K / 32);
+    xa->K = K;
+    xa->q = malloc((size_t)(M * K));
+    xa->d = malloc(sizeof(float) * (size_t)U);
+    xa->s = malloc(sizeof(int32_t) * 8 * (size_t)U);
+    xa->sf = malloc(sizeof(float) * 8 * (size_t)U);
+    if (!xa->q || !xa->d || !xa->s || !xa->sf) return -3;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t mu = 0; mu < U; mu++) { /* rows are K apart and K % 32 == 0: units are contiguous */
+        const float *p = x + 32 * mu;
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int t = 0; t < 4; t++) v[t] = _mm256_loadu_ps(p + 8 * t), mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[t]));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        xa->d[mu] = amax / 127.0f;
+        __m256i iv[4];
+        for (int t = 0; t < 4; t++) iv[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], _mm256_set1_ps(id)));
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* undo the packs' lanes */
+        _mm256_storeu_si256((__m256i *)(xa->q + 32 * mu), b);
+        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), b), _mm256_set1_epi16(1));
+        _mm256_storeu_si256((__m256i *)(xa->s + 8 * mu), s);
+        _mm256_storeu_ps(xa->sf + 8 * mu, _mm256_mul_ps(_mm256_set1_ps(xa->d[mu]), _mm256_cvtepi32_ps(s)));
+    }
+    return 0;
+}
+
+static void free_rows(qact *xa) { free(xa->q), free(xa->d), free(xa->s), free(xa->sf); }
+
+/* The 32 codes of unit u as bytes (unsigned: the code plus the format's offset; Q8_0: signed),
+ * the per-lane weight scale S and, for Q4_1/Q4_K, the offset Mn (w = S*code + Mn). */
+static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, __m256 *S, __m256 *Mn) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    switch (fmt) {
+    case Q4_0:
+    case Q4_1: {
+        const uint8_t *blk = row + u * (fmt == Q4_0 ? 18 : 20), *nib = blk + (fmt == Q4_0 ? 2 : 4);
+        __m128i b = _mm_loadu_si128((const __m128i *)nib);
+        *qb = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+        *S = f16x8(blk);
+        if (fmt == Q4_1) *Mn = f16x8(blk + 2);
+        break;
+    }
+    case Q5_0: {
+        const uint8_t *blk = row + u * 22;
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                                3, 3, 3, 3, 3, 3, 3);
+        const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+        __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+        h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bits), bits), _mm256_set1_epi8(16));
+        __m128i b = _mm_loadu_si128((const __m128i *)(blk + 6));
+        *qb = _mm256_or_si256(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)), h);
+        *S = f16x8(blk);
+        break;
+    }
+    case Q8_0: {
+        const uint8_t *blk = row + u * 34;
+        *qb = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        *S = f16x8(blk);
+        break;
+    }
+    case Q4_K: {
+        const uint8_t *blk = row + (u >> 3) * 144;
+        int i = (int)(u & 7), sc, mn;
+        q4k_scale_min(blk + 4, i, &sc, &mn);
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
+        *qb = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), _mm256_set1_epi8(0x0F));
+        *S = _mm256_set1_ps(f16(blk) * (float)sc), *Mn = _mm256_set1_ps(-(f16(blk + 2) * (float)mn));
+        break;
+    }
+    case Q6_K: {
+        const uint8_t *blk = row + (u >> 3) * 210;
+        int i = (int)(u & 7), half = i >> 2, c = i & 3;
+        const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
+        float d = f16(blk + 208);
+        __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32 * (c & 1)));
+        __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+        a = _mm256_and_si256(_mm256_srl_epi16(a, _mm_cvtsi32_si128(4 * (c >> 1))), _mm256_set1_epi8(0x0F));
+        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(0x03));
+        *qb = _mm256_or_si256(a, _mm256_slli_epi16(h, 4));
+        /* lanes 0-3: weights 0-15 (first 16-scale), lanes 4-7: weights 16-31 */
+        *S = _mm256_set_m128(_mm_set1_ps(d * (float)sc[1]), _mm_set1_ps(d * (float)sc[0]));
+        break;
+    }
+    }
+}
+
+static AI __m256i dot_avx2(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+#define VNNI __attribute__((target("avx512vnni,avx512vl,avx512f,avx512bw,avx512dq,avx2,fma,f16c")))
+static VNNI AI __m256i dot_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+
+#undef GROUP_ISA
+#undef GROUP_ATTR
+#undef UNIT_WEIGHTS
+#define Q8_ISA q8_avx2
+#define Q8_ATTR
+#define Q8_DOT dot_avx2
+#include "qgemm_q8.h"
+#undef Q8_ISA
+#undef Q8_ATTR
+#undef Q8_DOT
+#define Q8_ISA q8_vnni
+#define Q8_ATTR VNNI
+#define Q8_DOT dot_vnni
+#include "qgemm_q8.h"
+
+
+static int in_registers(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q6_K; }
+
 /* The FMA pass over one tile for RG rows and MG (compile-time) activation rows. */
 static inline __attribute__((always_inline)) void
 tile_fma(const float *w, int n, const float *x, int64_t K, int m0, __m256 *acc, int MG) {
@@ -333,57 +650,96 @@ tile_fma(const float *w, int n, const float *x, int64_t K, int m0, __m256 *acc, 
         for (int j = 0; j < MG; j++) acc[r * SLAB + m0 + j] = a[r][j];
 }
 
-int selfspec_qgemm(int nseg, const int *fmt, const uint8_t *const *ptr, const int64_t *rows,
-                   const int32_t *const *map, int64_t K, const float *x, int64_t M, float *y) {
+/* The tile path: a 4-row group's tiles dequantised into an L1 buffer, then every activation row
+ * (FMA groups of up to 3, slabs of SLAB) reads them. */
+static void tile_group(deq_fn fn, const uint8_t *const *rp, int nr, int64_t row_bytes, const float *x, int64_t K,
+                       int64_t M, float *y, int64_t N, int64_t n0) {
+    float w[RG * TK] __attribute__((aligned(32)));
+    __m256 acc[RG * SLAB];
+    for (int64_t m0 = 0; m0 < M; m0 += SLAB) {
+        int ms = M - m0 < SLAB ? (int)(M - m0) : SLAB;
+        for (int i = 0; i < RG * SLAB; i++) acc[i] = _mm256_setzero_ps();
+        const float *xs = x + m0 * K;
+        const int64_t tile_bytes = row_bytes * TK / K; /* TK is a multiple of every block */
+        for (int64_t k0 = 0; k0 < K; k0 += TK) {
+            int n = K - k0 < TK ? (int)(K - k0) : TK;
+            const int64_t ahead = row_bytes * (k0 + 2 * TK) / K;
+            for (int r = 0; r < RG; r++) {
+                if (k0 + 2 * TK < K) /* the tile after next: DRAM latency hidden behind this one */
+                    for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(rp[r] + ahead + b, 0, 0);
+                fn(rp[r], (int)k0, n, w + r * TK);
+            }
+            const float *xk = xs + k0;
+            int m = 0;
+            for (; m + 3 <= ms; m += 3) tile_fma(w, n, xk, K, m, acc, 3);
+            if (ms - m == 2) tile_fma(w, n, xk, K, m, acc, 2);
+            else if (ms - m == 1) tile_fma(w, n, xk, K, m, acc, 1);
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < ms; j++) y[(m0 + j) * N + n0 + r] = hsum_tree8(acc[r * SLAB + j]);
+    }
+}
+
+static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, const int64_t *rows,
+                 const int32_t *const *map, int64_t K, const float *x, int64_t M, float *y) {
     int64_t row_bytes[8], groups[9] = {0}, first_row[9] = {0};
     deq_fn fn[8];
-    int block[8];
+    int block[8], all_blocks = 1;
     if (nseg < 1 || nseg > 8) return -1;
     for (int s = 0; s < nseg; s++) {
         block[s] = format_info(fmt[s], K, &row_bytes[s], &fn[s]);
         if (!block[s]) return -2;
-        groups[s + 1] = groups[s] + (rows[s] + RG - 1) / RG;
+        all_blocks &= in_registers(fmt[s]);
+    }
+    if (q8 && !all_blocks) return -2;
+    /* rows per group: 8 where one activation row meets block formats in registers (eight FMA
+     * chains), else 4 (the tile path). Which rows share a group never changes an output's order. */
+    const int GR = all_blocks && M == 1 ? 8 : 4;
+    for (int s = 0; s < nseg; s++) {
+        groups[s + 1] = groups[s] + (rows[s] + GR - 1) / GR;
         first_row[s + 1] = first_row[s] + rows[s];
     }
     const int64_t N = first_row[nseg], G = groups[nseg];
+    qact xa = {0};
+    if (q8 && quantise_rows(x, M, K, &xa)) {
+        free_rows(&xa);
+        return -3;
+    }
     /* A parallel region costs a wake-up of the other threads (10-40 µs measured on a busy 2-core
      * machine): below ~16 µs of work one thread does it. The bits do not depend on it. */
 #pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
     for (int64_t g = 0; g < G; g++) {
-        float w[RG * TK] __attribute__((aligned(32)));
-        __m256 acc[RG * SLAB];
         int s = 0;
         while (g >= groups[s + 1]) s++;
-        int64_t r0 = (g - groups[s]) * RG, nr = rows[s] - r0 < RG ? rows[s] - r0 : RG;
-        const uint8_t *rp[RG];
-        for (int r = 0; r < RG; r++) { /* a short last group repeats its last row; not stored */
-            int64_t rr = r0 + (r < nr ? r : nr - 1);
+        int64_t r0 = (g - groups[s]) * GR, nr = rows[s] - r0 < GR ? rows[s] - r0 : GR;
+        const uint8_t *rp[8], *next[8]; /* next: the next group's rows in this segment, prefetched */
+        for (int r = 0; r < GR; r++) { /* a short last group repeats its last row; not stored */
+            int64_t rr = r0 + (r < nr ? r : nr - 1), rn = r0 + GR + r < rows[s] ? r0 + GR + r : rows[s] - 1;
             rp[r] = ptr[s] + (int64_t)(map[s] ? map[s][rr] : rr) * row_bytes[s];
+            next[r] = ptr[s] + (int64_t)(map[s] ? map[s][rn] : rn) * row_bytes[s];
         }
-        for (int64_t m0 = 0; m0 < M; m0 += SLAB) {
-            int ms = M - m0 < SLAB ? (int)(M - m0) : SLAB;
-            for (int i = 0; i < RG * SLAB; i++) acc[i] = _mm256_setzero_ps();
-            const float *xs = x + m0 * K;
-            const int64_t tile_bytes = row_bytes[s] * TK / K; /* TK is a multiple of every block */
-            for (int64_t k0 = 0; k0 < K; k0 += TK) {
-                int n = K - k0 < TK ? (int)(K - k0) : TK;
-                const int64_t ahead = row_bytes[s] * (k0 + 2 * TK) / K;
-                for (int r = 0; r < RG; r++) {
-                    if (k0 + 2 * TK < K) /* the tile after next: DRAM latency hidden behind this one */
-                        for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(rp[r] + ahead + b, 0, 0);
-                    fn[s](rp[r], (int)k0, n, w + r * TK);
-                }
-                const float *xk = xs + k0;
-                int m = 0;
-                for (; m + 3 <= ms; m += 3) tile_fma(w, n, xk, K, m, acc, 3);
-                if (ms - m == 2) tile_fma(w, n, xk, K, m, acc, 2);
-                else if (ms - m == 1) tile_fma(w, n, xk, K, m, acc, 1);
-            }
-            for (int r = 0; r < nr; r++)
-                for (int j = 0; j < ms; j++) y[(m0 + j) * N + first_row[s] + r0 + r] = hsum_tree8(acc[r * SLAB + j]);
-        }
+        if (q8)
+            (use_vnni ? group_q8_vnni : group_q8_avx2)(fmt[s], GR, rp, next, (int)nr, row_bytes[s], &xa, M, y, N,
+                                                        first_row[s] + r0);
+        else if (GR == 8)
+            (use_avx512 ? gemv8_avx512 : gemv8_avx2)(fmt[s], rp, next, (int)nr, row_bytes[s], x, K, y, first_row[s] + r0);
+        else
+            tile_group(fn[s], rp, (int)nr, row_bytes[s], x, K, M, y, N, first_row[s] + r0);
     }
+    if (q8) free_rows(&xa);
     return 0;
+}
+
+int selfspec_qgemm(int nseg, const int *fmt, const uint8_t *const *ptr, const int64_t *rows,
+                   const int32_t *const *map, int64_t K, const float *x, int64_t M, float *y) {
+    return qgemm(0, nseg, fmt, ptr, rows, map, K, x, M, y);
+}
+
+/* native-q8: the same, on activations quantised per row in blocks of 32 (-2 when a segment's
+ * format has no integer kernel: the caller uses selfspec_qgemm for that linear) */
+int selfspec_qgemm_q8(int nseg, const int *fmt, const uint8_t *const *ptr, const int64_t *rows,
+                      const int32_t *const *map, int64_t K, const float *x, int64_t M, float *y) {
+    return qgemm(1, nseg, fmt, ptr, rows, map, K, x, M, y);
 }
 
 /* Dequantise rows (an embedding lookup): out[i, :] = row ids[i] of a [*, K] weight in `fmt`. */

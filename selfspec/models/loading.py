@@ -33,7 +33,7 @@ class Model:
     config: ModelConfig
     transformer: Transformer
     tokenizer: object  # a transformers tokenizer
-    dtype: str  # "fp32" | "bf16" | "int8" | "int4" | "native"
+    dtype: str  # "fp32" | "bf16" | "int8" | "int4" | "native" | "native-q8"
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
@@ -106,7 +106,8 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     path, name = model_path(model)
     info: dict = {}
     transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
-                                   device=dev, native=dtype_name == "native")
+                                   device=dev, native=dtype_name in ("native", "native-q8"),
+                                   q8=dtype_name == "native-q8")
     isa = dtype_reason = ""
     if dev.type == "cpu":
         from selfspec import kernels
@@ -162,14 +163,15 @@ def tokenizer_at(path: Path):
 def load_transformer(path: Path | str, dtype: torch.dtype = torch.float32, ctx_size: int | None = None,
                      weight_bits: int | None = None, weight_cache: bool | None = None,
                      info: dict | None = None, device: torch.device | str = "cpu",
-                     native: bool = False) -> Transformer:
+                     native: bool = False, q8: bool = False) -> Transformer:
     """Only the decoder of a GGUF file or HF folder (no tokenizer), with a context of `ctx_size`
     (default: min(model context, 4096)); `weight_bits` 8 or 4 quantises the linears' weights.
     The weights are built (and cached) on the CPU and moved to `device` one by one.
     `weight_cache` (default: on unless SELFSPEC_WEIGHT_CACHE=0) reads the tensors from the weight
     cache, or computes them and writes the entry there. `info` gets weights_seconds and what the
     weight cache did (weight_cache: "hit", "written", "not written", "off"; on a hit,
-    weight_cache_copies: how many cached tensors were copied to be 64-byte aligned)."""
+    weight_cache_copies: how many cached tensors were copied to be 64-byte aligned). `native`: the
+    GGUF file's own blocks (`--dtype native`; with `q8`, `--dtype native-q8`)."""
     from selfspec.models import weightcache
 
     t0 = time.perf_counter()
@@ -178,7 +180,7 @@ def load_transformer(path: Path | str, dtype: torch.dtype = torch.float32, ctx_s
         check_cpu_only(f"--dtype int{weight_bits}", device)
     info = {} if info is None else info
     if native:
-        return _load_native(path, ctx_size, info, device, t0)
+        return _load_native(path, ctx_size, info, device, t0, q8)
     info["weight_cache"] = "off"
     use_cache = weightcache.enabled() if weight_cache is None else weight_cache
     key = hit = None
@@ -214,19 +216,22 @@ def load_transformer(path: Path | str, dtype: torch.dtype = torch.float32, ctx_s
     return transformer
 
 
-def _load_native(path: Path, ctx_size: int | None, info: dict, device: torch.device, t0: float) -> Transformer:
+def _load_native(path: Path, ctx_size: int | None, info: dict, device: torch.device, t0: float,
+                 q8: bool = False) -> Transformer:
     """`--dtype native` (selfspec/models/native.py): the file's blocks, memory-mapped; no weight
-    cache (there is nothing to compute at load), no row probe for the native linears."""
+    cache (there is nothing to compute at load), no row probe for the native linears. `q8`:
+    `--dtype native-q8`, activations quantised per row to int8 blocks for the block formats."""
     from selfspec.models.native import build_native, read_index
     from selfspec.models.rows import make_row_invariant
 
-    check_cpu_only("--dtype native", device)
+    flag = "--dtype native-q8" if q8 else "--dtype native"
+    check_cpu_only(flag, device)
     if path.is_dir():
-        raise SelfspecError(f"--dtype native computes on a GGUF file's blocks; {path} is a folder "
+        raise SelfspecError(f"{flag} computes on a GGUF file's blocks; {path} is a folder "
                             f"(use --dtype fp32, or a .gguf file)")
     info["weight_cache"] = "off"
     config, src, raw = read_index(path)
-    transformer, native_info = build_native(config, raw, src, _ctx_limit(config, ctx_size))
+    transformer, native_info = build_native(config, raw, src, _ctx_limit(config, ctx_size), q8=q8)
     info.update(native_info)
     info["weights_seconds"] = time.perf_counter() - t0
     t = time.perf_counter()

@@ -35,6 +35,8 @@ KERNEL_FORMATS = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1
                   "Q5_0": (6, 32, 22), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210),
                   "BF16": (30, 1, 2)}
 _SIMD = 8  # the kernel's vector width: F32/F16/BF16 rows need K % 8 == 0
+# the formats `native-q8` computes with int8 activations (the float formats keep fp32 activations)
+Q8_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
 
 
 class Blocks:
@@ -109,7 +111,7 @@ class NativeLinear(Linear):
     row_invariant = True  # one fixed summation order per output element (qgemm.c)
 
     def __init__(self, parts: list[Blocks], bias: torch.Tensor | None = None,
-                 maps: list[torch.Tensor | None] | None = None) -> None:
+                 maps: list[torch.Tensor | None] | None = None, q8: bool = False) -> None:
         Ks = {p.K for p in parts}
         if len(Ks) != 1:
             raise ModelLoadError(f"fused tensors {[p.name for p in parts]} differ in columns: {sorted(Ks)}")
@@ -121,6 +123,11 @@ class NativeLinear(Linear):
         self.out_features = sum(p.rows for p in parts)
         self.nbytes = sum(p.data.nbytes for p in parts) + (bias.nbytes if bias is not None else 0)
         self.types = sorted({p.type_name for p in parts})
+        # native-q8: activations quantised per row in blocks of 32 (qgemm.c), where every part has
+        # an integer kernel; a row's quantisation depends on that row only, so still row-invariant
+        self.q8 = q8 and all(t in Q8_FORMATS for t in self.types)
+        if self.q8:
+            self.kernel = "gguf-native-q8"
         n = len(parts)
         self._args = ((ctypes.c_int * n)(*(p.fmt for p in parts)),
                       (ctypes.c_void_p * n)(*(p.data.data_ptr() for p in parts)),
@@ -133,7 +140,9 @@ class NativeLinear(Linear):
         M = x2.shape[0]
         y = torch.empty(M, self.out_features, dtype=torch.float32, device="cpu")
         if M:
-            rc = _lib().selfspec_qgemm(len(self.parts), *self._args, self.in_features, x2.data_ptr(), M, y.data_ptr())
+            lib = _lib()
+            fn = lib.selfspec_qgemm_q8 if self.q8 else lib.selfspec_qgemm
+            rc = fn(len(self.parts), *self._args, self.in_features, x2.data_ptr(), M, y.data_ptr())
             if rc != 0:
                 raise RuntimeError(f"the native kernel rejected {self.types} weights (code {rc})")
         y = y.reshape(*lead, self.out_features)
@@ -229,11 +238,12 @@ def read_index(path) -> tuple:
 
 
 # ------------------------------------------------------------------------------------- building
-def build_native(config, tensors: dict, src: dict, max_len: int) -> tuple[Transformer, dict]:
+def build_native(config, tensors: dict, src: dict, max_len: int, q8: bool = False) -> tuple[Transformer, dict]:
     """The decoder over the file's blocks. `tensors`: internal name -> the reader's tensor;
     `src`: internal name -> fp32 loader (selfspec/models/loading.py), used for norms, biases and
     the formats the kernel lacks. Returns (decoder, info) with info["native_fallback"]: the
-    formats dequantised to fp32 (empty when every linear runs natively)."""
+    formats dequantised to fp32 (empty when every linear runs natively). `q8`: `--dtype native-q8`,
+    the block-format linears on activations quantised per row to int8 (NativeLinear)."""
     from selfspec.models.loading import unpermute
 
     c = config
@@ -277,7 +287,7 @@ def build_native(config, tensors: dict, src: dict, max_len: int) -> tuple[Transf
         bias = torch.cat(biases).float().contiguous() if biases and biases[0] is not None else None
         if lib_ok and all(p.kernel_ok for p in parts):
             native_types.update(p.type_name for p in parts)
-            return NativeLinear(parts, bias, [row_map(n, p.rows) for n, p in zip(names, parts)])
+            return NativeLinear(parts, bias, [row_map(n, p.rows) for n, p in zip(names, parts)], q8=q8)
         fallback.update(p.type_name for p in parts if not (lib_ok and p.kernel_ok))
         weight = torch.cat([get(n) for n in names]).float().contiguous()
         return make_linear(weight, bias)

@@ -38,8 +38,13 @@ def random_blocks(tname: str, rows: int, K: int, rng: np.random.Generator):
     return raw.reshape(rows, -1), t
 
 
-def linear_of(raw: np.ndarray, t, rows: int, K: int) -> native.NativeLinear:
-    return native.NativeLinear([native.Blocks(native.RawTensor("w", t, [K, rows], raw))])
+def linear_of(raw: np.ndarray, t, rows: int, K: int, q8: bool = False) -> native.NativeLinear:
+    return native.NativeLinear([native.Blocks(native.RawTensor("w", t, [K, rows], raw))], q8=q8)
+
+
+# (format, q8): every format on fp32 activations, the block formats also on int8 ones (native-q8)
+KERNELS = [(t, False) for t in FORMATS] + [(t, True) for t in native.Q8_FORMATS]
+KERNEL_IDS = [t + ("-q8" if q8 else "") for t, q8 in KERNELS]
 
 
 def reference(raw: np.ndarray, t, rows: int, K: int, x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +74,44 @@ def test_kernel_matches_dequantised_matmul(tname, shape):
     assert err <= bound
 
 
+def quantised_rows(x: torch.Tensor) -> torch.Tensor:
+    """native-q8's activations, float64: per row and block of 32, round(x * 127/amax) * amax/127
+    (fp32 scale, round half to even), as qgemm.c's quantise_rows computes them."""
+    xb = x.numpy().reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return torch.from_numpy(np.rint(xb * inv).astype(np.float64) * (amax / np.float32(127)).astype(np.float64)
+                            ).reshape(x.shape)
+
+
 @needs_kernel
-@pytest.mark.parametrize("tname", FORMATS)
-def test_row_invariant_bitwise(tname):
+@pytest.mark.parametrize("tname", native.Q8_FORMATS)
+def test_q8_kernel_matches_quantised_reference(tname):
+    """native-q8 computes the file's weights against activations rounded per 32-block to int8:
+    within float rounding of that model's float64 product (measured ~2e-8 of Σ|w||x|), and
+    ~1e-3 from the fp32-activation product (the model it approximates)."""
+    rows, K = 13, 512
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(3))
+    lin = linear_of(raw, t, rows, K, q8=True)
+    assert lin.q8 and lin.kernel == "gguf-native-q8"
+    x = torch.randn(9, K, generator=torch.Generator().manual_seed(1))
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float64)).reshape(rows, K)
+    scale = (x.double().abs() @ w.abs().t()).max().item()
+    y = lin(x).double()
+    err, off = (y - quantised_rows(x) @ w.t()).abs().max().item() / scale, (y - x.double() @ w.t()).abs().max().item() / scale
+    print(f"{tname} q8: |y - q8 reference| {err:.2g}, |y - fp32-activation product| {off:.2g} (of max Σ|w||x|)")
+    assert err <= 1e-6 and off <= 5e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname,q8", KERNELS, ids=KERNEL_IDS)
+def test_row_invariant_bitwise(tname, q8):
     """Row i of an M-row call equals the 1-row call on that row, bit for bit, for M = 1..9 and
-    past the 12-row slab (13, 64): one fixed summation order per output element."""
+    past the 9- and 12-row slabs (13, 64): one fixed summation order per output element."""
     K = 2 * _block(tname) * (8 if _block(tname) < 32 else 1)
-    rows = 11  # not a multiple of the kernel's 4-row group
+    rows = 11  # not a multiple of the kernel's 4- or 8-row group
     raw, t = random_blocks(tname, rows, K, np.random.default_rng(2))
-    lin = linear_of(raw, t, rows, K)
+    lin = linear_of(raw, t, rows, K, q8)
     x = torch.randn(64, K, generator=torch.Generator().manual_seed(3))
     single = [lin(x[i: i + 1].clone()) for i in range(64)]
     for m in (*range(1, 10), 13, 64):
@@ -103,14 +137,14 @@ def isa_paths():
 
 
 @needs_kernel
-@pytest.mark.parametrize("tname", FORMATS)
-def test_isa_paths_give_the_same_bits(tname, isa_paths):
-    """The AVX-512 dequantisers (table lookups) give the AVX2 path's outputs bit for bit, for
-    every row count: one model, one answer, on both machine families."""
+@pytest.mark.parametrize("tname,q8", KERNELS, ids=KERNEL_IDS)
+def test_isa_paths_give_the_same_bits(tname, q8, isa_paths):
+    """The AVX-512 decoders (table lookups) and VNNI dot products give the AVX2 path's outputs
+    bit for bit, for every row count: one model, one answer, on both machine families."""
     paths, use = isa_paths
-    K, rows = 3 * _block(tname) * (8 if _block(tname) < 32 else 1), 9
+    K, rows = 3 * _block(tname) * (8 if _block(tname) < 32 else 1), 19
     raw, t = random_blocks(tname, rows, K, np.random.default_rng(7))
-    lin = linear_of(raw, t, rows, K)
+    lin = linear_of(raw, t, rows, K, q8)
     emb = native.NativeEmbedding(lin.parts[0])
     x = torch.randn(13, K, generator=torch.Generator().manual_seed(8))
     out = {}
@@ -205,7 +239,7 @@ def test_smollm_native_matches_fp32(smollm, smollm_native):
     _assert_native_matches_fp32(smollm_native, smollm, PROMPTS[0], "SmolLM2")
 
 
-def _check_drafters(model, drafters, prompts, n_new=24):
+def _check_drafters(model, drafters, prompts, n_new=24, dtype="native"):
     from lossless import assert_lossless
     from selfspec.generation import generate
 
@@ -214,7 +248,7 @@ def _check_drafters(model, drafters, prompts, n_new=24):
         for d in drafters():
             spec = generate(model, prompt, max_new_tokens=n_new, drafter=d)
             assert_lossless(plain.token_ids, spec.token_ids, f"native {d.name} on {prompt[:30]!r}")
-            assert spec.stats.dtype == "native"
+            assert spec.stats.dtype == dtype
 
 
 @needs_kernel
@@ -243,6 +277,18 @@ def test_smollm_native_precision_draft_lossless(smollm_native):
     from selfspec.drafters.ngram import NgramDrafter
 
     _check_drafters(m, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(m)), PROMPTS[1:4])
+
+
+@needs_kernel
+def test_smollm_native_q8_lossless(smollm_in):
+    """native-q8 is another model (int8 activations) but as row-invariant as native: a drafter's
+    greedy output equals native-q8's own plain output."""
+    from prompts import PROMPTS
+    from selfspec.drafters.ngram import NgramDrafter
+
+    model = smollm_in("native-q8")
+    assert model.dtype == "native-q8" and model.kernel.startswith("gguf-native-q8"), model.kernel
+    _check_drafters(model, lambda: (NgramDrafter(),), PROMPTS[:1], dtype="native-q8")
 
 
 @needs_kernel

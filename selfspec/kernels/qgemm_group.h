@@ -1,0 +1,67 @@
+/* A group of 8 rows of a block-format linear against one activation row, with the unit decoder
+ * UNIT_WEIGHTS; included by qgemm.c once per instruction set (GROUP_ISA: the names' suffix,
+ * GROUP_ATTR: the target attribute). Both instances run the same accumulation, so they give the
+ * same bits whenever their decoders do (tested).
+ *
+ * Order of every output element, whatever M, the thread count or which rows share a pass: lane
+ * l = k mod 8 of the accumulator takes fma(w_k, x[m, k]) in increasing k; y = hsum_tree8. */
+#define GCAT2(a, b) a##_##b
+#define GCAT(a, b) GCAT2(a, b)
+#define G(name) GCAT(name, GROUP_ISA)
+
+/* Units u0 .. u0+nu-1 of NR rows against MG activation rows (x: row 0 at unit u0, rows K
+ * apart); acc[r * QSLAB + j] is carried between tiles. NR and MG are constants after inlining. */
+static GROUP_ATTR AI void G(units_fma)(int fmt, int NR, int MG, const uint8_t *const *rp, int64_t u0, int nu,
+                                       const float *x, int64_t K, __m256 *acc) {
+    __m256 a[8][QSLAB];
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < MG; j++) a[r][j] = acc[r * QSLAB + j];
+    for (int u = 0; u < nu; u++) {
+        for (int r = 0; r < NR; r++) {
+            __m256 w[4];
+            UNIT_WEIGHTS(fmt, rp[r], u0 + u, w);
+            for (int j = 0; j < MG; j++) {
+                const float *xj = x + j * K + 32 * u;
+                for (int v = 0; v < 4; v++) a[r][j] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xj + 8 * v), a[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < MG; j++) acc[r * QSLAB + j] = a[r][j];
+}
+
+/* The group's 8 rows rp (nr of them stored; a short last group repeats its last row) against one
+ * activation row, into y's columns n0 .. n0+nr-1; `next`: the next group's rows, prefetched
+ * ahead. Eight accumulator chains, so that the FMA latency (4 per unit and chain) is hidden. Only
+ * M = 1 takes this path: for more rows, the tile path shares each dequantised weight among the
+ * rows from L1 at less cost than decoding it again per slab, with the same order per output. */
+static GROUP_ATTR void G(gemv8)(int fmt, const uint8_t *const *rp, const uint8_t *const *next, int nr,
+                                int64_t row_bytes, const float *x, int64_t K, float *y, int64_t n0) {
+    __m256 acc[8 * QSLAB];
+    const int64_t tile_bytes = row_bytes * TK / K, tiles = (K + TK - 1) / TK;
+    for (int i = 0; i < 8; i++) acc[i * QSLAB] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += TK) {
+        int n = K - k0 < TK ? (int)(K - k0) : TK;
+        /* the tile after next, in this group's rows or the next group's (short rows, e.g. the
+         * 576-wide LM head: the next group's first tiles): DRAM latency hidden behind this one */
+        const int64_t k2 = k0 + 2 * TK;
+        const uint8_t *const *pf = k2 < K ? rp : next;
+        const int64_t ahead = row_bytes * (k2 < K ? k2 : k2 - tiles * TK) / K;
+        if (pf && ahead < row_bytes)
+            for (int r = 0; r < 8; r++)
+                for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);
+        switch (fmt) {
+        case Q4_0: G(units_fma)(Q4_0, 8, 1, rp, k0 / 32, n / 32, x + k0, K, acc); break;
+        case Q4_1: G(units_fma)(Q4_1, 8, 1, rp, k0 / 32, n / 32, x + k0, K, acc); break;
+        case Q5_0: G(units_fma)(Q5_0, 8, 1, rp, k0 / 32, n / 32, x + k0, K, acc); break;
+        case Q8_0: G(units_fma)(Q8_0, 8, 1, rp, k0 / 32, n / 32, x + k0, K, acc); break;
+        case Q4_K: G(units_fma)(Q4_K, 8, 1, rp, k0 / 32, n / 32, x + k0, K, acc); break;
+        case Q6_K: G(units_fma)(Q6_K, 8, 1, rp, k0 / 32, n / 32, x + k0, K, acc); break;
+        }
+    }
+    for (int r = 0; r < nr; r++) y[n0 + r] = hsum_tree8(acc[r * QSLAB]);
+}
+
+#undef G
+#undef GCAT
+#undef GCAT2

@@ -1,0 +1,104 @@
+/* `--dtype native-q8`: one group (gr = 4 or 8 rows) of a block-format linear against M activation rows that
+ * were quantised per row in blocks of 32 (qact, see selfspec_qgemm_q8). Included by qgemm.c once
+ * per integer dot product: Q8_ISA names the instance, Q8_ATTR its target attribute, Q8_DOT(u, s)
+ * the 8 int32 lanes, lane i = Σ of u[4i+t]*s[4i+t] over t < 4 (u unsigned, s signed bytes). Every
+ * instance computes the same integers exactly (no saturation: |u| <= 128, |s| <= 127), then the
+ * same float operations, so every instance gives the same bits.
+ *
+ * Order of every output element, whatever M, the thread count or which rows share a pass: per
+ * unit of 32 weights, in increasing k, on 8 lanes:
+ *   dot  = Q8_DOT(q, xq) - off * xs         (integers; q unsigned: the code plus off, xs = lane
+ *                                            sums of xq; Q8_0: the signed code, sign trick)
+ *   acc  = fma(S * dx, float(dot), acc)     (S: the unit's weight scale per lane, dx: the act.
+ *                                            block's scale)
+ *   acc  = fma(Mn, dx * float(xs), acc)     (Q4_1, Q4_K only: the block's offset)
+ * then y = hsum_tree8(acc). */
+#define QCAT2(a, b) a##_##b
+#define QCAT(a, b) QCAT2(a, b)
+#define Q(name) QCAT(name, Q8_ISA)
+
+static Q8_ATTR AI void Q(units)(int fmt, int NR, int MG, const uint8_t *const *rp, int64_t u0, int nu,
+                                const qact *xa, int64_t m0, __m256 *acc) {
+    __m256 a[8][QSLAB];
+    const int64_t KU = xa->K / 32;
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < MG; j++) a[r][j] = acc[r * QSLAB + j];
+    const int with_min = fmt == Q4_1 || fmt == Q4_K;
+    const int shift = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : 0; /* off = 1 << shift */
+    for (int u = 0; u < nu; u++) {
+        const int64_t uu = u0 + u;
+        for (int r = 0; r < NR; r++) {
+            __m256i qb;
+            __m256 S, Mn = _mm256_setzero_ps();
+            unit_codes(fmt, rp[r], uu, &qb, &S, &Mn);
+            for (int j = 0; j < MG; j++) {
+                const int64_t mu = (m0 + j) * KU + uu;
+                __m256i xb = _mm256_loadu_si256((const __m256i *)(xa->q + 32 * mu));
+                __m256i dot = fmt == Q8_0 ? Q8_DOT(_mm256_abs_epi8(qb), _mm256_sign_epi8(xb, qb)) : Q8_DOT(qb, xb);
+                if (shift)
+                    dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xa->s + 8 * mu)),
+                                                                  shift));
+                __m256 ds = _mm256_mul_ps(S, _mm256_set1_ps(xa->d[mu]));
+                a[r][j] = _mm256_fmadd_ps(ds, _mm256_cvtepi32_ps(dot), a[r][j]);
+                if (with_min) a[r][j] = _mm256_fmadd_ps(Mn, _mm256_loadu_ps(xa->sf + 8 * mu), a[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < MG; j++) acc[r * QSLAB + j] = a[r][j];
+}
+
+#define Q_CASE(F, NR, MG)                                                                      \
+    for (int r = 0; r < gr; r += NR) Q(units)(F, NR, MG, rp + r, u0, nu, xa, m0, acc + r * QSLAB);
+#define Q_SLAB(F)                                                                              \
+    switch (ms) {                                                                             \
+    case 1: if (gr == 8) { Q_CASE(F, 8, 1) } else { Q_CASE(F, 4, 1) } break;                  \
+    case 2: Q_CASE(F, 2, 2) break;                                                            \
+    case 3: Q_CASE(F, 1, 3) break;                                                            \
+    case 4: Q_CASE(F, 1, 4) break;                                                            \
+    case 5: Q_CASE(F, 1, 5) break;                                                            \
+    case 6: Q_CASE(F, 1, 6) break;                                                            \
+    case 7: Q_CASE(F, 1, 7) break;                                                            \
+    case 8: Q_CASE(F, 1, 8) break;                                                            \
+    default: Q_CASE(F, 1, 9) break;                                                           \
+    }
+
+static Q8_ATTR AI void Q(tile)(int fmt, int gr, int ms, const uint8_t *const *rp, int64_t u0, int nu, const qact *xa,
+                               int64_t m0, __m256 *acc) {
+    switch (fmt) {
+    case Q4_0: Q_SLAB(Q4_0) break;
+    case Q4_1: Q_SLAB(Q4_1) break;
+    case Q5_0: Q_SLAB(Q5_0) break;
+    case Q8_0: Q_SLAB(Q8_0) break;
+    case Q4_K: Q_SLAB(Q4_K) break;
+    case Q6_K: Q_SLAB(Q6_K) break;
+    }
+}
+
+static Q8_ATTR void Q(group)(int fmt, int gr, const uint8_t *const *rp, const uint8_t *const *next, int nr, int64_t row_bytes,
+                             const qact *xa, int64_t M, float *y, int64_t N, int64_t n0) {
+    __m256 acc[8 * QSLAB];
+    const int64_t K = xa->K, tile_bytes = row_bytes * TK / K, tiles = (K + TK - 1) / TK;
+    for (int64_t m0 = 0; m0 < M; m0 += QSLAB) {
+        int ms = M - m0 < QSLAB ? (int)(M - m0) : QSLAB;
+        for (int i = 0; i < gr * QSLAB; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t k0 = 0; k0 < K; k0 += TK) {
+            int n = K - k0 < TK ? (int)(K - k0) : TK;
+            const int64_t k2 = k0 + 2 * TK; /* prefetch as in qgemm_group.h */
+            const uint8_t *const *pf = k2 < K ? rp : next;
+            const int64_t ahead = row_bytes * (k2 < K ? k2 : k2 - tiles * TK) / K;
+            if (pf && ahead < row_bytes)
+                for (int r = 0; r < gr; r++)
+                    for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);
+            Q(tile)(fmt, gr, ms, rp, k0 / 32, n / 32, xa, m0, acc);
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < ms; j++) y[(m0 + j) * N + n0 + r] = hsum_tree8(acc[r * QSLAB + j]);
+    }
+}
+
+#undef Q_SLAB
+#undef Q_CASE
+#undef Q
+#undef QCAT
+#undef QCAT2
