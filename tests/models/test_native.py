@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from nativecheck import assert_native_matches_fp32
 from selfspec import kernels
 from selfspec.errors import SelfspecError
 from selfspec.models import native
@@ -199,9 +200,6 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------- the real SmolLM2
-N_GREEDY = 32
-
-
 @pytest.fixture(scope="module")
 def smollm_native(smollm_in):
     model = smollm_in("native")
@@ -209,34 +207,11 @@ def smollm_native(smollm_in):
     return model
 
 
-def _greedy(model, ids: list[int], n: int):
-    tr, cache = model.transformer, model.fresh_cache()
-    logits = [tr.forward(torch.tensor(ids), 0, cache)[-1:]]
-    toks = [int(logits[-1].argmax())]
-    for i in range(n - 1):
-        logits.append(tr.forward(torch.tensor(toks[-1:]), len(ids) + i, cache))
-        toks.append(int(logits[-1].argmax()))
-    return toks, torch.cat(logits)
-
-
-def _assert_native_matches_fp32(native, fp32, prompt: str, label: str) -> None:
-    """Every tensor native (no fallback); over N_GREEDY greedy steps the logits within 1e-3 of the
-    fp32 load's and the tokens equal."""
-    assert native.load_info["native_fallback"] == []
-    ids = fp32.encode(prompt)
-    tok_n, log_n = _greedy(native, ids, N_GREEDY)
-    tok_f, log_f = _greedy(fp32, ids, N_GREEDY)
-    delta = (log_n - log_f).abs().max().item()
-    print(f"{label} native vs fp32 over {N_GREEDY} greedy steps: max |Δlogit| = {delta:.3g}")
-    assert delta <= 1e-3
-    assert tok_n == tok_f
-
-
 @needs_kernel
 def test_smollm_native_matches_fp32(smollm, smollm_native):
     from prompts import PROMPTS
 
-    _assert_native_matches_fp32(smollm_native, smollm, PROMPTS[0], "SmolLM2")
+    assert_native_matches_fp32(smollm_native, smollm, PROMPTS[0], "SmolLM2")
 
 
 def _check_drafters(model, drafters, prompts, n_new=24, dtype="native"):
@@ -333,4 +308,4 @@ def test_gemma_native_matches_fp32(gemma):
     from prompts import PROMPTS
 
     nat = _load("gemma3-270m", "native")
-    _assert_native_matches_fp32(nat, gemma, PROMPTS[0], "Gemma-3")
+    assert_native_matches_fp32(nat, gemma, PROMPTS[0], "Gemma-3")
