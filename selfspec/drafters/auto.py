@@ -254,8 +254,8 @@ class AutoDrafter(Drafter):
                   **layer_skip_kwargs) -> "AutoDrafter":
         """n-gram lookup and the adaptive n-gram model (free to draft), retrieval from `datastore`
         when one is given, the model's layer-skip config (given or shipped), a precision
-        self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one) and a
-        draft model when one is named."""
+        self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one nor, unless
+        `draft_bits` is given, on GGUF-native blocks) and a draft model when one is named."""
         from selfspec.drafters.costs import calibrate
         from selfspec.drafters.anpd import AdaptiveNgramDrafter
         from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
@@ -279,7 +279,13 @@ class AutoDrafter(Drafter):
             guess["layer-skip"] = max(0.05, kept) * costs.step
         have = weight_bits(model.transformer) or 32
         bits = draft_bits or (8 if have > 8 else 4)
-        if bits < have and model.device.type == "cpu":  # int8/int4 kernels are CPU-only (selfspec/hardware.py)
+        # On --dtype native the model's blocks are already 4-6 bits per weight: an int8 copy reads
+        # more bytes than the model and an int4 one about as many, and building either costs a
+        # dequantise-requantise pass (Qwen 1.5B: 30 s, +1.5 GB). Measured: auto with the int8
+        # draft decoded 6.3 tok/s against native plain's 8.0 (docs/benchmarks.md). Only an
+        # explicit --draft-bits asks for one there.
+        native = getattr(model, "dtype", "") in ("native", "native-q8")
+        if bits < have and model.device.type == "cpu" and (draft_bits is not None or not native):
             kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
             drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))
             guess["quantized"] = 0.5 * costs.step  # int8 or int4 GEMV: about half an fp32 step (README)

@@ -219,3 +219,19 @@ def test_costs_stay_non_decreasing_in_k():
     assert costs.verify == sorted(costs.verify) and costs.verify[0] <= costs.verify[2]
     costs.observe(0, 0.1)  # a slow plain step pushes the dearer k up with it
     assert costs.verify == sorted(costs.verify)
+
+
+def test_no_precision_draft_on_native_blocks_unless_asked(smollm_in):
+    """On --dtype native the file's 4-6-bit blocks are what a precision draft would have to beat:
+    auto leaves the int8/int4 copy out (it lost to plain decoding on the Qwen 1.5B), but an
+    explicit --draft-bits still gets one; on the fp32 load auto keeps it."""
+    from selfspec import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"no compiled kernel: {kernels.kernel_status()}")
+    native = smollm_in("native")
+    costs = CostModel(verify=[0.01] * 9, source="test")
+    names = lambda d: [a.name for a in d.arms]  # noqa: E731
+    assert "quantized" not in names(AutoDrafter.for_model(native, costs=costs))
+    assert "quantized" in names(AutoDrafter.for_model(native, costs=costs, draft_bits=4))
+    assert "quantized" in names(AutoDrafter.for_model(smollm_in("fp32"), costs=costs))

@@ -304,8 +304,10 @@ def test_without_kernel_native_falls_back_to_fp32(monkeypatch, smollm):
 @pytest.mark.slow
 def test_gemma_native_matches_fp32(gemma):
     """Gemma-3's Q5_0/Q8_0/Q4_K/Q6_K mix against its fp32 load (measured: max |Δlogit| 4e-5)."""
-    from conftest import _load
     from prompts import PROMPTS
+    from selfspec.models.loading import load_model
 
-    nat = _load("gemma3-270m", "native")
+    # (not conftest's loader: `from conftest import` finds whichever conftest.py came first on
+    # the path, tests/bench/'s in a pytest-xdist worker)
+    nat = load_model("gemma3-270m", dtype="native", ctx_size=1024)
     assert_native_matches_fp32(nat, gemma, PROMPTS[0], "Gemma-3")
