@@ -89,8 +89,14 @@ def _key(model, threads: int) -> str:
     info = cpu_info()
     # The effective instruction set (forced-AVX2 switches included) and our version are part of
     # the key: a forced-AVX2 run or a new release never reuses another's measurements.
+    from selfspec import kernels
+
+    # ...and so is the build of our kernels (its file name carries the hash of their sources):
+    # costs measured before a kernel changed would misjudge every draft after it.
+    lib = kernels.library()
     parts = [info["cpu"], isa_key(), __version__, info["torch"], file_key(Path(model.path)),
-             model.dtype, model.kernel, str(threads), str(model.ctx_size)]
+             model.dtype, model.kernel, str(threads), str(model.ctx_size),
+             Path(getattr(lib, "_name", "no-kernels")).name]
     device = getattr(model, "device", None)
     if device is not None and device.type != "cpu":  # a GPU's costs are its own (CPU keys unchanged)
         parts.append(str(device))

@@ -167,6 +167,11 @@ def test_calibration_measures_and_caches(llama, tmp_path, monkeypatch):
     again = calibrate(llama, max_k=4)
     assert again.source == "cached" and again.verify == costs.verify
     assert llama.kv_cache() is mine and mine.length == 5  # calibration runs on a cache of its own
+    # another build of our kernels (their sources changed) measures again
+    from selfspec import kernels
+
+    monkeypatch.setattr(kernels, "library", lambda: type("Lib", (), {"_name": "/x/libselfspec-0000.so"})())
+    assert calibrate(llama, max_k=4).source == "calibrated"
 
 
 def _auto(model, costs):
