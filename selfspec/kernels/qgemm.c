@@ -352,6 +352,22 @@ static AI void nib32(const uint8_t *p, int off, __m256 q[4]) {
     q[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), o));
 }
 
+/* A Q5_0 block's 32 weights as unsigned 5-bit values (0..31) in 32 bytes, in weight order: the
+ * low nibbles (bytes 6..21 of the block) plus 16 where bit j of the high bits (bytes 2..5) is set */
+static AI __m256i q5_0_bytes(const uint8_t *blk) {
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    /* bit j of qh -> 16 in byte j: spread the 32 bits over 32 bytes, test each byte's bit */
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                            3, 3, 3, 3, 3, 3, 3);
+    const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+    h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bits), bits), _mm256_set1_epi8(16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)(blk + 6));
+    return _mm256_or_si256(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)), h);
+}
+
 /* the f16 at p, converted and broadcast */
 static AI __m256 f16x8(const uint8_t *p) {
     uint16_t h;
@@ -379,18 +395,7 @@ static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4])
     }
     case Q5_0: {
         const uint8_t *blk = row + u * 22;
-        uint32_t qh;
-        memcpy(&qh, blk + 2, 4);
-        /* bit j of qh -> 16 in byte j: spread the 32 bits over 32 bytes, test each byte's bit */
-        const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
-                                                3, 3, 3, 3, 3, 3, 3);
-        const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-        __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
-        h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bits), bits), _mm256_set1_epi8(16));
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        __m128i b = _mm_loadu_si128((const __m128i *)(blk + 6));
-        __m256i n = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
-        bytes32(_mm256_sub_epi8(_mm256_or_si256(n, h), _mm256_set1_epi8(16)), q);
+        bytes32(_mm256_sub_epi8(q5_0_bytes(blk), _mm256_set1_epi8(16)), q);
         __m256 d = f16x8(blk);
         for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(d, q[v]);
         break;
@@ -563,15 +568,7 @@ static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, _
     }
     case Q5_0: {
         const uint8_t *blk = row + u * 22;
-        uint32_t qh;
-        memcpy(&qh, blk + 2, 4);
-        const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
-                                                3, 3, 3, 3, 3, 3, 3);
-        const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-        __m256i h = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
-        h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bits), bits), _mm256_set1_epi8(16));
-        __m128i b = _mm_loadu_si128((const __m128i *)(blk + 6));
-        *qb = _mm256_or_si256(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)), h);
+        *qb = q5_0_bytes(blk);
         *S = f16x8(blk);
         break;
     }
