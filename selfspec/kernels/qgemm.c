@@ -368,6 +368,22 @@ static AI __m256i q5_0_bytes(const uint8_t *blk) {
     return _mm256_or_si256(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)), h);
 }
 
+/* Unit i (of 8, 32 weights each) of a Q4_K block: its 4-bit codes (0..15) in 32 bytes */
+static AI __m256i q4_k_bytes(const uint8_t *blk, int i) {
+    __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
+    return _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), _mm256_set1_epi8(0x0F));
+}
+
+/* Unit i (of 8, 32 weights each) of a Q6_K block: its 6-bit codes (0..63) in 32 bytes */
+static AI __m256i q6_k_bytes(const uint8_t *blk, int i) {
+    int half = i >> 2, c = i & 3;
+    __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32 * (c & 1)));
+    __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+    a = _mm256_and_si256(_mm256_srl_epi16(a, _mm_cvtsi32_si128(4 * (c >> 1))), _mm256_set1_epi8(0x0F));
+    h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(0x03));
+    return _mm256_or_si256(a, _mm256_slli_epi16(h, 4));
+}
+
 /* the f16 at p, converted and broadcast */
 static AI __m256 f16x8(const uint8_t *p) {
     uint16_t h;
@@ -411,8 +427,7 @@ static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4])
         int i = (int)(u & 7), sc, mn;
         q4k_scale_min(blk + 4, i, &sc, &mn);
         __m256 d = _mm256_set1_ps(f16(blk) * (float)sc), m = _mm256_set1_ps(f16(blk + 2) * (float)mn);
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
-        bytes32(_mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), _mm256_set1_epi8(0x0F)), q);
+        bytes32(q4_k_bytes(blk, i), q);
         for (int v = 0; v < 4; v++) w[v] = _mm256_sub_ps(_mm256_mul_ps(d, q[v]), m);
         break;
     }
@@ -421,11 +436,7 @@ static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4])
         int i = (int)(u & 7), half = i >> 2, c = i & 3;
         const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
         float d = f16(blk + 208);
-        __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32 * (c & 1)));
-        __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
-        a = _mm256_and_si256(_mm256_srl_epi16(a, _mm_cvtsi32_si128(4 * (c >> 1))), _mm256_set1_epi8(0x0F));
-        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(0x03));
-        bytes32(_mm256_sub_epi8(_mm256_or_si256(a, _mm256_slli_epi16(h, 4)), _mm256_set1_epi8(32)), q);
+        bytes32(_mm256_sub_epi8(q6_k_bytes(blk, i), _mm256_set1_epi8(32)), q);
         __m256 d0 = _mm256_set1_ps(d * (float)sc[0]), d1 = _mm256_set1_ps(d * (float)sc[1]); /* per 16 */
         for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(v < 2 ? d0 : d1, q[v]);
         break;
@@ -582,8 +593,7 @@ static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, _
         const uint8_t *blk = row + (u >> 3) * 144;
         int i = (int)(u & 7), sc, mn;
         q4k_scale_min(blk + 4, i, &sc, &mn);
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
-        *qb = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), _mm256_set1_epi8(0x0F));
+        *qb = q4_k_bytes(blk, i);
         *S = _mm256_set1_ps(f16(blk) * (float)sc), *Mn = _mm256_set1_ps(-(f16(blk + 2) * (float)mn));
         break;
     }
@@ -592,11 +602,7 @@ static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, _
         int i = (int)(u & 7), half = i >> 2, c = i & 3;
         const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
         float d = f16(blk + 208);
-        __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32 * (c & 1)));
-        __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
-        a = _mm256_and_si256(_mm256_srl_epi16(a, _mm_cvtsi32_si128(4 * (c >> 1))), _mm256_set1_epi8(0x0F));
-        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(0x03));
-        *qb = _mm256_or_si256(a, _mm256_slli_epi16(h, 4));
+        *qb = q6_k_bytes(blk, i);
         /* lanes 0-3: weights 0-15 (first 16-scale), lanes 4-7: weights 16-31 */
         *S = _mm256_set_m128(_mm_set1_ps(d * (float)sc[1]), _mm_set1_ps(d * (float)sc[0]));
         break;
