@@ -121,7 +121,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None:
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
-        raise SelfspecError("no prompt: give --prompt PROMPTS, --prompt-file FILE, or pipe text on stdin")
+        raise SelfspecError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
     return _utf8(sys.stdin.buffer.read(), "the prompt on stdin")
 
 
