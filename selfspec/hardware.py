@@ -24,7 +24,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weight-only quantised dtypes: the linears' weights in int8/int4, everything else (embeddings,
 # norms, attention, KV cache) in fp32 (selfspec/models/quant.py).
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4", "native", "native-q8")
+# GGUF-native dtypes: fp32 activations around the file's own blocks (selfspec/models/native.py)
+NATIVE_DTYPES = ("native", "native-q8")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4", *NATIVE_DTYPES)
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +102,7 @@ def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     docs/kernels.md, "Why --dtype auto stays fp32"."""
     if name == "auto":
         name = "fp32"
-    if name in WEIGHT_BITS or name in ("native", "native-q8"):  # fp32 around the file's own blocks
+    if name in WEIGHT_BITS or name in NATIVE_DTYPES:
         return torch.float32, name
     if name not in DTYPES:
         raise InvalidParameterError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")

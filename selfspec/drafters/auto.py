@@ -261,6 +261,7 @@ class AutoDrafter(Drafter):
         from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
         from selfspec.drafters.ngram import NgramDrafter
         from selfspec.drafters.quantized import QuantizedSelfDrafter
+        from selfspec.hardware import NATIVE_DTYPES
         from selfspec.models.quant import weight_bits
 
         costs = costs or calibrate(model, max_k=max(MAX_K, max_draft))
@@ -284,7 +285,7 @@ class AutoDrafter(Drafter):
         # dequantise-requantise pass (Qwen 1.5B: 30 s, +1.5 GB). Measured: auto with the int8
         # draft decoded 6.3 tok/s against native plain's 8.0 (docs/benchmarks.md). Only an
         # explicit --draft-bits asks for one there.
-        native = getattr(model, "dtype", "") in ("native", "native-q8")
+        native = getattr(model, "dtype", "") in NATIVE_DTYPES
         if bits < have and model.device.type == "cpu" and (draft_bits is not None or not native):
             kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
             drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))

@@ -82,15 +82,13 @@ class CostModel:
 
 
 def _key(model, threads: int) -> str:
-    from selfspec import __version__
+    from selfspec import __version__, kernels
     from selfspec.hardware import cpu_info, isa_key
     from selfspec.models.loading import file_key
 
     info = cpu_info()
     # The effective instruction set (forced-AVX2 switches included) and our version are part of
     # the key: a forced-AVX2 run or a new release never reuses another's measurements.
-    from selfspec import kernels
-
     # ...and so is the build of our kernels (its file name carries the hash of their sources):
     # costs measured before a kernel changed would misjudge every draft after it.
     lib = kernels.library()

@@ -384,6 +384,14 @@ static AI __m256i q6_k_bytes(const uint8_t *blk, int i) {
     return _mm256_or_si256(a, _mm256_slli_epi16(h, 4));
 }
 
+/* Unit i of a Q6_K block: the scales of its two halves of 16 weights, d * sc (the dequantiser's
+ * rounding) */
+static AI void q6_k_scales(const uint8_t *blk, int i, float *s0, float *s1) {
+    const int8_t *sc = (const int8_t *)(blk + 192) + 8 * (i >> 2) + 2 * (i & 3);
+    float d = f16(blk + 208);
+    *s0 = d * (float)sc[0], *s1 = d * (float)sc[1];
+}
+
 /* the f16 at p, converted and broadcast */
 static AI __m256 f16x8(const uint8_t *p) {
     uint16_t h;
@@ -433,11 +441,11 @@ static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4])
     }
     case Q6_K: {
         const uint8_t *blk = row + (u >> 3) * 210;
-        int i = (int)(u & 7), half = i >> 2, c = i & 3;
-        const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
-        float d = f16(blk + 208);
+        int i = (int)(u & 7);
+        float s0, s1;
+        q6_k_scales(blk, i, &s0, &s1);
         bytes32(_mm256_sub_epi8(q6_k_bytes(blk, i), _mm256_set1_epi8(32)), q);
-        __m256 d0 = _mm256_set1_ps(d * (float)sc[0]), d1 = _mm256_set1_ps(d * (float)sc[1]); /* per 16 */
+        __m256 d0 = _mm256_set1_ps(s0), d1 = _mm256_set1_ps(s1); /* per 16 */
         for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(v < 2 ? d0 : d1, q[v]);
         break;
     }
@@ -599,12 +607,12 @@ static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, _
     }
     case Q6_K: {
         const uint8_t *blk = row + (u >> 3) * 210;
-        int i = (int)(u & 7), half = i >> 2, c = i & 3;
-        const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half + 2 * c;
-        float d = f16(blk + 208);
+        int i = (int)(u & 7);
+        float s0, s1;
+        q6_k_scales(blk, i, &s0, &s1);
         *qb = q6_k_bytes(blk, i);
         /* lanes 0-3: weights 0-15 (first 16-scale), lanes 4-7: weights 16-31 */
-        *S = _mm256_set_m128(_mm_set1_ps(d * (float)sc[1]), _mm_set1_ps(d * (float)sc[0]));
+        *S = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
         break;
     }
     }

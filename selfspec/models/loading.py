@@ -15,7 +15,7 @@ import torch
 from selfspec.kv_cache import KVCache
 from selfspec.hardware import CPU, check_cpu_only, device_dtype, resolve_device, set_threads
 from selfspec.errors import ModelLoadError, SelfspecError
-from selfspec.hardware import WEIGHT_BITS, resolve_dtype
+from selfspec.hardware import NATIVE_DTYPES, WEIGHT_BITS, resolve_dtype
 from selfspec.models.config import ModelConfig
 from selfspec.paths import cache_dir
 from selfspec.models.registry import REGISTRY
@@ -106,7 +106,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     path, name = model_path(model)
     info: dict = {}
     transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
-                                   device=dev, native=dtype_name in ("native", "native-q8"),
+                                   device=dev, native=dtype_name in NATIVE_DTYPES,
                                    q8=dtype_name == "native-q8")
     isa = dtype_reason = ""
     if dev.type == "cpu":
