@@ -15,6 +15,7 @@ asked rows; a tied LM head is a `NativeLinear` over the same blocks.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import warnings
@@ -121,7 +122,7 @@ class NativeLinear(Linear):
         self.bias = bias
         self.in_features = parts[0].K
         self.out_features = sum(p.rows for p in parts)
-        self.nbytes = sum(p.data.nbytes for p in parts) + (bias.nbytes if bias is not None else 0)
+        self.nbytes = sum(p.rows * p.row_bytes for p in parts) + (bias.nbytes if bias is not None else 0)
         self.types = sorted({p.type_name for p in parts})
         # native-q8: activations quantised per row in blocks of 32 (qgemm.c), where every part has
         # an integer kernel; a row's quantisation depends on that row only, so still row-invariant
@@ -147,6 +148,21 @@ class NativeLinear(Linear):
                 raise RuntimeError(f"the native kernel rejected {self.types} weights (code {rc})")
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def select_rows(self, ids: torch.Tensor) -> "NativeLinear | None":
+        """The linear of output rows `ids` only, on the same blocks read through a row map: a
+        draft LM head over part of the vocabulary (drafters/vocab.py) that copies nothing and
+        reads only its rows' blocks. None for a fused linear (several parts)."""
+        if len(self.parts) != 1:
+            return None
+        ids = ids.to(device="cpu", dtype=torch.long)
+        part, m = self.parts[0], self.maps[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= part.rows):
+            raise IndexError(f"row ids out of range of the {part.rows}-row {part.name}")
+        sub = copy.copy(part)  # the same map of the file, fewer rows read
+        sub.rows = int(ids.numel())
+        bias = None if self.bias is None else self.bias[ids]
+        return NativeLinear([sub], bias, [ids if m is None else m.long()[ids]], q8=self.q8)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight `[out, in]` (for the row probe's and precision drafts' dense views)."""

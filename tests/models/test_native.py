@@ -157,6 +157,44 @@ def test_isa_paths_give_the_same_bits(tname, q8, isa_paths):
 
 
 @needs_kernel
+@pytest.mark.parametrize("tname,q8", [("Q6_K", False), ("Q8_0", False), ("Q4_K", True)])
+def test_select_rows_reads_only_those_rows(tname, q8):
+    """A draft head over part of the vocabulary (drafters/vocab.py) on native blocks: the chosen
+    rows' outputs, bit for bit the full linear's, through a row map over the same memory."""
+    K, rows = 2 * _block(tname) * 4, 61
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(7))
+    full = linear_of(raw, t, rows, K, q8=q8)
+    ids = torch.tensor([0, 3, 4, 17, 40, 59, 60])
+    sub = full.select_rows(ids)
+    assert sub.out_features == len(ids) and sub.parts[0].data.data_ptr() == full.parts[0].data.data_ptr()
+    assert sub.nbytes == len(ids) * full.parts[0].row_bytes
+    for M in (1, 3):
+        x = torch.randn(M, K)
+        assert torch.equal(sub(x), full(x)[:, ids])
+    with pytest.raises(IndexError):
+        full.select_rows(torch.tensor([rows]))
+
+
+@needs_kernel
+def test_draft_vocab_head_on_native_is_not_dequantised(smollm_native, monkeypatch):
+    """--draft-vocab on native blocks selects rows of the file's head (no fp32 copy of the head,
+    which cost the Qwen 1.5B seconds per sequence), and layer-skip drafting stays lossless."""
+    from selfspec.drafters.layerskip import LayerSkipDrafter
+    from selfspec.drafters.vocab import SubsetHead, subset_ids
+    from selfspec.models import native as native_module
+
+    def no_dense(self):
+        raise AssertionError("the subset head dequantised the whole LM head")
+
+    monkeypatch.setattr(native_module.NativeLinear, "dequantize", no_dense)
+    head = SubsetHead(smollm_native.transformer, subset_ids(smollm_native, [1, 2, 3], 4096))
+    assert head.linear.kernel.startswith("gguf-native") and head.linear.out_features == 4096
+    from prompts import PROMPTS
+
+    _check_drafters(smollm_native, lambda: (LayerSkipDrafter.for_model(smollm_native, draft_vocab=4096),), PROMPTS[:1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("tname", FORMATS)
 def test_embedding_rows_equal_gguf_dequantiser(tname):
     """The C dequantisers give the `gguf` package's values bit for bit (so the native embedding
