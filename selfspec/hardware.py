@@ -72,10 +72,17 @@ def isa_key() -> str:
     return ";".join(parts)
 
 
-# Why `--dtype auto` computes in fp32 (reported as `dtype_reason`).
-AUTO_REASON = ("fp32: the model at full activation precision gives the same answer on every machine; "
-               "bf16, int8 and int4 change the model's output (95-97% greedy agreement with fp32) and are "
-               "opt-in (--dtype)")
+# Why `--dtype auto` chose what it did on the CPU (reported as `dtype_reason`): the model as
+# shipped, never another one. bf16, int8, int4 and native-q8 round weights or activations
+# differently (82-97% greedy agreement with fp32, docs/kernels.md) and are opt-in.
+OPT_IN = "bf16, int8, int4 and native-q8 change the model's output and are opt-in (--dtype)"
+AUTO_NATIVE_REASON = ("native: the GGUF file's own blocks, the same model as fp32 (summation order aside), "
+                      "1.7-2.4x faster at 0.4x the memory (docs/kernels.md); " + OPT_IN)
+
+
+def auto_fp32_reason(why: str) -> str:
+    """`dtype_reason` when `--dtype auto` falls back to fp32 on the CPU, `why` said first."""
+    return f"fp32: {why}; {OPT_IN}"
 
 
 def set_threads(threads: int | None) -> None:
@@ -92,14 +99,15 @@ def set_threads(threads: int | None) -> None:
 def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     """The float dtype the decoder computes in, and the dtype's name as reported in stats.
 
-    `auto` is fp32: the one full-precision option today, so a user gets the same answer on every
-    machine (`AUTO_REASON`). Picking bf16 from a CPU flag had made the default both another model
-    and slower (AVX-512-bf16 EPYC: plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and
-    `auto` speculation 1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
+    `auto` here is fp32; `load_model` turns a CPU load of a GGUF file into `native` first where
+    every weight has a kernel (`selfspec.models.loading.auto_cpu_dtype`): both are the model as
+    shipped. Picking bf16 from a CPU flag had made the default both another model and slower
+    (AVX-512-bf16 EPYC: plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and `auto`
+    speculation 1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
     around weight-only quantised linears (see `WEIGHT_BITS`); `native` in fp32 around the GGUF
     file's own blocks (selfspec/models/native.py; native-q8 quantises the activations of those
-    linears per row to int8 blocks, opt-in: another model). `auto` does not pick native yet: see
-    docs/kernels.md, "Why --dtype auto stays fp32"."""
+    linears per row to int8 blocks, opt-in: another model). Why `auto` picks native:
+    docs/kernels.md, "Why --dtype auto is native"."""
     if name == "auto":
         name = "fp32"
     if name in WEIGHT_BITS or name in NATIVE_DTYPES:

@@ -1,9 +1,9 @@
 """Greedy speculative output equals plain greedy output, token for token (`==`, no near-tie
 exception: DESIGN.md, "Losslessness, precisely"), on the real SmolLM2 in every dtype the engine
-offers (fp32, bf16, int8, int4), for the drafters users run: auto, ngram, layer-skip, quantized.
-`make test` runs bf16, int8 and int4 (fp32: test_lossless_real.py) on 2 prompts x 64 new tokens;
-`make test-full` (slow) adds fp32 and every drafter version on
->= 8 prompts x 128 new tokens."""
+offers (fp32, bf16, int8, int4, native — the CPU default for a GGUF file — and native-q8), for
+the drafters users run: auto, ngram, layer-skip, quantized. `make test` runs bf16, int8, int4
+and native (fp32: test_lossless_real.py) on 2 prompts x 64 new tokens; `make test-full` (slow)
+adds fp32, native-q8 and every drafter version on >= 8 prompts x 128 new tokens."""
 from __future__ import annotations
 
 import json
@@ -25,6 +25,8 @@ from selfspec.generation import generate
 from selfspec.drafters.factory import build_drafter
 from tiny import DTYPES
 
+SMOLLM_DTYPES = (*DTYPES, "native", "native-q8")  # the GGUF-native paths need the real file
+SLOW_DTYPES = ("fp32", "native-q8")  # fp32: test_lossless_real.py; native-q8: test_native.py
 FAST_PROMPTS = (PROMPTS[1], PROMPTS[2])  # code; a grounded summary (n-gram drafts get accepted)
 N_NEW = 64
 SLOW_PROMPTS = PROMPTS[:8]
@@ -105,7 +107,8 @@ def check(model, drafter, prompts, n_new: int, label: str) -> int:
 # fp32 with these drafters (and more) is test_lossless_real.py's every-drafter test on 10 prompts;
 # `make test-full` runs fp32 here too.
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("dtype", [pytest.param(d, marks=pytest.mark.slow) if d == "fp32" else d for d in DTYPES])
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DTYPES else d
+                                   for d in SMOLLM_DTYPES])
 def test_smollm_greedy_lossless_in_every_dtype(smollm_in, dtype, name):
     model = smollm_in(dtype)
     drafted = check(model, DRAFTERS[name](model), FAST_PROMPTS, N_NEW, name)
@@ -114,7 +117,7 @@ def test_smollm_greedy_lossless_in_every_dtype(smollm_in, dtype, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(DRAFTERS))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", SMOLLM_DTYPES)
 def test_smollm_every_drafter_version_lossless_in_every_dtype(smollm_in, dtype, name):
     model = smollm_in(dtype)
     check(model, DRAFTERS[name](model), SLOW_PROMPTS, SLOW_N_NEW, name)

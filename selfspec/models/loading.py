@@ -102,8 +102,12 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     t0 = time.perf_counter()
     set_threads(threads)  # process-wide; kept for library callers that pass `threads`
     dev = resolve_device(device)
-    torch_dtype, dtype_name = resolve_dtype(device_dtype(dtype, dev))
     path, name = model_path(model)
+    asked = device_dtype(dtype, dev)
+    auto_reason = None
+    if asked == "auto":  # the CPU
+        asked, auto_reason = auto_cpu_dtype(path)
+    torch_dtype, dtype_name = resolve_dtype(asked)
     info: dict = {}
     transformer = load_transformer(path, torch_dtype, ctx_size, weight_bits=WEIGHT_BITS.get(dtype_name), info=info,
                                    device=dev, native=dtype_name in NATIVE_DTYPES,
@@ -111,12 +115,12 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
     isa = dtype_reason = ""
     if dev.type == "cpu":
         from selfspec import kernels
-        from selfspec.hardware import AUTO_REASON, isa as machine_isa
+        from selfspec.hardware import isa as machine_isa
 
         attention = "fixed-order-attention" if kernels.kernel_status() == "fixed-order-c" else "torch-rowwise-attention"
         kernel = f"{transformer.kernel}+{attention}"
         isa = machine_isa()
-        dtype_reason = AUTO_REASON if dtype == "auto" else f"--dtype {dtype} as asked"
+        dtype_reason = auto_reason or f"--dtype {dtype} as asked"
     else:
         kernel = transformer.kernel
         dtype_reason = f"{dtype_name} on {dev.type}" + (" (--dtype auto)" if dtype == "auto" else "")
@@ -135,6 +139,25 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
                  load_seconds=time.perf_counter() - t0, kernel=kernel, isa=isa, dtype_reason=dtype_reason,
                  load_info=info)
+
+
+def auto_cpu_dtype(path: Path) -> tuple[str, str]:
+    """What `--dtype auto` loads on the CPU, and why: `native` (the file's own blocks) for a GGUF
+    file whose every weight matrix has a block kernel, else fp32 (an HF folder; no C compiler;
+    a format such as Q5_K that native would dequantise at every load, with no weight cache)."""
+    from selfspec import kernels
+    from selfspec.hardware import AUTO_NATIVE_REASON, auto_fp32_reason
+
+    if path.is_dir():
+        return "fp32", auto_fp32_reason("an HF folder has no GGUF blocks to compute on")
+    if kernels.library() is None:
+        return "fp32", auto_fp32_reason(f"the native kernels are not built ({kernels.kernel_status()})")
+    from selfspec.models.native import read_index, unsupported_types
+
+    missing = unsupported_types(read_index(path)[2])
+    if missing:
+        return "fp32", auto_fp32_reason(f"the file's {', '.join(missing)} weights have no native kernel")
+    return "native", AUTO_NATIVE_REASON
 
 
 def model_path(model: str | Path) -> tuple[Path, str]:

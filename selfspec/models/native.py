@@ -196,6 +196,23 @@ class NativeEmbedding:
         return out.reshape(*tokens.shape, self.shape[1])
 
 
+def unsupported_types(tensors: dict) -> list[str]:
+    """The formats of the weight matrices in `tensors` (internal name -> raw tensor) that the
+    kernel lacks, which a native load dequantises to fp32 (`native_fallback`)."""
+    import gguf
+
+    missing = set()
+    for t in tensors.values():
+        shape = [int(d) for d in t.shape.tolist()]
+        if len(shape) < 2:
+            continue  # norms and biases are read as fp32 on every path
+        name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        fmt = KERNEL_FORMATS.get(name)
+        if fmt is None or shape[0] % max(fmt[1], _SIMD):
+            missing.add(name)
+    return sorted(missing)
+
+
 # ----------------------------------------------------------------------------------- the index
 class RawTensor:
     """What the loaders read of a `gguf.ReaderTensor` (name, tensor_type, shape, data), made from

@@ -349,3 +349,37 @@ def test_gemma_native_matches_fp32(gemma):
     # the path, tests/bench/'s in a pytest-xdist worker)
     nat = load_model("gemma3-270m", dtype="native", ctx_size=1024)
     assert_native_matches_fp32(nat, gemma, PROMPTS[0], "Gemma-3")
+
+
+# ---------------------------------------------------------------------- what --dtype auto loads
+def test_auto_dtype_chooses_native_only_where_every_weight_has_a_kernel(monkeypatch, tmp_path):
+    """`--dtype auto` on the CPU: native for a GGUF file whose weights all have block kernels;
+    fp32, saying why, for an HF folder, without the compiled kernel, or for a format native
+    would dequantise at every load."""
+    from selfspec import kernels as kernels_module
+    from selfspec.models.loading import auto_cpu_dtype
+    from selfspec.models.registry import REGISTRY
+
+    path = REGISTRY["smollm2-135m"].path()
+    if kernels.library() is not None:
+        dtype, why = auto_cpu_dtype(path)
+        assert dtype == "native" and why.startswith("native:"), why
+    dtype, why = auto_cpu_dtype(tmp_path)
+    assert dtype == "fp32" and "HF folder" in why
+    with monkeypatch.context() as m:
+        m.delitem(native.KERNEL_FORMATS, "Q4_1")
+        if kernels.library() is not None:
+            dtype, why = auto_cpu_dtype(path)
+            assert dtype == "fp32" and "Q4_1 weights have no native kernel" in why, why
+    monkeypatch.setattr(kernels_module, "library", lambda: None)
+    dtype, why = auto_cpu_dtype(path)
+    assert dtype == "fp32" and "native kernels are not built" in why, why
+
+
+@needs_kernel
+def test_default_load_is_native_and_says_why():
+    from selfspec.models.loading import load_model
+
+    model = load_model("smollm2-135m", ctx_size=256)  # dtype auto
+    assert model.dtype == "native" and model.kernel.startswith("gguf-native"), model.kernel
+    assert model.dtype_reason.startswith("native: the GGUF file's own blocks"), model.dtype_reason
