@@ -57,10 +57,19 @@ def tree_from_chains(candidates: list[list[int]], max_nodes: int | None = None) 
     stored once. Nodes are numbered in insertion order, so the first candidate is nodes 0..len-1
     (accepting it needs no KV compaction) and siblings keep the candidates' order (the order
     sampled verification tries them in). `max_nodes` stops adding nodes once reached."""
+    tokens, parents, _ = trie_members(candidates, max_nodes)
+    return torch.tensor(tokens, dtype=torch.long, device="cpu"), torch.tensor(parents, dtype=torch.long, device="cpu")
+
+
+def trie_members(candidates: list[list[int]],
+                 max_nodes: int | None = None) -> tuple[list[int], list[int], list[list[int]]]:
+    """`tree_from_chains` as lists, plus each node's members: the indices of the candidates whose
+    prefix it is (how many matches agree on it, the evidence hypothesis reduction scores)."""
     tokens: list[int] = []
     parents: list[int] = []
+    members: list[list[int]] = []
     children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
-    for chain in candidates:
+    for c, chain in enumerate(candidates):
         parent = -1
         for tok in chain:
             node = children.get((parent, int(tok)))
@@ -70,9 +79,11 @@ def tree_from_chains(candidates: list[list[int]], max_nodes: int | None = None) 
                 node = len(tokens)
                 tokens.append(int(tok))
                 parents.append(parent)
+                members.append([])
                 children[(parent, int(tok))] = node
+            members[node].append(c)
             parent = node
-    return torch.tensor(tokens, dtype=torch.long, device="cpu"), torch.tensor(parents, dtype=torch.long, device="cpu")
+    return tokens, parents, members
 
 
 def tree_mask(layout: TreeLayout, start: int, first: int, window: int) -> torch.Tensor:

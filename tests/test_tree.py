@@ -358,8 +358,9 @@ def test_ngram_candidates_and_tree_mode(models):
 def test_ngram_tree_proposes_a_tree_only_with_several_matches():
     ctx = DraftContext(model=None, cache=None, tokens=[1, 2, 3, 9, 1, 2, 3, 7, 2, 3], sampling=SamplingParams(),
                        generator=torch.Generator())
-    draft = NgramDrafter(tree=2, ngram_min=1).propose(ctx, 8)
+    # The whole candidate tree (hypothesis reduction, tests/test_reduction.py, would prune it).
+    draft = NgramDrafter(tree=2, ngram_min=1, tree_reduce=False).propose(ctx, 8)
     assert draft.parents is not None
     assert draft.tokens.tolist()[:3] == [7, 2, 3]  # the latest match first: in place if accepted
     ctx = dataclasses.replace(ctx, tokens=[1, 2, 3, 4, 2, 3])
-    assert NgramDrafter(tree=2).propose(ctx, 8).parents is None  # one match: a chain
+    assert NgramDrafter(tree=2, tree_reduce=False).propose(ctx, 8).parents is None  # one match: a chain

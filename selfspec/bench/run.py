@@ -232,6 +232,12 @@ def _mean_extras(turns: list[TurnResult]) -> dict:
     return {k: statistics.mean(t.extras[k] for t in turns if t.extras.get(k) is not None) for k in sorted(keys)}
 
 
+# Drafter stats a run records (means over its turns): auto's speedups, hypothesis reduction's
+# node budget (docs/tree-verification.md).
+RECORDED_EXTRAS = ("predicted_speedup", "realised_speedup", "tree_nodes_proposed", "tree_nodes_verified",
+                   "tree_expected_tokens")
+
+
 class OursRunner(Runner):
     """Our engine with one of our drafters (or none)."""
 
@@ -255,7 +261,7 @@ class OursRunner(Runner):
         r = generate(self.model, prompt_ids, drafter=self.drafter, sampling=settings.sampling(),
                      max_new_tokens=settings.max_new_tokens)
         s = r.stats
-        extras = {k: v for k, v in s.extras.items() if k in ("predicted_speedup", "realised_speedup")}
+        extras = {k: v for k, v in s.extras.items() if k in RECORDED_EXTRAS}
         return TurnResult(r.token_ids, r.text, s.prefill_seconds, s.decode_seconds, s.rounds, s.drafted,
                           s.accepted, extras)
 

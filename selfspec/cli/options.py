@@ -61,6 +61,7 @@ OPTIONS: dict[str, tuple] = {  # parameter name -> (annotation, default)
     "ngram_min": _opt(None, Optional[int], help="Shortest n-gram looked up (ngram; default 2)."),
     "ngram_mode": _opt("lookup", str, help="ngram: lookup (prompt lookup: copy what followed the latest match) | adaptive (an n-gram model of prompt + output built online, confident matches only; docs/drafters-training-free.md)."),
     "tree": _opt(None, Optional[int], help="Token-tree drafts (docs/tree-verification.md). ngram lookup: the continuations of the N most recent distinct matches; retrieval: the N most frequent continuation prefixes (trie nodes). 1 (default) = one chain."),
+    "tree_reduce": _opt(None, Optional[bool], "--tree-reduce/--no-tree-reduce", help="With --tree N >= 2: verify only the tree nodes expected to pay for their rows, by acceptance learnt while generating and this machine's measured forward costs (hypothesis reduction, docs/tree-verification.md). Default: on."),
     "datastore": _opt(None, Optional[str], help="Token datastore (`selfspec datastore build`) for --draft retrieval; with auto, an extra drafter."),
     "draft_model": _opt(None, Optional[str], help="Draft model for --draft model or auto (same tokenizer)."),
     "draft_vocab": _opt(None, Optional[int], help="layer-skip: draft only from the context's tokens plus N frequent ones (cheaper draft LM head); 0 = all; default 32768 for vocabularies over 65536 tokens, else all."),
@@ -87,7 +88,7 @@ class Group:
 MODEL = Group("model", "dtype", "threads", "ctx_size", "device")
 SAMPLING = Group("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 DRAFTER = Group("draft", "skip_config", "draft_bits", "max_draft", "gamma", "alpha", "epsilon", "beta1", "beta2",
-                "adaptive", "ngram_max", "ngram_min", "ngram_mode", "tree", "datastore", "draft_model",
+                "adaptive", "ngram_max", "ngram_min", "ngram_mode", "tree", "tree_reduce", "datastore", "draft_model",
                 "draft_vocab", "drafter_weights")
 PROMPTS = Group("suite", "max_new_tokens", "chat", "system")
 

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,18 @@ class Match:
     length: int  # tokens of the context's suffix that matched
     positions: np.ndarray  # where the continuations start in `tokens` (a sample of at most MAX_MATCHES)
     count: int  # occurrences of the matched suffix in the corpus
+
+
+class Trie(NamedTuple):
+    """A continuation trie (`Datastore.trie`): nodes as `Draft` wants them, the match length, and
+    each node's count among the `rows` continuations read (a child's share of its parent's count
+    is the frequency hypothesis reduction scores)."""
+
+    tokens: list[int]
+    parents: list[int]
+    length: int
+    counts: list[int]
+    rows: int
 
 
 class Datastore:
@@ -172,18 +184,18 @@ class Datastore:
             rows = rows[rows[:, d] == tok]
         return out, m.length
 
-    def trie(self, context: list[int], depth: int, max_nodes: int, max_len: int = 16,
-             min_len: int = 2) -> tuple[list[int], list[int], int]:
+    def trie(self, context: list[int], depth: int, max_nodes: int, max_len: int = 16, min_len: int = 2) -> Trie:
         """Several continuations as a token tree (REST's candidate trie): the `max_nodes` most
-        frequent prefixes of the continuations. Returns (tokens, parents, match length) with
-        parents[i] < i and -1 for children of the pending token (`Draft.parents`). A node is
-        never more frequent than its parent and is deeper, so sorting by (-count, depth) puts
-        every parent before its children."""
+        frequent prefixes of the continuations, parents[i] < i and -1 for children of the pending
+        token (`Draft.parents`); length 0 and no nodes without a match. A node is never more
+        frequent than its parent and is deeper, so sorting by (-count, depth) puts every parent
+        before its children."""
         m = self.match(context, max_len, min_len)
         if m is None or depth < 1 or max_nodes < 1:
-            return [], [], 0
+            return Trie([], [], 0, [], 0)
         counts: dict[tuple, int] = {}
-        for row in self.continuations(m, depth).tolist():
+        rows = self.continuations(m, depth).tolist()
+        for row in rows:
             for d in range(depth):
                 if row[d] == self.sep:
                     break
@@ -192,7 +204,7 @@ class Datastore:
         chosen = sorted(counts, key=lambda key: (-counts[key], len(key), key))[:max_nodes]
         where = {key: i for i, key in enumerate(chosen)}
         parents = [where[key[:-1]] if len(key) > 1 else -1 for key in chosen]
-        return [key[-1] for key in chosen], parents, m.length
+        return Trie([key[-1] for key in chosen], parents, m.length, [counts[key] for key in chosen], len(rows))
 
 
 def build_store(tokenizer, model_name: str, files: list[Path], progress: Callable[[int, int], None] | None = None

@@ -29,7 +29,7 @@ ALIASES = {"ar": "none", "plain": "none", "draft-model": "model"}
 # Options a spec may carry, by the keyword of `build_drafter` (or of loading) they set.
 OPTION_KEYS = {"skip": "skip_config", "draft": "draft_model", "dtype": "dtype", "vocab": "draft_vocab",
                "max_draft": "max_draft", "gamma": "gamma", "bits": "draft_bits", "tree": "tree",
-               "mode": "ngram_mode", "store": "datastore", "weights": "drafter_weights"}
+               "reduce": "tree_reduce", "mode": "ngram_mode", "store": "datastore", "weights": "drafter_weights"}
 # Options of the other engines, by kind: key -> the name MethodSpec.options holds it under.
 OV_PRECISIONS = ("f32", "bf16", "f16")
 ENGINE_OPTIONS = {
@@ -69,6 +69,10 @@ def parse_method(text: str) -> MethodSpec:
             value = _number(text, key, value, int)
         elif name == "gamma":
             value = _number(text, key, value, float)
+        elif name == "tree_reduce":
+            if value not in ("0", "1"):
+                raise InvalidParameterError(f"option reduce of method {text!r} must be 0 or 1, got {value!r}")
+            value = value == "1"
         elif name == "ngram_mode" and value not in NGRAM_MODES:
             raise InvalidParameterError(f"option mode of method {text!r} must be one of {', '.join(NGRAM_MODES)}")
         elif name == "precision" and value not in OV_PRECISIONS:
@@ -108,7 +112,7 @@ def _number(text: str, key: str, value: str, kind):
 
 def check_options(draft: str, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9, epsilon=0.01,
                   beta1=0.5, beta2=0.9, ngram_max=None, ngram_min=None, draft_bits=None, ngram_mode="lookup",
-                  datastore=None, tree=None, draft_vocab=None, drafter_weights=None, **_) -> None:
+                  datastore=None, tree=None, tree_reduce=None, draft_vocab=None, drafter_weights=None, **_) -> None:
     """Every drafter option that can be checked without the model (and without torch): the
     command line calls it before loading anything, build_drafter again for library callers."""
     from pathlib import Path
@@ -127,6 +131,9 @@ def check_options(draft: str, *, skip_config=None, max_draft=None, gamma=None, a
             raise InvalidParameterError(f"--tree must be >= 1 (1 = one chain), got {tree}")
         if tree != 1 and draft not in ("ngram", "retrieval"):
             raise InvalidParameterError(f"--tree (token-tree drafts) is for --draft ngram or retrieval, not {draft!r}")
+    if tree_reduce is not None and (tree is None or tree == 1):
+        raise InvalidParameterError("--tree-reduce/--no-tree-reduce (hypothesis reduction) is for token-tree drafts: "
+                                    "give --tree N with N >= 2")
     for flag, value, low in (("--max-draft", max_draft, 1), ("--ngram-max", ngram_max, 1),
                              ("--ngram-min", ngram_min, 1), ("--draft-vocab", draft_vocab, 0)):
         if value is not None and value < low:
@@ -157,18 +164,19 @@ def check_options(draft: str, *, skip_config=None, max_draft=None, gamma=None, a
 def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=None, alpha=0.9,
                   epsilon=0.01, beta1=0.5, beta2=0.9, adaptive=True, ngram_max=None, ngram_min=None,
                   draft_model=None, draft_vocab=None, dtype="auto", threads=None, draft_bits=None,
-                  ngram_mode="lookup", datastore=None, tree=None, drafter_weights=None):
+                  ngram_mode="lookup", datastore=None, tree=None, tree_reduce=None, drafter_weights=None):
     """The drafter that `--draft` names, or None for plain decoding. `skip_config` is the skip set
     of layer-skip, and of quantized (which skips nothing without one). `ngram_mode` picks prompt
     lookup or the adaptive n-gram model for ngram; `datastore` is the store of retrieval (and an
-    extra arm of auto)."""
+    extra arm of auto). `tree_reduce` (default on) prunes token trees to the nodes that pay, by
+    the model's measured costs (drafters/reduction.py)."""
     draft = ALIASES.get(draft, draft)
     if draft == "none":
         return None
     check_options(draft, skip_config=skip_config, max_draft=max_draft, gamma=gamma, alpha=alpha, epsilon=epsilon,
                   beta1=beta1, beta2=beta2, ngram_max=ngram_max, ngram_min=ngram_min, draft_bits=draft_bits,
-                  ngram_mode=ngram_mode, datastore=datastore, tree=tree, draft_vocab=draft_vocab,
-                  drafter_weights=drafter_weights)
+                  ngram_mode=ngram_mode, datastore=datastore, tree=tree, tree_reduce=tree_reduce,
+                  draft_vocab=draft_vocab, drafter_weights=drafter_weights)
     sized = {} if max_draft is None else {"max_draft": max_draft}
     from selfspec.drafters.swift import is_online
     if draft in TRAINED:
@@ -210,14 +218,14 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
             if cls is not NgramDrafter:
                 raise InvalidParameterError("--tree is for --ngram-mode lookup")
             lengths["tree"] = tree
-        return cls(**lengths, **sized)
+        return cls(**lengths, **sized, **_reduction(model, tree, tree_reduce))
     if draft == "retrieval":
         from selfspec.drafters.retrieval import RetrievalDrafter
 
         if not datastore:
             raise SelfspecError("--draft retrieval needs --datastore DIR (build one with `selfspec datastore build`)")
         trie = {} if tree is None or tree == 1 else {"tree": True, "tree_nodes": tree}
-        return RetrievalDrafter.for_model(model, datastore, **sized, **trie)
+        return RetrievalDrafter.for_model(model, datastore, **sized, **trie, **_reduction(model, tree, tree_reduce))
     if draft == "model":
         from selfspec.drafters.draft_model import DraftModelDrafter
         from selfspec.models.loading import load_model
@@ -228,6 +236,18 @@ def build_drafter(draft: str, model, *, skip_config=None, max_draft=None, gamma=
         small = load_model(draft_model, dtype=dtype, ctx_size=model.ctx_size, threads=threads, device=str(model.device))
         return DraftModelDrafter(small, target=model, **sized)
     raise SelfspecError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
+
+
+def _reduction(model, tree, tree_reduce) -> dict:
+    """A tree drafter's reduction keywords: reduced (the default) by the model's measured costs,
+    calibrated now so that the measurement never lands in a generation's decode time."""
+    if tree is None or tree == 1:
+        return {}
+    if tree_reduce is False:
+        return {"tree_reduce": False}
+    from selfspec.drafters.costs import calibrate
+
+    return {"costs": calibrate(model)}
 
 
 def _trained_drafter(draft, model, weights, sized, gamma, alpha, epsilon, beta1, beta2, adaptive):

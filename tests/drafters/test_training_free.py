@@ -124,8 +124,9 @@ def test_datastore_handles_token_ids_beyond_16_bits():
 def test_datastore_trie_is_a_valid_token_tree():
     docs = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 7, 8], [1, 2, 9]]
     st = store_of(docs)
-    tokens, parents, length = st.trie([1, 2], 3, max_nodes=16, min_len=1)
-    assert length == 2
+    tokens, parents, length, counts, rows = st.trie([1, 2], 3, max_nodes=16, min_len=1)
+    assert length == 2 and rows == 4
+    assert counts == [3, 2, 1, 1, 1, 1, 1]  # how many continuations share each node's prefix
     assert all(-1 <= p < i for i, p in enumerate(parents))
     paths = set()
     for i in range(len(tokens)):  # every root-to-node path is a real continuation
@@ -162,8 +163,13 @@ def test_retrieval_tree_option_returns_parents():
     ctx = type("Ctx", (), {"tokens": [9, 1, 2]})()
     chain = RetrievalDrafter(st, min_len=1).propose(ctx, 4)
     assert chain.parents is None and chain.tokens.tolist() == [3, 4]  # a tie: the lower id
-    tree = RetrievalDrafter(st, min_len=1, tree=True).propose(ctx, 4)
+    tree = RetrievalDrafter(st, min_len=1, tree=True, tree_reduce=False).propose(ctx, 4)
     assert tree.tokens.tolist() == [3, 5, 4, 6] and tree.parents.tolist() == [-1, -1, 0, 1]
+    # Reduced (the default): every row free keeps the trie; every row a step keeps one node.
+    free, dear = CostModel([1.0] * 9), CostModel([k + 1.0 for k in range(9)])
+    assert RetrievalDrafter(st, min_len=1, tree=True, costs=free).propose(ctx, 4).tokens.tolist() == [3, 5, 4, 6]
+    reduced = RetrievalDrafter(st, min_len=1, tree=True, costs=dear)
+    assert reduced.propose(ctx, 4).tokens.tolist() == [3] and reduced.extra_stats()["tree_nodes_proposed"] == 4
 
 
 # ----------------------------------------------------------------------------- lossless
@@ -180,12 +186,13 @@ def drafters_for(model, plain_ids):
             "ngram-adaptive-1": AdaptiveNgramDrafter(ngram_max=3, ngram_min=1, max_draft=5),
             "retrieval": RetrievalDrafter(st),
             "retrieval-tree": RetrievalDrafter(st, tree=True, tree_nodes=12),
+            "retrieval-tree-full": RetrievalDrafter(st, tree=True, tree_nodes=12, tree_reduce=False),
             "auto": AutoDrafter(auto_arms, free, draft_cost_guess={a.name: 0.0 for a in auto_arms})}
 
 
 @pytest.mark.parametrize("fixture", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", ["ngram-lookup", "ngram-adaptive", "ngram-adaptive-1", "retrieval",
-                                  "retrieval-tree", "auto"])
+                                  "retrieval-tree", "retrieval-tree-full", "auto"])
 def test_greedy_lossless(fixture, name, request):
     model = request.getfixturevalue(fixture)
     plain = generate(model, PROMPT, max_new_tokens=40)
@@ -193,7 +200,7 @@ def test_greedy_lossless(fixture, name, request):
     spec = generate(model, PROMPT, max_new_tokens=40, drafter=drafter)
     assert_lossless(plain.token_ids, spec.token_ids, name)
     assert spec.stats.drafted > 0, name
-    if name in ("retrieval", "retrieval-tree", "auto"):
+    if name in ("retrieval", "retrieval-tree", "retrieval-tree-full", "auto"):
         assert spec.stats.accepted > 0  # the corpus holds the answer
 
 
