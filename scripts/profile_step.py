@@ -22,9 +22,18 @@ import torch
 from selfspec.models.loading import load_model
 
 
-def _prepared(model, context: int):
+def _prepared(model, context: int, synthetic: bool = False):
+    """The decoder and a cache holding `context` positions: a real prefill, or with `synthetic`
+    random keys and values (what a step costs does not depend on them; an 8k-token prefill of the
+    1.5B would take minutes)."""
     tr = model.transformer
     cache = model.fresh_cache()
+    if synthetic:
+        gen = torch.Generator().manual_seed(0)
+        for t in (cache.k, cache.v):
+            t[:, :, :context].copy_(torch.randn(t[:, :, :context].shape, generator=gen))
+        cache.wrote(0, context)
+        return tr, cache
     prefix = torch.arange(100, 100 + context) % model.config.vocab_size
     tr.forward(prefix, 0, cache, last_only=True)
     return tr, cache
@@ -98,7 +107,7 @@ def phases(args) -> None:
     clock = time.thread_time if args.cpu_time else time.perf_counter
     model = load_model(args.model, dtype=args.dtype, threads=1 if args.cpu_time else args.threads,
                        ctx_size=args.context + 64)
-    tr, cache = _prepared(model, args.context)
+    tr, cache = _prepared(model, args.context, args.synthetic_cache)
     spent: dict[str, float] = {}
     stack: list[float] = []  # time of the running phases' children
 
@@ -161,6 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=15, help="rows of the profile table")
     ap.add_argument("--phases", action="store_true", help="time Python-level phases instead of torch ops "
                     "(linears, attention, norms, ...): the native kernels are ctypes calls the profiler does not see")
+    ap.add_argument("--synthetic-cache", action="store_true",
+                    help="--phases: fill the cache with random keys/values instead of prefilling --context tokens")
     ap.add_argument("--cpu-time", action="store_true", help="--phases by 1 thread's CPU time")
     args = ap.parse_args(argv)
     if args.phases:
