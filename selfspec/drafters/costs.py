@@ -71,14 +71,27 @@ class CostModel:
 
     def save(self) -> None:
         """Write the (refined) costs to the cache entry, so the next run starts from them: a
-        calibration taken while another process loaded the CPU does not stick."""
-        if self.path is None:
+        calibration taken while another process loaded the CPU does not stick. Not while the
+        machine is busy (`machine_busy`): costs measured then would mislead every later run."""
+        if self.path is None or machine_busy():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from selfspec import __version__
 
         atomic_write_json(self.path, {"verify": self.verify, "selfspec": __version__, "format": KEY_FORMAT},
                           indent=None)
+
+
+def machine_busy() -> bool:
+    """Whether other programs are loading the CPU now: the 1-minute load average above the
+    cores this process may use plus a half (our own threads alone make it about the core count).
+    A contended calibration of SmolLM2 had cached a 2-token verify pass at 4.9 steps."""
+    import os
+
+    from selfspec.hardware import load_average
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load_average() > cores + 0.5
 
 
 def _key(model, threads: int) -> str:
