@@ -9,7 +9,9 @@ argmax_k E(k) / T(k) over k = 0..K with the costs of `selfspec.drafters.costs` (
 from every round the loop runs: the time between a proposal and its verdict is that round's
 verify) and a per drafter estimate of a that forgets old rounds, so a change of task moves it
 within a few rounds. A drafter whose best k is 0 is switched off and re-probed with a short draft
-after `probe_every` rounds, the interval doubling while it keeps losing (bounded cost).
+after `probe_every` rounds, the interval doubling while it keeps losing (bounded cost), and not
+at all while it could not pay even at 90% acceptance (its measured draft cost against the
+measured verify costs).
 
 Grounded drafters (prompt lookup, the adaptive n-gram model, retrieval: they expose `last_level`,
 the length of the match behind their proposal) cost microseconds, so every one of them proposes
@@ -28,6 +30,11 @@ from selfspec.drafters.costs import MAX_K, CostModel
 from selfspec.drafters.base import EMPTY, Draft, DraftContext, Drafter, declared
 
 MAX_LEVEL = 8  # match lengths from here on share one acceptance estimate
+# A switched-off drafter is re-probed only if it would pay at this acceptance: on a load whose
+# verify pass costs ~2 steps for 9 tokens (GGUF-native blocks) a layer-skip draft at half a
+# step per token cannot pay even when 9 in 10 drafts are right, and its probes cost SmolLM2
+# 8-14% against plain decoding on free text (docs/benchmarks.md).
+PLAUSIBLE_ACCEPTANCE = 0.9
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -141,9 +148,14 @@ class AutoDrafter(Drafter):
                 paying.append((-speedup, i, arm, k))
                 continue
             arm.idle += 1
-            if arm.idle >= arm.probe_interval and k_cap >= 1:
+            if arm.idle >= arm.probe_interval and k_cap >= 1 and self._could_pay(arm, k_cap):
                 due.append((arm, min(self.probe_k, k_cap), True, 0.0))
         return due + [(arm, k, False, -s) for s, _, arm, k in sorted(paying, key=lambda c: c[:2])]
+
+    def _could_pay(self, arm: Arm, k_cap: int) -> bool:
+        """Whether `arm` would beat plain decoding at `PLAUSIBLE_ACCEPTANCE` with its measured
+        draft cost and the measured verify costs: if not, probing it only costs."""
+        return best_k(PLAUSIBLE_ACCEPTANCE, arm.c_draft, self.costs, k_cap)[0] > 0
 
     def _grounded(self, ctx: DraftContext, k_cap: int) -> tuple[list, tuple | None]:
         """Every grounded arm's proposal, cut to its best k at its match length: (the due probes
@@ -164,7 +176,7 @@ class AutoDrafter(Drafter):
                     best = (speedup, arm, Draft(d.tokens[:k]))
                 continue
             arm.idle += 1
-            if arm.idle >= arm.probe_interval:
+            if arm.idle >= arm.probe_interval and self._could_pay(arm, len(d)):
                 due.append((arm, Draft(d.tokens[: self.probe_k])))
         return due, best
 

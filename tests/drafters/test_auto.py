@@ -159,7 +159,10 @@ def llama(tmp_path_factory):
 
 
 def test_calibration_measures_and_caches(llama, tmp_path, monkeypatch):
+    from selfspec.drafters import costs as costs_module
+
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs_module, "machine_busy", lambda: False)  # the suite's own workers load the CPU
     mine = llama.fresh_cache()
     llama.transformer.forward(torch.arange(5), 0, mine)  # a sequence in the model's cache
     costs = calibrate(llama, max_k=4)
@@ -171,6 +174,23 @@ def test_calibration_measures_and_caches(llama, tmp_path, monkeypatch):
     from selfspec import kernels
 
     monkeypatch.setattr(kernels, "library", lambda: type("Lib", (), {"_name": "/x/libselfspec-0000.so"})())
+    assert calibrate(llama, max_k=4).source == "calibrated"
+
+
+def test_costs_measured_on_a_busy_machine_are_not_cached(llama, tmp_path, monkeypatch):
+    """Costs measured while other programs load the CPU would mislead every later run: they serve
+    this run only, and the next one measures again."""
+    from selfspec.drafters import costs as costs_module
+    from selfspec import hardware
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "load_average", lambda: 64.0)
+    assert costs_module.machine_busy()
+    costs = calibrate(llama, max_k=4)
+    assert costs.source == "calibrated" and not list(tmp_path.rglob("*.json"))
+    costs.observed = [40] * 5
+    costs.save()  # a refined model is not written either
+    assert not list(tmp_path.rglob("*.json"))
     assert calibrate(llama, max_k=4).source == "calibrated"
 
 
@@ -240,3 +260,19 @@ def test_no_precision_draft_on_native_blocks_unless_asked(smollm_in):
     assert "quantized" not in names(AutoDrafter.for_model(native, costs=costs))
     assert "quantized" in names(AutoDrafter.for_model(native, costs=costs, draft_bits=4))
     assert "quantized" in names(AutoDrafter.for_model(smollm_in("fp32"), costs=costs))
+
+
+def test_no_probes_for_a_drafter_that_could_not_pay():
+    """A switched-off drafter is re-probed only if it would beat plain decoding at 90% acceptance:
+    with verify costing like the Qwen 1.5B's native load (1.6 steps for 2 tokens, 2.3 for 9) and
+    drafts at 0.6 of a step each it never could, so after a probe or two (made while its draft
+    cost is still the guess, half a step, which they correct) no probe is spent; with near-flat
+    verify costs (fp32) the same drafter keeps being probed."""
+    native = lambda k: STEP * (1.5 + 0.1 * k) if k else STEP  # noqa: E731
+    for verify, probes in ((native, range(0, 3)), (lambda k: STEP * (1 + 0.03 * k), range(5, 20))):
+        clock = Clock()
+        drafter = Scripted(clock, 0.6 * STEP)
+        truth = CostModel([verify(k) for k in range(9)])
+        auto = AutoDrafter([drafter], CostModel(list(truth.verify)), probe_every=8, probe_max=64, clock=clock)
+        ks = simulate(auto, clock, truth, good=lambda r: False, rounds=300)
+        assert sum(k > 0 for k in ks) in probes, ks
