@@ -23,7 +23,7 @@ def bench(
                                               "openai:url=URL[,model=NAME,key_env=VAR]); options as openvino:precision=f32, "
                                               "layer-skip:skip=F.json, model:draft=ALIAS, none:dtype=bf16, "
                                               "quantized:bits=4,skip=F.json, ngram:mode=adaptive, retrieval:store=DIR; "
-                                              "trained drafters as medusa:weights=DIR (also early-exit, hydra).")] = BENCH_DEFAULT,
+                                              "trained drafters as medusa:weights=DIR (also early-exit, lite, hydra).")] = BENCH_DEFAULT,
     sampling=SAMPLING,
     repeats: Annotated[int, typer.Option(help="Runs per prompt; the median time counts.")] = 1,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts of each category of the suite (a quick first try: --limit 1).")] = None,

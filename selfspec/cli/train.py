@@ -14,9 +14,10 @@ from selfspec.cli.options import MODEL, PROMPTS, Json, command
 @command(interrupted=lambda a: f"interrupted; continue with --resume (checkpoint in {a['out'] / 'checkpoint'})")
 def train_drafter(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for drafter.safetensors + drafter.json (and checkpoint/).")],
-    kind: Annotated[str, typer.Option(help="early-exit (Kangaroo: first L layers + a trained adapter; the old name early-exit-adapter still works) | medusa (K heads on the last hidden state) | hydra (heads that also see the drafted tokens).")],
+    kind: Annotated[str, typer.Option(help="early-exit (Kangaroo: first L layers + a trained adapter; the old name early-exit-adapter still works) | lite (LITE: tuned exits at several intermediate layers, the model's own LM head) | medusa (K heads on the last hidden state) | hydra (heads that also see the drafted tokens).")],
     model=MODEL("model", "dtype", "threads", "ctx_size", dtype="fp32"),
-    exit_layer: Annotated[Optional[int], typer.Option(help="early-exit: layers the draft runs (default about n_layers/6).")] = None,
+    exit_layer: Annotated[Optional[int], typer.Option(help="early-exit: layers the draft runs (default about n_layers/6). lite: the tuned exit the drafter uses (default: the best by the agreement-vs-cost proxy at the end of training).")] = None,
+    exit_layers: Annotated[Optional[str], typer.Option(help="lite: the exits tuned together, comma-separated (default: about 1/10, 1/6, 1/4 and 2/5 of the layers; 3,5,8,12 for SmolLM2).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="medusa/hydra: heads, i.e. the longest draft (default 4).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="JSONL of {\"prompt\": ...} rows (continued by the model) and/or {\"text\": ...} rows (used as they are). Default: the shipped calibration and distillation prompts (48; never the bench suites).")] = None,
     self_distill: Annotated[Optional[int], typer.Option(help="Sequences the model generates from the prompts (cycled; the first pass greedy, later ones sampled). Default 48.")] = None,
@@ -38,12 +39,13 @@ def train_drafter(
         print(f"note: --kind {kind} is now called {RENAMED[kind]} (the --draft name); the old name still works",
               file=sys.stderr)
     from selfspec.train.loop import TrainSettings
-    from selfspec.train.run import train_drafter as run
+    from selfspec.train.run import parse_layers, train_drafter as run
 
     settings = TrainSettings(steps=steps, batch=batch, window=window, lr=lr, seed=seed,
                              checkpoint_every=checkpoint_every)
-    result = run(kind=kind, out=out, exit_layer=exit_layer, heads=heads, data=data, self_distill=self_distill,
-                 distill_tokens=distill_tokens, settings=settings, resume=resume, **vars(text), **vars(model))
+    layers = None if exit_layers is None else parse_layers(exit_layers)
+    result = run(kind=kind, out=out, exit_layer=exit_layer, exit_layers=layers, heads=heads, data=data,
+                 self_distill=self_distill, distill_tokens=distill_tokens, settings=settings, resume=resume, **vars(text), **vars(model))
     d = result["distill"]
     print(f"{result['kind']}: {result['sequences']} sequences, {result['tokens']} tokens "
           f"(distilled in {d['seconds']:.1f} s{', cached' if d['cached'] else ''}); features {result['feature_seconds']:.1f} s; "

@@ -110,24 +110,47 @@ def default_exit_layer(n_layers: int) -> int:
     return max(1, round(n_layers / 6))
 
 
-class EarlyExitDrafter(Drafter):
-    name = "early-exit"
+class ExitChainDrafter(Drafter):
+    """What the early-exit drafters (Kangaroo's adapter, LITE's tuned exits) share: a chain drafted
+    from the state after the target's first `exit_layer` layers, cut by the draft-exit rule (stop
+    after the first token whose top probability is below gamma) and gamma adapted after each verify."""
 
-    def __init__(self, adapter: Adapter, exit_layer: int, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:
+    def __init__(self, exit_layer: int, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:
         if max_draft < 1:
             raise InvalidParameterError(f"--max-draft must be >= 1, got {max_draft}")
-        self.adapter = adapter.eval()
         self.exit_layer = exit_layer
         self.max_draft = max_draft
         self.exit = exit or AdaptiveExit()
         self._hit_max = False
+
+    def reset(self) -> None:
+        self._hit_max = False
+
+    def _chain(self, ctx: DraftContext, max_tokens: int, logits_at) -> Draft:
+        draft, stopped = draft_chain(ctx, min(self.max_draft, max_tokens), self.exit.gamma, logits_at)
+        self._hit_max = not stopped  # a draft cut at the length limit says nothing about gamma
+        return draft
+
+    def update(self, accepted: int, proposed: int) -> None:
+        self.exit.update(accepted, proposed, self._hit_max)
+
+    def extra_stats(self) -> dict:
+        return {"gamma": self.exit.gamma, "exit_layer": self.exit_layer}
+
+
+class EarlyExitDrafter(ExitChainDrafter):
+    name = "early-exit"
+
+    def __init__(self, adapter: Adapter, exit_layer: int, max_draft: int = 8, exit: AdaptiveExit | None = None) -> None:
+        super().__init__(exit_layer, max_draft, exit)
+        self.adapter = adapter.eval()
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._valid = 0  # adapter KV holds positions [0, _valid) of the current sequence
         self._pending = 0
 
     def reset(self) -> None:
+        super().reset()
         self._valid = 0
-        self._hit_max = False
 
     def _adapter_kv(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.adapter
@@ -162,15 +185,11 @@ class EarlyExitDrafter(Drafter):
         def logits_at(i: int, drafts: list[int]) -> torch.Tensor:
             return logits if i == 0 else self._step(ctx, drafts[-1:], p + i)
 
-        draft, stopped = draft_chain(ctx, min(self.max_draft, max_tokens), self.exit.gamma, logits_at)
+        draft = self._chain(ctx, max_tokens, logits_at)
         self._valid = p + len(draft)  # pending + every draft but the last went through the adapter
-        self._hit_max = not stopped
         return draft
 
     def update(self, accepted: int, proposed: int) -> None:
         # Adapter KV beyond the pending token and the accepted drafts belongs to rejected drafts.
         self._valid = min(self._valid, self._pending + 1 + accepted)
-        self.exit.update(accepted, proposed, self._hit_max)
-
-    def extra_stats(self) -> dict:
-        return {"gamma": self.exit.gamma, "exit_layer": self.exit_layer}
+        super().update(accepted, proposed)

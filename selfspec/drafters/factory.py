@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from selfspec.errors import InvalidParameterError, SelfspecError
 
-DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "retrieval", "early-exit", "medusa", "hydra")
-TRAINED = ("early-exit", "medusa", "hydra")  # need --drafter-weights DIR from `selfspec train-drafter`
+DRAFTS = ("none", "auto", "layer-skip", "ngram", "model", "quantized", "retrieval", "early-exit", "lite", "medusa",
+          "hydra")
+TRAINED = ("early-exit", "lite", "medusa", "hydra")  # need --drafter-weights DIR from `selfspec train-drafter`
 ENGINES = ("hf", "hf-lookup", "llama-cpp", "llama-cpp-lookup", "openvino", "openvino-lookup", "openvino-spec",
            "openai")
 # Each peer's speculative methods and the plain run of the same engine they are checked against

@@ -145,8 +145,9 @@ def train(kind, model, feats: list[dict], settings: TrainSettings, out: Path, *,
                         tps=(step - start) * tokens_per_step / elapsed)
     seconds += time.perf_counter() - t0
     module.eval()
+    decided = kind.finish(module, model, feats)  # may set options (LITE's exit) before they are saved
     tail = losses[-LOSS_WINDOW:]
-    summary = {"steps": step, "first_loss": losses[0] if losses else None,
+    summary = {**decided, "steps": step, "first_loss": losses[0] if losses else None,
                "final_loss": sum(tail) / len(tail) if tail else None, "train_seconds": round(seconds, 2),
                "tokens_per_s": round(step * tokens_per_step / seconds, 1) if seconds else 0.0,
                "window": window, "settings": asdict(settings)}

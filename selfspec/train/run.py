@@ -14,7 +14,16 @@ DISTILL_PROMPTS = resources.files("selfspec").joinpath("data", "distill.jsonl")
 DEFAULT_DISTILL_TOKENS = 128
 
 
-def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = None, heads: int | None = None,
+def parse_layers(text: str) -> list[int]:
+    """`3,5,8,12` -> [3, 5, 8, 12] (--exit-layers)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidParameterError(f"--exit-layers must be comma-separated layer numbers, e.g. 3,5,8,12; got {text!r}") from None
+
+
+def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = None,
+                  exit_layers: list[int] | None = None, heads: int | None = None,
                   data: Path | None = None, self_distill: int | None = None,
                   distill_tokens: int = DEFAULT_DISTILL_TOKENS, settings, resume: bool = False,
                   dtype: str = "fp32", threads: int | None = None, ctx_size: int | None = None,
@@ -28,8 +37,10 @@ def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = 
     from selfspec.drafters.trained.kinds import canonical_kind
 
     kind = canonical_kind(kind)
-    if exit_layer is not None and kind != "early-exit":
-        raise InvalidParameterError(f"--exit-layer is for --kind early-exit, not {kind!r}")
+    if exit_layer is not None and kind not in ("early-exit", "lite"):
+        raise InvalidParameterError(f"--exit-layer is for --kind early-exit or lite, not {kind!r}")
+    if exit_layers is not None and kind != "lite":
+        raise InvalidParameterError(f"--exit-layers is for --kind lite, not {kind!r}")
     if heads is not None and kind not in ("medusa", "hydra"):
         raise InvalidParameterError(f"--heads is for --kind medusa or hydra, not {kind!r}")
     if distill_tokens < 1:
@@ -39,7 +50,7 @@ def train_drafter(*, model: str, kind: str, out: Path, exit_layer: int | None = 
     else:  # the skip search's calibration prompts and a set shipped for distillation; never the bench suites
         prompts, texts = calibration_prompts()[0] + calibration_prompts(DISTILL_PROMPTS)[0], []
     m = load_model(model, dtype=dtype, ctx_size=ctx_size, threads=threads)
-    k = make_kind(kind, m, exit_layer=exit_layer, heads=heads)  # options checked before any work
+    k = make_kind(kind, m, exit_layer=exit_layer, exit_layers=exit_layers, heads=heads)  # options checked before any work
     sequences, info = [], {"cached": None, "seconds": 0.0, "new_tokens": 0}
     if prompts:
         n = self_distill if self_distill is not None else max(DEFAULT_SEQUENCES, len(prompts))

@@ -1,7 +1,7 @@
 """Trained drafters on tiny random models: training lowers the loss, saved weights reload to the
 same drafts, resumed training equals uninterrupted training, every trained drafter is lossless
-(greedy token for token, sampled in distribution), the early exit shares the target's KV, and
-misuse fails with a clear error."""
+(greedy token for token, sampled in distribution), the early exit shares the target's KV, the
+untrained LITE exit is the plain early exit, and misuse fails with a clear error."""
 from __future__ import annotations
 
 import json
@@ -122,8 +122,9 @@ def test_lossless_on_gemma3_random_modules(gemma3, name):
     assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
 
 
-def test_resume_equals_uninterrupted(llama, sequences, tmp_path):
-    kind = make_kind("hydra", llama, heads=2)
+@pytest.mark.parametrize("name,options", [("hydra", {"heads": 2}), ("lite", {"exit_layers": [1, 2, 3]})])
+def test_resume_equals_uninterrupted(llama, sequences, tmp_path, name, options):
+    kind = make_kind(name, llama, **options)
     feats = precompute(kind, llama, sequences)
     settings = TrainSettings(steps=8, batch=2, window=12, lr=3e-3, warmup=3, checkpoint_every=3)
     whole, _ = train(kind, llama, feats, settings, tmp_path / "whole")
@@ -292,3 +293,93 @@ def test_drafter_stored_under_the_old_kind_name_still_loads(llama, trained, tmp_
     (old / "drafter.json").write_text(json.dumps({**meta, "kind": "early-exit-adapter"}))
     drafter = build_drafter("early-exit", llama, drafter_weights=old)
     assert isinstance(drafter, EarlyExitDrafter)
+
+
+def test_untrained_lite_is_the_plain_early_exit(llama):
+    """Before training, every LITE exit gives the plain early exit's logits bit for bit (the
+    target's final norm and head on layer L's state), so its drafts are the untrained Kangaroo
+    adapter's drafts at the same layer."""
+    tr = llama.transformer
+    kind = make_kind("lite", llama, exit_layers=[1, 2, 3])
+    exits = kind.build(llama)
+    tokens = torch.tensor(PROMPT)
+    for e, L in enumerate(kind.options["exit_layers"]):
+        x = tr.forward(tokens, 0, tr.new_cache(64), exit_layer=L)
+        with torch.inference_mode():
+            assert torch.equal(tr.logits(exits(x.float(), e).to(tr.dtype)), tr.logits(tr.final_hidden(x))), L
+    ee = make_kind("early-exit", llama, exit_layer=2)
+    lite = Recorder(kind.drafter(exits, llama, exit_layer=2, exit=_greedy_exit(), max_draft=4))
+    kangaroo = Recorder(ee.drafter(ee.build(llama), llama, exit=_greedy_exit(), max_draft=4))
+    runs = [generate(llama, PROMPT, max_new_tokens=30, drafter=d) for d in (lite, kangaroo)]
+    assert runs[0].token_ids == runs[1].token_ids == generate(llama, PROMPT, max_new_tokens=30).token_ids
+    assert lite.drafts == kangaroo.drafts and sum(map(len, lite.drafts)) > 0
+    assert lite.extra_stats()["exit_layer"] == 2
+
+
+def test_lite_picks_an_exit_and_refuses_misuse(llama, trained, tmp_path):
+    kind, module, summary, folder = trained["lite"]
+    meta = json.loads((folder / "drafter.json").read_text())
+    layers = meta["options"]["exit_layers"]
+    assert layers == [1, 2]  # the default exits of a 4-layer model
+    assert meta["options"]["exit_layer"] in layers  # chosen at the end of training
+    assert set(meta["exit_agreement"]) == {str(layer) for layer in layers}
+    assert all(0.0 <= a <= 1.0 for a in meta["exit_agreement"].values())
+    drafter = build_drafter("lite", llama, drafter_weights=folder)
+    assert drafter.name == "lite" and drafter.exit_layer == meta["options"]["exit_layer"]
+    other = load_drafter(llama, folder, "lite", exit_layer=1)
+    assert (other.exit_layer, other.index) == (1, 0)
+    with pytest.raises(InvalidParameterError, match="exit layer 3 was not tuned"):
+        load_drafter(llama, folder, "lite", exit_layer=3)
+    with pytest.raises(DrafterError, match="holds a lite drafter"):
+        build_drafter("early-exit", llama, drafter_weights=folder)
+    _, _, _, ee_dir = trained["early-exit"]
+    with pytest.raises(DrafterError, match="holds a early-exit drafter"):
+        build_drafter("lite", llama, drafter_weights=ee_dir)
+    with pytest.raises(InvalidParameterError, match="--exit-layers must be in 1..3"):
+        make_kind("lite", llama, exit_layers=[1, 4])
+    with pytest.raises(InvalidParameterError, match="--exit-layer 3 is not one of the tuned --exit-layers 1,2"):
+        make_kind("lite", llama, exit_layers=[1, 2], exit_layer=3)
+    assert parse_method("lite:weights=/x").options == {"drafter_weights": "/x"}
+
+
+def test_lite_exit_choice_weighs_agreement_against_cost(smollm):
+    """The proxy prefers a deeper exit only when its agreement pays for the layers it costs."""
+    from selfspec.drafters.lite import chain_value, default_exit_layers
+
+    c = smollm.config
+    assert default_exit_layers(c.n_layers) == [3, 5, 8, 12]
+    assert chain_value(0.5, 3, c) > chain_value(0.5, 12, c)  # same agreement: the shallow exit is cheaper
+    assert chain_value(0.9, 12, c) > chain_value(0.5, 3, c)  # much better agreement pays for 9 layers
+    assert chain_value(0.0, 3, c) < 1 < chain_value(1.0, 3, c)  # drafts that always fail never pay
+
+
+def test_lite_is_lossless_on_smollm2(smollm):
+    """The real model, exits perturbed away from the plain early exit, every prompt token for token."""
+    from prompts import PROMPTS
+
+    kind = make_kind("lite", smollm)
+    torch.manual_seed(0)
+    exits = kind.build(smollm)
+    with torch.no_grad():
+        exits.up.add_(0.02 * torch.randn(exits.up.shape))
+    drafter = kind.drafter(exits, smollm, exit_layer=5, exit=_greedy_exit(), max_draft=4)
+    for prompt in PROMPTS[:3]:
+        plain = generate(smollm, prompt, max_new_tokens=16)
+        spec = generate(smollm, prompt, max_new_tokens=16, drafter=drafter)
+        assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
+
+
+def test_cli_lite_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfspec.cli.main import app
+
+    def cli(*args):
+        return CliRunner().invoke(app, ["train-drafter", *args, "--out", str(tmp_path / "d")], env={"COLUMNS": "400"})
+
+    help_text = cli("--help").output
+    assert "| lite (LITE" in help_text and "--exit-layers" in help_text
+    wrong_kind = cli("--kind", "medusa", "--exit-layers", "3,5")
+    assert wrong_kind.exit_code == 2 and "--exit-layers is for --kind lite" in wrong_kind.output
+    bad_list = cli("--kind", "lite", "--exit-layers", "3,x")
+    assert bad_list.exit_code == 2 and "--exit-layers must be comma-separated layer numbers" in bad_list.output

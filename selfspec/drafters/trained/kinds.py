@@ -72,6 +72,7 @@ class TrainKind(Protocol):
     def features(self, model, tokens: torch.Tensor) -> dict[str, torch.Tensor]: ...
     def loss(self, module: nn.Module, model, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
     def drafter(self, module: nn.Module, model, **kwargs): ...
+    def finish(self, module: nn.Module, model, feats: list[dict]) -> dict: ...
 
 
 class _Kind:
@@ -83,6 +84,18 @@ class _Kind:
             self._frozen = FrozenHead(model)
         return self._frozen
 
+    def finish(self, module, model, feats) -> dict:
+        """After the last step, before the drafter is saved: what the kind decides from the trained
+        module (it may set options) and reports (merged into drafter.json). Nothing by default."""
+        return {}
+
+
+def _check_exit_layer(model, exit_layer: int, flag: str = "--exit-layer") -> int:
+    n = model.config.n_layers
+    if not 1 <= exit_layer < n:
+        raise InvalidParameterError(f"{flag} must be in 1..{n - 1} for {model.name!r}, got {exit_layer}")
+    return exit_layer
+
 
 class EarlyExitKind(_Kind):
     name, drafter_name = "early-exit", "early-exit"  # the --kind and the --draft name are one
@@ -91,9 +104,7 @@ class EarlyExitKind(_Kind):
         from selfspec.drafters.early_exit import default_exit_layer
 
         n = model.config.n_layers
-        exit_layer = default_exit_layer(n) if exit_layer is None else exit_layer
-        if not 1 <= exit_layer < n:
-            raise InvalidParameterError(f"--exit-layer must be in 1..{n - 1} for {model.name!r}, got {exit_layer}")
+        exit_layer = _check_exit_layer(model, default_exit_layer(n) if exit_layer is None else exit_layer)
         mlp = model.config.hidden if adapter_mlp is None else adapter_mlp
         self.options = {"exit_layer": exit_layer, "adapter_mlp": mlp}
 
@@ -115,6 +126,82 @@ class EarlyExitKind(_Kind):
         from selfspec.drafters.early_exit import EarlyExitDrafter
 
         return EarlyExitDrafter(module, self.options["exit_layer"], **kwargs)
+
+
+class LiteKind(_Kind):
+    """LITE (selfspec/drafters/lite.py): tuned exits at several layers, trained jointly on the
+    frozen backbone's states at those layers; the drafter uses one of them (`exit_layer`: given,
+    or chosen by `finish`)."""
+
+    name = drafter_name = "lite"
+    AGREEMENT_TOKENS = 2048  # positions of the training data that rank the exits in `finish`
+
+    def __init__(self, model, exit_layers: list[int] | None = None, exit_layer: int | None = None,
+                 rank: int | None = None, **_) -> None:
+        from selfspec.drafters.lite import DEFAULT_RANK, default_exit_layers
+
+        layers = default_exit_layers(model.config.n_layers) if exit_layers is None else sorted(set(exit_layers))
+        for layer in layers:
+            _check_exit_layer(model, layer, "--exit-layers")
+        if not layers:
+            raise InvalidParameterError("--exit-layers must name at least one layer")
+        if exit_layer is not None and exit_layer not in layers:
+            raise InvalidParameterError(f"--exit-layer {exit_layer} is not one of the tuned --exit-layers "
+                                        f"{','.join(map(str, layers))}")
+        rank = DEFAULT_RANK if rank is None else rank
+        if not 1 <= rank <= model.config.hidden:
+            raise InvalidParameterError(f"the exits' rank must be in 1..{model.config.hidden}, got {rank}")
+        self.options = {"exit_layers": layers, "exit_layer": exit_layer, "rank": rank}
+
+    def build(self, model) -> nn.Module:
+        from selfspec.drafters.lite import LiteExits
+
+        tr = model.transformer
+        return LiteExits(tr.final_norm, len(self.options["exit_layers"]), self.options["rank"], model.config.rms_eps)
+
+    def features(self, model, tokens):
+        target, _ = _backbone(model, tokens)
+        # One forward per exit depth: for the default exits their layers add up to about one full forward.
+        h = torch.stack([_backbone(model, tokens, layer) for layer in self.options["exit_layers"]], dim=1)
+        return {"h": h, "label": target.clone()}  # h [T, exits, hidden]; label[t]: the target's x_{t+1}
+
+    def _exit_logits(self, module, model, h: torch.Tensor, e: int) -> torch.Tensor:
+        return self.head(model).logits(module(h[..., e, :], e))
+
+    def loss(self, module, model, batch):
+        exits = range(len(self.options["exit_layers"]))
+        return torch.stack([_ce(self._exit_logits(module, model, batch["h"], e), batch["label"]) for e in exits]).mean()
+
+    @torch.no_grad()
+    def finish(self, module, model, feats) -> dict:
+        """Each exit's greedy agreement with the target on (the start of) the training data; without
+        a given exit_layer the drafter's exit is the one with the best `chain_value` of it."""
+        from selfspec.drafters.lite import chain_value
+
+        layers = self.options["exit_layers"]
+        hits, total = torch.zeros(len(layers)), 0
+        for f in feats:
+            if total >= self.AGREEMENT_TOKENS:
+                break
+            h, label = f["h"][:-1], f["label"][:-1]  # the last position has no next token to predict
+            for e in range(len(layers)):
+                hits[e] += int((self._exit_logits(module, model, h, e).argmax(-1) == label).sum())
+            total += label.shape[0]
+        agreement = {layer: float(hits[e]) / max(1, total) for e, layer in enumerate(layers)}
+        value = {layer: chain_value(a, layer, model.config) for layer, a in agreement.items()}
+        if self.options["exit_layer"] is None:  # a new dict: the checkpoint keeps the options it was made with
+            self.options = {**self.options, "exit_layer": max(value, key=value.get)}
+        return {"exit_agreement": agreement, "exit_value": {k: round(v, 4) for k, v in value.items()}}
+
+    def drafter(self, module, model, exit_layer: int | None = None, **kwargs):
+        """`exit_layer`: another of the tuned exits than the chosen one."""
+        from selfspec.drafters.lite import LiteDrafter
+
+        layers = self.options["exit_layers"]
+        layer = exit_layer or self.options["exit_layer"] or layers[0]
+        if layer not in layers:
+            raise InvalidParameterError(f"exit layer {layer} was not tuned; tuned: {','.join(map(str, layers))}")
+        return LiteDrafter(module, layers.index(layer), layer, **kwargs)
 
 
 class HeadsKind(_Kind):
@@ -166,7 +253,7 @@ class HydraKind(HeadsKind):
         return _ce(self.head(model).logits(module(batch["h"], emb)), batch["labels"])
 
 
-KINDS = {k.name: k for k in (EarlyExitKind, MedusaKind, HydraKind)}
+KINDS = {k.name: k for k in (EarlyExitKind, LiteKind, MedusaKind, HydraKind)}
 BY_DRAFTER = {k.drafter_name: k for k in KINDS.values()}
 RENAMED = {"early-exit-adapter": "early-exit"}  # old kind names: still accepted, and found in stored drafters
 
