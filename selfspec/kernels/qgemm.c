@@ -399,7 +399,27 @@ static AI __m256 f16x8(const uint8_t *p) {
     return _mm256_cvtph_ps(_mm_set1_epi16((short)h));
 }
 
-/* w = the 32 weights of unit u of a row, as the dequantisers (deq_*) compute them */
+/* Q4_K: the scale and offset of each of a super-block's 8 units, ds[i] = d * sc_i and
+ * dm[i] = dmin * mn_i: the products deq_q4_k forms, computed once per super-block and row (the
+ * M = 1 path decoded the 6-bit scales and both f16s again for every unit of 32 weights). */
+static AI void q4k_unit_scales(const uint8_t *blk, float ds[8], float dm[8]) {
+    float d = f16(blk), dmin = f16(blk + 2);
+    for (int i = 0; i < 8; i++) {
+        int sc, mn;
+        q4k_scale_min(blk + 4, i, &sc, &mn);
+        ds[i] = d * (float)sc, dm[i] = dmin * (float)mn;
+    }
+}
+
+/* the 32 weights of Q4_K unit u of a row, given its scale and offset (q4k_unit_scales) */
+static AI void unit_q4k(const uint8_t *row, int64_t u, float ds, float dm, __m256 w[4]) {
+    __m256 q[4], d = _mm256_set1_ps(ds), m = _mm256_set1_ps(dm);
+    bytes32(q4_k_bytes(row + (u >> 3) * 144, (int)(u & 7)), q);
+    for (int v = 0; v < 4; v++) w[v] = _mm256_sub_ps(_mm256_mul_ps(d, q[v]), m);
+}
+
+/* w = the 32 weights of unit u of a row, as the dequantisers (deq_*) compute them (Q4_K:
+ * unit_q4k, with its scales decoded once per super-block) */
 static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4]) {
     __m256 q[4];
     switch (fmt) {
@@ -430,15 +450,6 @@ static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4])
         for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(d, cvt8(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * v))));
         break;
     }
-    case Q4_K: {
-        const uint8_t *blk = row + (u >> 3) * 144;
-        int i = (int)(u & 7), sc, mn;
-        q4k_scale_min(blk + 4, i, &sc, &mn);
-        __m256 d = _mm256_set1_ps(f16(blk) * (float)sc), m = _mm256_set1_ps(f16(blk + 2) * (float)mn);
-        bytes32(q4_k_bytes(blk, i), q);
-        for (int v = 0; v < 4; v++) w[v] = _mm256_sub_ps(_mm256_mul_ps(d, q[v]), m);
-        break;
-    }
     case Q6_K: {
         const uint8_t *blk = row + (u >> 3) * 210;
         int i = (int)(u & 7);
@@ -463,6 +474,18 @@ static AVX512 AI void lookup32_w(const uint8_t *q, __m512 tab, __m256 w[4]) {
     __m128i b = _mm_loadu_si128((const __m128i *)q);
     halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)), tab), w);
     halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), tab), w + 2);
+}
+
+/* unit_q4k by table lookup: tab[q] = ds * q - dm, the same products */
+static AVX512 AI void unit_q4k_512(const uint8_t *row, int64_t u, float ds, float dm, __m256 w[4]) {
+    const uint8_t *blk = row + (u >> 3) * 144;
+    const int i = (int)(u & 7);
+    __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds), iota16()), _mm512_set1_ps(dm));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
+    __m256i nib = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), mask);
+    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nib)), tab), w);
+    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nib, 1)), tab), w + 2);
 }
 
 static AVX512 AI void unit_weights_512(int fmt, const uint8_t *row, int64_t u, __m256 w[4]) {
@@ -495,19 +518,6 @@ static AVX512 AI void unit_weights_512(int fmt, const uint8_t *row, int64_t u, _
         halves(_mm512_permutex2var_ps(tab_lo, hi, tab_hi), w + 2);
         break;
     }
-    case Q4_K: {
-        const uint8_t *blk = row + (u >> 3) * 144;
-        int i = (int)(u & 7), sc, mn;
-        q4k_scale_min(blk + 4, i, &sc, &mn);
-        __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(f16(blk) * (float)sc), iota16()),
-                                   _mm512_set1_ps(f16(blk + 2) * (float)mn));
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
-        __m256i nib = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), mask);
-        halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nib)), tab), w);
-        halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nib, 1)), tab), w + 2);
-        break;
-    }
     default: unit_weights(fmt, row, u, w); /* Q8_0, Q6_K: the AVX2 code (conversion, no table) */
     }
 }
@@ -515,13 +525,16 @@ static AVX512 AI void unit_weights_512(int fmt, const uint8_t *row, int64_t u, _
 #define GROUP_ISA avx2
 #define GROUP_ATTR
 #define UNIT_WEIGHTS unit_weights
+#define UNIT_Q4K unit_q4k
 #include "qgemm_group.h"
 #undef GROUP_ISA
 #undef GROUP_ATTR
 #undef UNIT_WEIGHTS
+#undef UNIT_Q4K
 #define GROUP_ISA avx512
 #define GROUP_ATTR AVX512
 #define UNIT_WEIGHTS unit_weights_512
+#define UNIT_Q4K unit_q4k_512
 #include "qgemm_group.h"
 
 /* ---- native-q8: activations quantised per row in blocks of 32, integer dot products ----

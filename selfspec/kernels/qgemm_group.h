@@ -14,12 +14,18 @@
 static GROUP_ATTR AI void G(units_fma)(int fmt, int NR, int MG, const uint8_t *const *rp, int64_t u0, int nu,
                                        const float *x, int64_t K, __m256 *acc) {
     __m256 a[8][QSLAB];
+    float ds[8][8], dm[8][8]; /* Q4_K: each row's unit scales of the current super-block */
     for (int r = 0; r < NR; r++)
         for (int j = 0; j < MG; j++) a[r][j] = acc[r * QSLAB + j];
     for (int u = 0; u < nu; u++) {
+        if (fmt == Q4_K && (u == 0 || ((u0 + u) & 7) == 0))
+            for (int r = 0; r < NR; r++) q4k_unit_scales(rp[r] + ((u0 + u) >> 3) * 144, ds[r], dm[r]);
         for (int r = 0; r < NR; r++) {
             __m256 w[4];
-            UNIT_WEIGHTS(fmt, rp[r], u0 + u, w);
+            if (fmt == Q4_K)
+                UNIT_Q4K(rp[r], u0 + u, ds[r][(u0 + u) & 7], dm[r][(u0 + u) & 7], w);
+            else
+                UNIT_WEIGHTS(fmt, rp[r], u0 + u, w);
             for (int j = 0; j < MG; j++) {
                 const float *xj = x + j * K + 32 * u;
                 for (int v = 0; v < 4; v++) a[r][j] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xj + 8 * v), a[r][j]);
