@@ -22,8 +22,8 @@ def train_drafter(
     data: Annotated[Optional[Path], typer.Option(help="JSONL of {\"prompt\": ...} rows (continued by the model) and/or {\"text\": ...} rows (used as they are). Default: the shipped calibration and distillation prompts (48; never the bench suites).")] = None,
     self_distill: Annotated[Optional[int], typer.Option(help="Sequences the model generates from the prompts (cycled; the first pass greedy, later ones sampled). Default 48.")] = None,
     distill_tokens: Annotated[int, typer.Option(help="New tokens per self-distilled sequence.")] = 128,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
-    batch: Annotated[int, typer.Option(help="Windows per step.")] = 8,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 300; lite 200: its steps cost one LM-head pass per exit).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Windows per step (default 8; lite 4).")] = None,
     window: Annotated[int, typer.Option(help="Tokens per window.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up, then cosine to a tenth).")] = 1e-3,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT/checkpoint.")] = 50,
@@ -33,7 +33,7 @@ def train_drafter(
     as_json: Json = False,
 ) -> None:
     """Train a drafter on the model's own generations (self-distillation; the backbone stays frozen)."""
-    from selfspec.drafters.trained.kinds import RENAMED
+    from selfspec.drafters.trained.kinds import RENAMED, default_schedule
 
     if kind in RENAMED:
         print(f"note: --kind {kind} is now called {RENAMED[kind]} (the --draft name); the old name still works",
@@ -41,7 +41,9 @@ def train_drafter(
     from selfspec.train.loop import TrainSettings
     from selfspec.train.run import parse_layers, train_drafter as run
 
-    settings = TrainSettings(steps=steps, batch=batch, window=window, lr=lr, seed=seed,
+    default_steps, default_batch = default_schedule(kind)
+    settings = TrainSettings(steps=default_steps if steps is None else steps, batch=default_batch if batch is None else batch,
+                             window=window, lr=lr, seed=seed,
                              checkpoint_every=checkpoint_every)
     layers = None if exit_layers is None else parse_layers(exit_layers)
     result = run(kind=kind, out=out, exit_layer=exit_layer, exit_layers=layers, heads=heads, data=data,

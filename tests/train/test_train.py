@@ -383,3 +383,13 @@ def test_cli_lite_options(tmp_path):
     assert wrong_kind.exit_code == 2 and "--exit-layers is for --kind lite" in wrong_kind.output
     bad_list = cli("--kind", "lite", "--exit-layers", "3,x")
     assert bad_list.exit_code == 2 and "--exit-layers must be comma-separated layer numbers" in bad_list.output
+
+
+def test_lite_trains_on_a_shorter_default_schedule():
+    """lite's steps run the LM head once per exit, so its defaults are smaller (the whole SmolLM2
+    run within 15 minutes); the other kinds keep 300 x 8, and so does an unknown name (refused
+    later, with the list of kinds)."""
+    from selfspec.drafters.trained.kinds import default_schedule
+
+    assert default_schedule("lite") == (200, 4)
+    assert default_schedule("medusa") == default_schedule("early-exit-adapter") == default_schedule("nope") == (300, 8)
