@@ -90,7 +90,7 @@ def other_library(path: str):
 
     lib = ctypes.CDLL(path)
     mine = kernels.library()
-    for f in ("selfspec_qgemm", "selfspec_dequant_rows", "selfspec_qgemm_isa"):
+    for f in ("selfspec_qgemm", "selfspec_qgemm_q8", "selfspec_dequant_rows", "selfspec_qgemm_isa"):
         getattr(lib, f).restype = getattr(mine, f).restype
         getattr(lib, f).argtypes = getattr(mine, f).argtypes
     lib.selfspec_qgemm_isa(int(kernels.qgemm_isa() == "avx512"))
@@ -135,8 +135,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for tname, n, k in shapes:
         lins, q8, nbytes = native_linears(tname, n, k)
-        runs = {name: (lib, lins) for name, lib in libs.items()}
-        runs["this, native-q8"] = (libs["this"], q8)
+        runs = {}
+        for name, lib in libs.items():  # each build's fp32-activation kernel, then its native-q8 one
+            runs[name] = (lib, lins)
+            runs[f"{name}, native-q8"] = (lib, q8)
         ts = {name: {} for name in runs}
         for m in (1, 2, 4, 9):
             x = torch.randn(m, k)
