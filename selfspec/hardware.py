@@ -100,8 +100,8 @@ def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
     """The float dtype the decoder computes in, and the dtype's name as reported in stats.
 
     `auto` here is fp32; `load_model` turns a CPU load of a GGUF file into `native` first where
-    every weight has a kernel (`selfspec.models.loading.auto_cpu_dtype`): both are the model as
-    shipped. Picking bf16 from a CPU flag had made the default both another model and slower
+    every weight has a kernel and the blocks measure faster on this machine
+    (`selfspec.models.loading.auto_cpu_dtype`): both are the model as shipped. Picking bf16 from a CPU flag had made the default both another model and slower
     (AVX-512-bf16 EPYC: plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and `auto`
     speculation 1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
     around weight-only quantised linears (see `WEIGHT_BITS`); `native` in fp32 around the GGUF

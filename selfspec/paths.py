@@ -90,6 +90,7 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "tokenizers": (("tokenizers",), "tokenizers converted from GGUF files"),
     "weights": (("weights",), "dequantised (fp32/bf16) and quantised (int8/int4) weights, read by later loads"),
     "costs": (("costs",), "forward-pass costs measured for --draft auto"),
+    "dtype": (("dtype-choice.json",), "per-machine measurement of native blocks against fp32 weights, for --dtype auto"),
     "vocab": (("vocab",), "token frequency rankings for the draft vocabulary subset"),
     "distill": (("distill",), "self-distillation sequences for `selfspec train-drafter`"),
     "studies": (("studies.db",), "skip-search studies (Optuna SQLite storage)"),

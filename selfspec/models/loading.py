@@ -143,8 +143,10 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
 
 def auto_cpu_dtype(path: Path) -> tuple[str, str]:
     """What `--dtype auto` loads on the CPU, and why: `native` (the file's own blocks) for a GGUF
-    file whose every weight matrix has a block kernel, else fp32 (an HF folder; no C compiler;
-    a format such as Q5_K that native would dequantise at every load, with no weight cache)."""
+    file whose every weight matrix has a block kernel and whose blocks compute faster than fp32
+    weights on this machine (`native.measured_choice`, measured once and cached), else fp32 (an
+    HF folder; no C compiler; a format such as Q5_K that native would dequantise at every load,
+    with no weight cache; or fp32 measured faster)."""
     from selfspec import kernels
     from selfspec.hardware import AUTO_NATIVE_REASON, auto_fp32_reason
 
@@ -152,12 +154,18 @@ def auto_cpu_dtype(path: Path) -> tuple[str, str]:
         return "fp32", auto_fp32_reason("an HF folder has no GGUF blocks to compute on")
     if kernels.library() is None:
         return "fp32", auto_fp32_reason(f"the native kernels are not built ({kernels.kernel_status()})")
-    from selfspec.models.native import read_index, unsupported_types
+    from selfspec.models.native import measured_choice, read_index, unsupported_types
 
-    missing = unsupported_types(read_index(path)[2])
+    tensors = read_index(path)[2]
+    missing = unsupported_types(tensors)
     if missing:
         return "fp32", auto_fp32_reason(f"the file's {', '.join(missing)} weights have no native kernel")
-    return "native", AUTO_NATIVE_REASON
+    choice = measured_choice(path, tensors)
+    measured = (f"measured here on {choice['tensor']}, a step plus a 9-token verify: native "
+                f"{choice['native_ms']} ms, fp32 {choice['fp32_ms']} ms") if choice.get("native_ms") else ""
+    if choice["dtype"] != "native":
+        return "fp32", auto_fp32_reason(measured or "the native kernel could not be measured")
+    return "native", f"{AUTO_NATIVE_REASON} ({measured})" if measured else AUTO_NATIVE_REASON
 
 
 def model_path(model: str | Path) -> tuple[Path, str]:

@@ -213,6 +213,83 @@ def unsupported_types(tensors: dict) -> list[str]:
     return sorted(missing)
 
 
+STREAM_BYTES = 128 << 20  # fp32 copies of the measured matrix: more than any last-level cache
+
+
+def copy_blocks(blocks: Blocks) -> Blocks:
+    """The same blocks in memory of their own (a copy to stream from, for `measured_choice`)."""
+    out = copy.copy(blocks)
+    out.data = blocks.data.clone()
+    return out
+
+
+def measured_choice(path: Path, tensors: dict) -> dict:
+    """Whether the file's blocks or fp32 weights compute faster on this machine, measured once
+    and cached (`SELFSPEC_CACHE/dtype-choice.json`, keyed by the file, the effective ISA, the
+    kernel build and the thread count): the first layer's gate projection (its largest matrix) as
+    a NativeLinear on the file's blocks and as oneDNN-prepacked fp32 (the fp32 load's kernel),
+    both streamed from memory, each timed over a decode step (1 row) plus a verify pass (9 rows),
+    medians of 5.
+    Returns {"dtype": "native" | "fp32", "native_ms": .., "fp32_ms": .., "tensor": ..}."""
+    import hashlib
+    import statistics
+    import time
+
+    from selfspec import __version__, kernels
+    from selfspec.drafters.costs import machine_busy
+    from selfspec.hardware import isa_key
+    from selfspec.models.loading import file_key
+    from selfspec.paths import atomic_write_json, cache_dir
+
+    name = next((n for n in ("L0.w_gate", "L0.w_up", "L0.wq") if n in tensors), None)
+    lib = _lib()
+    key = hashlib.sha256("|".join([file_key(Path(path)), isa_key(), __version__, torch.__version__,
+                                   Path(getattr(lib, "_name", "no-kernels")).name,
+                                   str(torch.get_num_threads())]).encode()).hexdigest()[:20]
+    store = cache_dir() / "dtype-choice.json"
+    try:
+        cached = json.loads(store.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), dict):
+        return cached[key]
+    if name is None or lib is None:
+        return {"dtype": "fp32", "native_ms": None, "fp32_ms": None, "tensor": name}
+    blocks = Blocks(tensors[name])
+    ids = torch.arange(blocks.rows, dtype=torch.int64)
+    weight = torch.empty(blocks.rows, blocks.K, dtype=torch.float32)
+    if lib.selfspec_dequant_rows(blocks.fmt, blocks.data.data_ptr(), blocks.K, ids.data_ptr(), blocks.rows,
+                                 weight.data_ptr()) != 0:
+        return {"dtype": "fp32", "native_ms": None, "fp32_ms": None, "tensor": name}
+    # Copies enough to stream both from memory, as a decode step does (a model's weights do not
+    # fit the caches; one matrix does, and in cache fp32 wins the comparison it loses in decoding)
+    copies = max(2, -(-STREAM_BYTES // weight.nbytes))
+    fp32_linears = [make_linear(weight.clone()) for _ in range(copies)]
+    native_linears = [NativeLinear([copy_blocks(blocks)]) for _ in range(copies)]
+    del weight
+    xs = [torch.randn(1, blocks.K), torch.randn(9, blocks.K)]
+    times: dict[str, list[float]] = {"native": [], "fp32": []}
+    with torch.inference_mode():
+        for rep in range(6):
+            for label, lins in (("native", native_linears), ("fp32", fp32_linears)):
+                t = time.perf_counter()
+                for x in xs:
+                    for lin in lins:
+                        lin(x)
+                if rep:  # the first round warms oneDNN's primitives
+                    times[label].append((time.perf_counter() - t) / copies)
+    native_ms, fp32_ms = (1e3 * statistics.median(times[k]) for k in ("native", "fp32"))
+    choice = {"dtype": "native" if native_ms <= fp32_ms else "fp32", "native_ms": round(native_ms, 3),
+              "fp32_ms": round(fp32_ms, 3), "tensor": f"{name} ({blocks.type_name} {blocks.rows}x{blocks.K})"}
+    if not machine_busy():  # timings taken beside other programs would decide every later load
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(store, {**(cached if isinstance(cached, dict) else {}), key: choice}, indent=None)
+        except OSError:
+            pass
+    return choice
+
+
 # ----------------------------------------------------------------------------------- the index
 class RawTensor:
     """What the loaders read of a `gguf.ReaderTensor` (name, tensor_type, shape, data), made from

@@ -361,9 +361,15 @@ def test_auto_dtype_chooses_native_only_where_every_weight_has_a_kernel(monkeypa
     from selfspec.models.registry import REGISTRY
 
     path = REGISTRY["smollm2-135m"].path()
+    measured = {"dtype": "native", "native_ms": 1.0, "fp32_ms": 2.0, "tensor": "L0.w_gate"}
+    monkeypatch.setattr(native, "measured_choice", lambda path, tensors: measured)
     if kernels.library() is not None:
         dtype, why = auto_cpu_dtype(path)
-        assert dtype == "native" and why.startswith("native:"), why
+        assert dtype == "native" and why.startswith("native:") and "native 1.0 ms, fp32 2.0 ms" in why, why
+        measured.update(dtype="fp32", native_ms=3.0)  # fp32 measured faster on this machine
+        dtype, why = auto_cpu_dtype(path)
+        assert dtype == "fp32" and "native 3.0 ms, fp32 2.0 ms" in why, why
+        measured.update(dtype="native")
     dtype, why = auto_cpu_dtype(tmp_path)
     assert dtype == "fp32" and "HF folder" in why
     with monkeypatch.context() as m:
@@ -377,9 +383,38 @@ def test_auto_dtype_chooses_native_only_where_every_weight_has_a_kernel(monkeypa
 
 
 @needs_kernel
-def test_default_load_is_native_and_says_why():
+def test_measured_choice_streams_both_and_is_cached(monkeypatch, tmp_path):
+    """The dtype measurement times the file's blocks against fp32 weights (both streamed, a step
+    plus a verify pass), once: a later load reads the cached verdict without measuring; a
+    measurement beside other programs is not cached."""
+    from selfspec.drafters import costs
+    from selfspec.models.registry import REGISTRY
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    path = REGISTRY["smollm2-135m"].path()
+    tensors = native.read_index(path)[2]
+    monkeypatch.setattr(costs, "machine_busy", lambda: True)
+    first = native.measured_choice(path, tensors)
+    assert first["dtype"] in ("native", "fp32") and first["native_ms"] > 0 and first["fp32_ms"] > 0
+    assert first["dtype"] == ("native" if first["native_ms"] <= first["fp32_ms"] else "fp32")
+    assert not (tmp_path / "dtype-choice.json").exists()  # busy: measured again next time
+    monkeypatch.setattr(costs, "machine_busy", lambda: False)
+    again = native.measured_choice(path, tensors)
+    assert (tmp_path / "dtype-choice.json").exists()
+
+    def no_timing(*a, **k):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(native, "NativeLinear", no_timing)
+    assert native.measured_choice(path, tensors) == again
+
+
+@needs_kernel
+def test_default_load_is_native_and_says_why(monkeypatch):
     from selfspec.models.loading import load_model
 
+    monkeypatch.setattr(native, "measured_choice", lambda path, tensors: {
+        "dtype": "native", "native_ms": 1.0, "fp32_ms": 2.0, "tensor": "L0.w_gate"})
     model = load_model("smollm2-135m", ctx_size=256)  # dtype auto
     assert model.dtype == "native" and model.kernel.startswith("gguf-native"), model.kernel
     assert model.dtype_reason.startswith("native: the GGUF file's own blocks"), model.dtype_reason
