@@ -263,7 +263,7 @@ def measured_choice(path: Path, tensors: dict) -> dict:
         return {"dtype": "fp32", "native_ms": None, "fp32_ms": None, "tensor": name}
     # Copies enough to stream both from memory, as a decode step does (a model's weights do not
     # fit the caches; one matrix does, and in cache fp32 wins the comparison it loses in decoding)
-    copies = max(2, -(-STREAM_BYTES // weight.nbytes))
+    copies = min(64, max(2, -(-STREAM_BYTES // weight.nbytes)))  # a tiny test model: 64 are plenty
     fp32_linears = [make_linear(weight.clone()) for _ in range(copies)]
     native_linears = [NativeLinear([copy_blocks(blocks)]) for _ in range(copies)]
     del weight
