@@ -204,3 +204,14 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return 0.0
+
+
+def machine_busy() -> bool:
+    """Whether other programs are loading the CPU now: the 1-minute load average above the
+    cores this process may use plus a half (our own threads alone make it about the core count).
+    Measurements taken then are not cached (costs for `--draft auto`, the `--dtype auto` timing):
+    a contended calibration of SmolLM2 had cached a 2-token verify pass at 4.9 steps."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load_average() > cores + 0.5

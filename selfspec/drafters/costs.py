@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from selfspec.paths import atomic_write_json
-from selfspec.hardware import synchronize
+from selfspec.hardware import machine_busy, synchronize
 
 MAX_K = 8
 EMA = 0.1  # weight of one online observation
@@ -80,18 +80,6 @@ class CostModel:
 
         atomic_write_json(self.path, {"verify": self.verify, "selfspec": __version__, "format": KEY_FORMAT},
                           indent=None)
-
-
-def machine_busy() -> bool:
-    """Whether other programs are loading the CPU now: the 1-minute load average above the
-    cores this process may use plus a half (our own threads alone make it about the core count).
-    A contended calibration of SmolLM2 had cached a 2-token verify pass at 4.9 steps."""
-    import os
-
-    from selfspec.hardware import load_average
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return load_average() > cores + 0.5
 
 
 def _key(model, threads: int) -> str:

@@ -235,9 +235,8 @@ def measured_choice(path: Path, tensors: dict) -> dict:
     import statistics
     import time
 
-    from selfspec import __version__, kernels
-    from selfspec.drafters.costs import machine_busy
-    from selfspec.hardware import isa_key
+    from selfspec import __version__
+    from selfspec.hardware import isa_key, machine_busy
     from selfspec.models.loading import file_key
     from selfspec.paths import atomic_write_json, cache_dir
 

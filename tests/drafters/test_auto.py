@@ -185,7 +185,7 @@ def test_costs_measured_on_a_busy_machine_are_not_cached(llama, tmp_path, monkey
 
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     monkeypatch.setattr(hardware, "load_average", lambda: 64.0)
-    assert costs_module.machine_busy()
+    assert hardware.machine_busy()
     costs = calibrate(llama, max_k=4)
     assert costs.source == "calibrated" and not list(tmp_path.rglob("*.json"))
     costs.observed = [40] * 5

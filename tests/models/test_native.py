@@ -387,18 +387,18 @@ def test_measured_choice_streams_both_and_is_cached(monkeypatch, tmp_path):
     """The dtype measurement times the file's blocks against fp32 weights (both streamed, a step
     plus a verify pass), once: a later load reads the cached verdict without measuring; a
     measurement beside other programs is not cached."""
-    from selfspec.drafters import costs
+    from selfspec import hardware
     from selfspec.models.registry import REGISTRY
 
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     path = REGISTRY["smollm2-135m"].path()
     tensors = native.read_index(path)[2]
-    monkeypatch.setattr(costs, "machine_busy", lambda: True)
+    monkeypatch.setattr(hardware, "machine_busy", lambda: True)
     first = native.measured_choice(path, tensors)
     assert first["dtype"] in ("native", "fp32") and first["native_ms"] > 0 and first["fp32_ms"] > 0
     assert first["dtype"] == ("native" if first["native_ms"] <= first["fp32_ms"] else "fp32")
     assert not (tmp_path / "dtype-choice.json").exists()  # busy: measured again next time
-    monkeypatch.setattr(costs, "machine_busy", lambda: False)
+    monkeypatch.setattr(hardware, "machine_busy", lambda: False)
     again = native.measured_choice(path, tensors)
     assert (tmp_path / "dtype-choice.json").exists()
 
