@@ -77,7 +77,7 @@ def isa_key() -> str:
 # differently (82-97% greedy agreement with fp32, docs/kernels.md) and are opt-in.
 OPT_IN = "bf16, int8, int4 and native-q8 change the model's output and are opt-in (--dtype)"
 AUTO_NATIVE_REASON = ("native: the GGUF file's own blocks, the same model as fp32 (summation order aside), "
-                      "1.7-2.4x faster at 0.4x the memory (docs/kernels.md); " + OPT_IN)
+                      "1.7-3.0x fp32's plain decoding at 0.2-0.4x the memory (docs/kernels.md); " + OPT_IN)
 
 
 def auto_fp32_reason(why: str) -> str:
@@ -101,9 +101,10 @@ def resolve_dtype(name: str) -> tuple[torch.dtype, str]:
 
     `auto` here is fp32; `load_model` turns a CPU load of a GGUF file into `native` first where
     every weight has a kernel and the blocks measure faster on this machine
-    (`selfspec.models.loading.auto_cpu_dtype`): both are the model as shipped. Picking bf16 from a CPU flag had made the default both another model and slower
-    (AVX-512-bf16 EPYC: plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and `auto`
-    speculation 1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
+    (`selfspec.models.loading.auto_cpu_dtype`): both are the model as shipped. Picking bf16
+    from a CPU flag had made the default both another model and slower (AVX-512-bf16 EPYC:
+    plain bf16 19-23 tok/s on SmolLM2 against fp32's 24-25, and `auto` speculation
+    1.07-1.21x against fp32's 1.67-3.18x). `int8`/`int4` compute in fp32
     around weight-only quantised linears (see `WEIGHT_BITS`); `native` in fp32 around the GGUF
     file's own blocks (selfspec/models/native.py; native-q8 quantises the activations of those
     linears per row to int8 blocks, opt-in: another model). Why `auto` picks native:
@@ -182,9 +183,7 @@ def comparison_caveat(load_samples: list[float], seconds: list[float], min_secon
     """Why two timings taken one after the other (--compare) may not be comparable, or None: the
     machine's 1-minute load average (os.getloadavg, sampled around the runs) rose above the number
     of cores this process may use, or a run decoded for less than `min_seconds`."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     why = []
     if load_samples and max(load_samples) > cores:
         why.append(f"the machine's load average reached {max(load_samples):.1f} on {cores} cores: other "
@@ -194,6 +193,13 @@ def comparison_caveat(load_samples: list[float], seconds: list[float], min_secon
     if not why:
         return None
     return "these timings are not comparable: " + "; ".join(why) + "; the speedup may be far off"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def load_average() -> float:
@@ -211,7 +217,4 @@ def machine_busy() -> bool:
     cores this process may use plus a half (our own threads alone make it about the core count).
     Measurements taken then are not cached (costs for `--draft auto`, the `--dtype auto` timing):
     a contended calibration of SmolLM2 had cached a 2-token verify pass at 4.9 steps."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return load_average() > cores + 0.5
+    return load_average() > usable_cores() + 0.5
