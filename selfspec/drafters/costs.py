@@ -92,10 +92,8 @@ def _key(model, threads: int) -> str:
     # the key: a forced-AVX2 run or a new release never reuses another's measurements.
     # ...and so is the build of our kernels (its file name carries the hash of their sources):
     # costs measured before a kernel changed would misjudge every draft after it.
-    lib = kernels.library()
     parts = [info["cpu"], isa_key(), __version__, info["torch"], file_key(Path(model.path)),
-             model.dtype, model.kernel, str(threads), str(model.ctx_size),
-             Path(getattr(lib, "_name", "no-kernels")).name]
+             model.dtype, model.kernel, str(threads), str(model.ctx_size), kernels.build_name()]
     device = getattr(model, "device", None)
     if device is not None and device.type != "cpu":  # a GPU's costs are its own (CPU keys unchanged)
         parts.append(str(device))

@@ -154,6 +154,12 @@ def library():
     return _library()
 
 
+def build_name() -> str:
+    """The loaded library's file name, which carries the hash of the kernels' sources and flags
+    ("no-kernels" without one): part of the keys of measurements that depend on the kernels."""
+    return Path(getattr(library(), "_name", "no-kernels")).name
+
+
 def kernel_status() -> str:
     """Which attention path runs: "fixed-order-c", or "torch-rowwise (<why>)"."""
     _library()

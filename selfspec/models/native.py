@@ -235,7 +235,7 @@ def measured_choice(path: Path, tensors: dict) -> dict:
     import statistics
     import time
 
-    from selfspec import __version__
+    from selfspec import __version__, kernels
     from selfspec.hardware import isa_key, machine_busy
     from selfspec.models.loading import file_key
     from selfspec.paths import atomic_write_json, cache_dir
@@ -243,8 +243,7 @@ def measured_choice(path: Path, tensors: dict) -> dict:
     name = next((n for n in ("L0.w_gate", "L0.w_up", "L0.wq") if n in tensors), None)
     lib = _lib()
     key = hashlib.sha256("|".join([file_key(Path(path)), isa_key(), __version__, torch.__version__,
-                                   Path(getattr(lib, "_name", "no-kernels")).name,
-                                   str(torch.get_num_threads())]).encode()).hexdigest()[:20]
+                                   kernels.build_name(), str(torch.get_num_threads())]).encode()).hexdigest()[:20]
     store = cache_dir() / "dtype-choice.json"
     try:
         cached = json.loads(store.read_text())
