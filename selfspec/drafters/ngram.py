@@ -42,12 +42,10 @@ def lookup_matches(tokens: torch.Tensor, ngram_max: int, ngram_min: int, max_tok
                    count: int) -> list[tuple[list[int], int]]:
     """`lookup_candidates` with the n of the match behind each continuation."""
     found: list[tuple[list[int], int]] = []
-    seen: list[list[int]] = []
     for n in range(min(ngram_max, tokens.shape[0] - 1), ngram_min - 1, -1):
         for hit in reversed(_hits(tokens, n).tolist()):
             cont = tokens[hit + n: hit + n + max_tokens].tolist()
-            if cont and cont not in seen:
-                seen.append(cont)
+            if cont and all(cont != c for c, _ in found):
                 found.append((cont, n))
                 if len(found) == count:
                     return found
