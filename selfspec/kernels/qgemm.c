@@ -137,6 +137,33 @@ static inline void q4k_scale_min(const uint8_t *s, int i, int *sc, int *mn) {
     }
 }
 
+/* Q4_K: the scale and offset of each of a super-block's 8 units, ds[i] = d * sc_i and
+ * dm[i] = dmin * mn_i (the gguf dequantiser's products), all 16 of the 6-bit values unpacked
+ * from the 12 bytes at once: bytes 0..3 hold sc0..3 (and sc4..7's top 2 bits), 4..7 mn0..3 (and
+ * mn4..7's top bits), 8..11 the low 4 bits of sc4..7 (low nibble) and mn4..7 (high nibble). */
+static inline void q4k_scales(const uint8_t *blk, __m256 *ds, __m256 *dm) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)(blk + 4)); /* the 12 bytes, then 4 of the codes */
+    const __m128i lo_idx = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11);
+    const __m128i hi_idx = _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7);
+    const __m128i lo_mask = _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15);
+    __m128i lo = _mm_shuffle_epi8(v, lo_idx);
+    lo = _mm_blend_epi16(lo, _mm_shuffle_epi8(_mm_srli_epi16(v, 4), lo_idx), 0xC0); /* mn4..7: high nibbles */
+    __m128i hi = _mm_and_si128(_mm_shuffle_epi8(v, hi_idx), _mm_set1_epi8((char)0xC0));
+    __m128i sm = _mm_or_si128(_mm_and_si128(lo, lo_mask), _mm_srli_epi16(hi, 2)); /* sc0..7, mn0..7 */
+    *ds = _mm256_mul_ps(_mm256_set1_ps(f16(blk)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+    *dm = _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
+}
+
+/* the same, stored: ds[i], dm[i] for unit i */
+static inline void q4k_unit_scales(const uint8_t *blk, float ds[8], float dm[8]) {
+    __m256 s, m;
+    q4k_scales(blk, &s, &m);
+    _mm256_storeu_ps(ds, s), _mm256_storeu_ps(dm, m);
+}
+
+/* lane i of v in every lane */
+static inline __m256 lane8(__m256 v, int i) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i)); }
+
 static void deq_q4_k(const uint8_t *row, int k0, int n, float *out) {
     (void)n; /* always one super-block */
     const uint8_t *blk = row + (size_t)(k0 / 256) * 144;
@@ -397,18 +424,6 @@ static AI __m256 f16x8(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return _mm256_cvtph_ps(_mm_set1_epi16((short)h));
-}
-
-/* Q4_K: the scale and offset of each of a super-block's 8 units, ds[i] = d * sc_i and
- * dm[i] = dmin * mn_i: the products deq_q4_k forms, computed once per super-block and row (the
- * M = 1 path decoded the 6-bit scales and both f16s again for every unit of 32 weights). */
-static AI void q4k_unit_scales(const uint8_t *blk, float ds[8], float dm[8]) {
-    float d = f16(blk), dmin = f16(blk + 2);
-    for (int i = 0; i < 8; i++) {
-        int sc, mn;
-        q4k_scale_min(blk + 4, i, &sc, &mn);
-        ds[i] = d * (float)sc, dm[i] = dmin * (float)mn;
-    }
 }
 
 /* the 32 weights of Q4_K unit u of a row, given its scale and offset (q4k_unit_scales) */
