@@ -426,6 +426,22 @@ static AI __m256 f16x8(const uint8_t *p) {
     return _mm256_cvtph_ps(_mm_set1_epi16((short)h));
 }
 
+/* Q6_K: the scales d * sc_j of a super-block's 16 halves of 16 weights (q6_k_scales' products),
+ * once per super-block and row; unit i's halves are 2i and 2i + 1 */
+static AI void q6k_half_scales(const uint8_t *blk, float s[16]) {
+    __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+    __m256 d = _mm256_set1_ps(f16(blk + 208));
+    _mm256_storeu_ps(s, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    _mm256_storeu_ps(s + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+}
+
+/* the 32 weights of Q6_K unit u of a row, given its halves' scales (q6k_half_scales) */
+static AI void unit_q6k(const uint8_t *row, int64_t u, float s0, float s1, __m256 w[4]) {
+    __m256 q[4], d0 = _mm256_set1_ps(s0), d1 = _mm256_set1_ps(s1);
+    bytes32(_mm256_sub_epi8(q6_k_bytes(row + (u >> 3) * 210, (int)(u & 7)), _mm256_set1_epi8(32)), q);
+    for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(v < 2 ? d0 : d1, q[v]);
+}
+
 /* the 32 weights of Q4_K unit u of a row, given its scale and offset (q4k_unit_scales) */
 static AI void unit_q4k(const uint8_t *row, int64_t u, float ds, float dm, __m256 w[4]) {
     __m256 q[4], d = _mm256_set1_ps(ds), m = _mm256_set1_ps(dm);

@@ -14,16 +14,20 @@
 static GROUP_ATTR AI void G(units_fma)(int fmt, int NR, int MG, const uint8_t *const *rp, int64_t u0, int nu,
                                        const float *x, int64_t K, __m256 *acc) {
     __m256 a[8][QSLAB];
-    float ds[8][8], dm[8][8]; /* Q4_K: each row's unit scales of the current super-block */
+    float ds[8][16], dm[8][8]; /* Q4_K: each row's unit scales of the current super-block; Q6_K: ds, per 16 */
     for (int r = 0; r < NR; r++)
         for (int j = 0; j < MG; j++) a[r][j] = acc[r * QSLAB + j];
     for (int u = 0; u < nu; u++) {
         if (fmt == Q4_K && (u == 0 || ((u0 + u) & 7) == 0))
             for (int r = 0; r < NR; r++) q4k_unit_scales(rp[r] + ((u0 + u) >> 3) * 144, ds[r], dm[r]);
+        if (fmt == Q6_K && (u == 0 || ((u0 + u) & 7) == 0))
+            for (int r = 0; r < NR; r++) q6k_half_scales(rp[r] + ((u0 + u) >> 3) * 210, ds[r]);
         for (int r = 0; r < NR; r++) {
             __m256 w[4];
             if (fmt == Q4_K)
                 UNIT_Q4K(rp[r], u0 + u, ds[r][(u0 + u) & 7], dm[r][(u0 + u) & 7], w);
+            else if (fmt == Q6_K)
+                unit_q6k(rp[r], u0 + u, ds[r][2 * ((u0 + u) & 7)], ds[r][2 * ((u0 + u) & 7) + 1], w);
             else
                 UNIT_WEIGHTS(fmt, rp[r], u0 + u, w);
             for (int j = 0; j < MG; j++) {
