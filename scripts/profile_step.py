@@ -135,6 +135,11 @@ def phases(args) -> None:
     T.Transformer._attention = timed("attention block, rest (reshapes, cache writes)", T.Transformer._attention)
     T.Transformer._mlp = timed("MLP, rest (SiLU, product)", T.Transformer._mlp)
     T.Transformer.embed_tokens = timed("embedding lookup", T.Transformer.embed_tokens)
+    from selfspec.models import native
+
+    # native weights: each layer is one C call (kernels/layer.c); SELFSPEC_FUSED=0 for its parts
+    native.FusedLayers.__call__ = timed("fused layers (norms, linears, RoPE, attention, MLP in C)",
+                                        native.FusedLayers.__call__)
     tokens = torch.arange(7, 7 + args.tokens)
     for _ in range(args.warmup):
         _step(tr, cache, args.context, args.tokens, tokens)

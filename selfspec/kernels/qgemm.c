@@ -37,6 +37,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
 
 #define TK 256   /* weights per row and tile: one K-quant super-block, or 8 blocks of 32 */
@@ -48,13 +50,6 @@ static inline float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
-}
-
-static inline float hsum_tree8(__m256 s) { /* lanes l += l + 4, l += l + 2, l += l + 1 */
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    return _mm_cvtss_f32(s1);
 }
 
 /* 8 unsigned bytes -> 8 floats */

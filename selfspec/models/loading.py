@@ -118,7 +118,7 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
         from selfspec.hardware import isa as machine_isa
 
         attention = "fixed-order-attention" if kernels.kernel_status() == "fixed-order-c" else "torch-rowwise-attention"
-        kernel = f"{transformer.kernel}+{attention}"
+        kernel = f"{transformer.kernel}+{attention}" + ("+fused-layers" if transformer.fused is not None else "")
         isa = machine_isa()
         dtype_reason = auto_reason or f"--dtype {dtype} as asked"
     else:

@@ -170,6 +170,90 @@ class NativeLinear(Linear):
         return torch.cat(ws)
 
 
+class _Lin(ctypes.Structure):  # layer.c's native_linear
+    _fields_ = [("nseg", ctypes.c_int), ("q8", ctypes.c_int), ("fmt", ctypes.c_void_p), ("ptr", ctypes.c_void_p),
+                ("rows", ctypes.c_void_p), ("map", ctypes.c_void_p), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("bias", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, lin: NativeLinear) -> "_Lin":
+        fmt, ptr, rows, maps = lin._args
+        return cls(len(lin.parts), int(lin.q8), ctypes.addressof(fmt), ctypes.addressof(ptr), ctypes.addressof(rows),
+                   ctypes.addressof(maps), lin.in_features, lin.out_features,
+                   None if lin.bias is None else lin.bias.data_ptr())
+
+
+class _Layer(ctypes.Structure):  # layer.c's native_layer
+    _fields_ = [("qkv", _Lin), ("wo", _Lin), ("gate_up", _Lin), ("down", _Lin), ("attn_norm", ctypes.c_void_p),
+                ("ffn_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("post_attn_norm", ctypes.c_void_p), ("post_ffn_norm", ctypes.c_void_p), ("H", ctypes.c_int),
+                ("KV", ctypes.c_int), ("D", ctypes.c_int), ("gelu", ctypes.c_int), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+
+
+FUSED_ENV = "SELFSPEC_FUSED"  # "0": the layers as PyTorch operations around each native linear
+
+
+MAX_HEAD_DIM = 512  # layer.c's
+
+
+def fused_layers(tr: Transformer) -> "FusedLayers | None":
+    """The decoder's layers as one C call each (kernels/layer.c), or None where that code does
+    not cover the model: it runs Llama-family and Gemma layers (RMSNorm, q|k|v with an optional
+    bias, Gemma's q/k and post norms, rotate-half RoPE, attention over an fp32 cache, SiLU or
+    GELU-tanh MLP) whose four linears are all native. `SELFSPEC_FUSED=0` turns it off."""
+    import os
+
+    c = tr.config
+    lib = _lib()
+    if os.environ.get(FUSED_ENV, "1") == "0" or lib is None or tr.device.type != "cpu" or tr.dtype != torch.float32:
+        return None
+    if c.activation not in ("silu", "gelu_tanh") or c.hidden % 8 or c.intermediate % 8 or c.head_dim % 8:
+        return None
+    if c.head_dim > MAX_HEAD_DIM:
+        return None
+    for layer in tr.layers:
+        lins = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+        if not all(isinstance(lin, NativeLinear) for lin in lins) or any(lin.bias is not None for lin in lins[1:]):
+            return None
+    return FusedLayers(tr, lib)
+
+
+class FusedLayers:
+    """Transformer.forward's per-layer work as `selfspec_native_layer` calls (fused_layers)."""
+
+    def __init__(self, tr: Transformer, lib) -> None:
+        c = tr.config
+        self.fn = lib.selfspec_native_layer
+        self.fn.restype = ctypes.c_int
+        self.fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.structs = [_Layer(_Lin.of(la.wqkv), _Lin.of(la.wo), _Lin.of(la.w_gate_up), _Lin.of(la.w_down),
+                               ptr(la.attn_norm), ptr(la.ffn_norm), ptr(la.q_norm), ptr(la.k_norm),
+                               ptr(la.post_attn_norm), ptr(la.post_ffn_norm), c.n_heads, c.n_kv_heads, c.head_dim,
+                               int(c.activation == "gelu_tanh"), c.rms_eps, c.query_scale,
+                               float(c.attn_softcap or 0.0))
+                        for la in tr.layers]
+        self.layers = tr.layers  # the tensors the structs point into stay alive with them
+        self.hidden = c.hidden
+
+    def __call__(self, i: int, x: torch.Tensor, start: int, cache, rope, visibility, attn: bool, mlp: bool) -> None:
+        """x [T, hidden] (fp32, contiguous, owned by the caller's forward) += layer i's halves."""
+        T = x.shape[0]
+        cos, ssin = rope
+        lo, mask = visibility if attn else (None, None)
+        k, v = cache.k, cache.v
+        layer_bytes = k.stride(0) * k.element_size()
+        rc = self.fn(ctypes.addressof(self.structs[i]), x.data_ptr(), T, int(attn), int(mlp),
+                     k.data_ptr() + i * layer_bytes, v.data_ptr() + i * layer_bytes, cache.max_len, start,
+                     None if lo is None else lo.data_ptr(), None if mask is None else mask.data_ptr(),
+                     cos.data_ptr(), ssin.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"the fused layer kernel failed in layer {i} (code {rc})")
+
+
 class NativeEmbedding:
     """The token embedding as file blocks; `lookup` dequantises only the asked rows (the same
     values as the fp32 path's embedding, bit for bit)."""
@@ -424,4 +508,5 @@ def build_native(config, tensors: dict, src: dict, max_len: int, q8: bool = Fals
         lm_head = linear(["embed"], [], [c.vocab_size])  # tied: the embedding's blocks
     tr = Transformer(c, NativeEmbedding(embed_blocks), layers, get("final_norm").float().contiguous(), lm_head,
                      max_len)
+    tr.fused = fused_layers(tr)
     return tr, {"native_types": dict(native_types), "native_fallback": sorted(fallback)}

@@ -159,6 +159,9 @@ class Transformer:
         else:
             self.rope_local = self.rope_global
         self.embed_scale = torch.tensor(c.embed_scale, dtype=self.dtype, device=self.device)
+        # Native weights of a Llama-family model: each layer as one C call (models/native.py,
+        # fused_layers), set by the native build; None: the PyTorch operations below.
+        self.fused = None
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `tokens` (a tensor, or the file's blocks under --dtype native)."""
@@ -209,6 +212,12 @@ class Transformer:
         masks: dict[int, object] = {}
         for i, layer in enumerate(self.layers if exit_layer is None else self.layers[:exit_layer]):
             window = c.sliding_window[i]
+            if self.fused is not None:
+                attn = i not in skip.attention
+                if attn and window not in masks:
+                    masks[window] = self._visibility(start, T, window, tree)
+                self.fused(i, x, start, cache, ropes[window > 0], masks.get(window), attn, i not in skip.mlp)
+                continue
             if i not in skip.attention:
                 if window not in masks:
                     masks[window] = self._visibility(start, T, window, tree)
