@@ -745,11 +745,12 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
     if (q8 && !all_blocks) return -2;
     /* rows per group: 8 where one activation row meets block formats in registers (eight FMA
      * chains), else 4 (the tile path). Which rows share a group never changes an output's order.
-     * Q8_0 rows shorter than 1024 on fp32 activations take the tile path at M = 1 too: SmolLM2's
-     * 49152x576 LM head 4.8 -> 3.0 ms (AVX-512 path) and 4.6 -> 3.1 ms (AVX2 path), 1 thread on
-     * an EPYC; at 8960x1536 the tile path was even (AVX-512) or 16% slower (AVX2), and every
-     * other format is faster in registers at M = 1 (Q6_K 1.9 against 3.2 ms). */
-    const int GR = all_blocks && M == 1 && (q8 || !(any_q8_0 && K < 1024)) ? 8 : 4;
+     * Q8_0 rows shorter than 700 on fp32 activations take the tile path at M = 1 too:
+     * SmolLM2's 49152x576 LM head 4.8 -> 3.0 ms (AVX-512 path) and 4.6 -> 3.1 ms (AVX2 path), 1
+     * thread on an EPYC; even at K = 640; from K = 768 the register path is faster (Qwen 0.5B's
+     * 151936x896 head: 23.2 against 27.8 ms on the AVX-512 path, 22.6 against 25.9 on the AVX2
+     * path), and every other format is faster in registers at M = 1 (Q6_K 1.9 against 3.2 ms). */
+    const int GR = all_blocks && M == 1 && (q8 || !(any_q8_0 && K < 700)) ? 8 : 4;
     for (int s = 0; s < nseg; s++) {
         groups[s + 1] = groups[s] + (rows[s] + GR - 1) / GR;
         first_row[s + 1] = first_row[s] + rows[s];
