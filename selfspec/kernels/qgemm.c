@@ -702,10 +702,16 @@ tile_fma(const float *w, int n, const float *x, int64_t K, int m0, __m256 *acc, 
 
 /* The tile path: a 4-row group's tiles dequantised into an L1 buffer, then every activation row
  * (FMA groups of up to 3, slabs of SLAB) reads them. */
-static void tile_group(deq_fn fn, const uint8_t *const *rp, int nr, int64_t row_bytes, const float *x, int64_t K,
-                       int64_t M, float *y, int64_t N, int64_t n0) {
+static void tile_group(deq_fn fn, const uint8_t *const *rp, const uint8_t *const *next, int nr, int64_t row_bytes,
+                       const float *x, int64_t K, int64_t M, float *y, int64_t N, int64_t n0) {
     float w[RG * TK] __attribute__((aligned(32)));
     __m256 acc[RG * SLAB];
+    /* the next group's rows back to back (no row map): prefetched as one sweep during the first
+     * slab (as gemv8 does); otherwise two tiles ahead in this group's rows */
+    int64_t next_span = RG * row_bytes;
+    for (int r = 1; r < RG; r++)
+        if (next[r] != next[0] + r * row_bytes) next_span = 0;
+    const int64_t tiles = (K + TK - 1) / TK;
     for (int64_t m0 = 0; m0 < M; m0 += SLAB) {
         int ms = M - m0 < SLAB ? (int)(M - m0) : SLAB;
         for (int i = 0; i < RG * SLAB; i++) acc[i] = _mm256_setzero_ps();
@@ -714,8 +720,12 @@ static void tile_group(deq_fn fn, const uint8_t *const *rp, int nr, int64_t row_
         for (int64_t k0 = 0; k0 < K; k0 += TK) {
             int n = K - k0 < TK ? (int)(K - k0) : TK;
             const int64_t ahead = row_bytes * (k0 + 2 * TK) / K;
+            if (next_span && m0 == 0) {
+                const int64_t t = k0 / TK, lo = t * next_span / tiles, hi = (t + 1) * next_span / tiles;
+                for (int64_t b = lo; b < hi; b += 64) __builtin_prefetch(next[0] + b, 0, 0);
+            }
             for (int r = 0; r < RG; r++) {
-                if (k0 + 2 * TK < K) /* the tile after next: DRAM latency hidden behind this one */
+                if (!next_span && k0 + 2 * TK < K) /* the tile after next: DRAM latency hidden behind this one */
                     for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(rp[r] + ahead + b, 0, 0);
                 fn(rp[r], (int)k0, n, w + r * TK);
             }
@@ -780,7 +790,7 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
         else if (GR == 8)
             (use_avx512 ? gemv8_avx512 : gemv8_avx2)(fmt[s], rp, next, (int)nr, row_bytes[s], x, K, y, first_row[s] + r0);
         else
-            tile_group(fn[s], rp, (int)nr, row_bytes[s], x, K, M, y, N, first_row[s] + r0);
+            tile_group(fn[s], rp, next, (int)nr, row_bytes[s], x, K, M, y, N, first_row[s] + r0);
     }
     if (q8) free_rows(&xa);
     return 0;
