@@ -50,17 +50,13 @@ static GROUP_ATTR void G(gemv8)(int fmt, const uint8_t *const *rp, const uint8_t
     __m256 acc[8 * QSLAB];
     const int64_t tile_bytes = row_bytes * TK / K, tiles = (K + TK - 1) / TK;
     for (int i = 0; i < 8; i++) acc[i * QSLAB] = _mm256_setzero_ps();
-    int64_t next_span = next ? 8 * row_bytes : 0;
-    for (int r = 1; r < 8 && next_span; r++)
-        if (next[r] != next[0] + r * row_bytes) next_span = 0;
+    const int64_t span = next_span(next, 8, row_bytes);
     for (int64_t k0 = 0; k0 < K; k0 += TK) {
         int n = K - k0 < TK ? (int)(K - k0) : TK;
-        /* the next group's rows, when they lie back to back (no row map: the usual case), as one
-         * sweep spread over this group's tiles: a sequential stream for the hardware too;
-         * otherwise four tiles ahead in each row, this group's or the next one's */
-        if (next_span) {
-            const int64_t t = k0 / TK, lo = t * next_span / tiles, hi = (t + 1) * next_span / tiles;
-            for (int64_t b = lo; b < hi; b += 64) __builtin_prefetch(next[0] + b, 0, 0);
+        /* the next group's rows as one sweep (next_span), else four tiles ahead in each row,
+         * this group's or the next one's */
+        if (span) {
+            sweep(next[0], span, k0 / TK, tiles);
         } else {
             const int64_t k2 = k0 + 4 * TK;
             const uint8_t *const *pf = k2 < K ? rp : next;
