@@ -198,7 +198,7 @@ def report(r: dict) -> str:
 
     def row(name, x):
         return (f"| {name} | {x['process_seconds']:.2f} | {x['load_seconds']:.2f} | {x['weights_seconds']:.2f} | "
-                f"{x['tokenizer_seconds']:.2f} | {x['weight_cache']} |")
+                f"{x['tokenizer_seconds']:.2f} ({x.get('tokenizer', 'transformers')}) | {x['weight_cache']} |")
 
     lines = [f"## Start-up: {s['model']} ({c['dtype']}, {c['kernel']})", "",
              "| load | process start to ready, s | load_model, s | weights, s | tokenizer, s | weight cache |",
