@@ -102,21 +102,10 @@ class LightTokenizer:
         token = self.special_tokens_map.get(name)
         return None if token is None else self.convert_tokens_to_ids(token)
 
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._special_id("bos_token")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._special_id("eos_token")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._special_id("pad_token")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._special_id("unk_token")
+    bos_token_id = property(lambda self: self._special_id("bos_token"))
+    eos_token_id = property(lambda self: self._special_id("eos_token"))
+    pad_token_id = property(lambda self: self._special_id("pad_token"))
+    unk_token_id = property(lambda self: self._special_id("unk_token"))
 
     # ------------------------------------------------------------------------ encode and decode
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Encoding:
@@ -167,7 +156,8 @@ def _template_message(message) -> dict:
     out = {k: v for k, v in message.items() if v is not None}
     for k, v in out.items():
         if type(k) is not str or type(v) is not str:
-            raise TypeError(f"the light tokenizer renders messages of string fields only; got {k!r}: {type(v).__name__}")
+            raise TypeError(f"the light tokenizer renders messages of string fields only; "
+                            f"got {k!r}: {type(v).__name__}")
     reasoning = next((out[k] for k in REASONING_FIELDS if k in out), None)
     if reasoning is not None:
         out = {"thinking": reasoning, **out, "reasoning_content": reasoning}

@@ -94,7 +94,7 @@ def probe_ids(reference, texts: list[str]) -> list[list[int]]:
     return seqs
 
 
-def _outcome(fn: Callable[[], object]) -> object:
+def outcome(fn: Callable[[], object]) -> object:
     """What `fn` returns, or which error it raised (an error on both sides is a match)."""
     try:
         return fn()
@@ -114,26 +114,29 @@ def probe(tokenizer, texts: list[str], seqs: list[list[int]]) -> dict[str, objec
     out: dict[str, object] = {}
     for name in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id", "chat_template",
                  "clean_up_tokenization_spaces", "special_tokens_map", "all_special_tokens"):
-        out[name] = _outcome(lambda: getattr(tokenizer, name))
-    out["len"] = _outcome(lambda: len(tokenizer))
-    out["vocab"] = _outcome(tokenizer.get_vocab)
+        out[name] = outcome(lambda: getattr(tokenizer, name))
+    out["len"] = outcome(lambda: len(tokenizer))
+    out["vocab"] = outcome(tokenizer.get_vocab)
     out["has_backend"] = getattr(tokenizer, "backend_tokenizer", None) is not None
+    def encode(text, special: bool = True) -> list:
+        return list(tokenizer(text, add_special_tokens=special).input_ids)
+
     for i, text in enumerate(texts):
-        out[f"encode[{i}]"] = _outcome(lambda: list(tokenizer(text).input_ids))
-        out[f"encode[{i}], no special tokens"] = _outcome(lambda: list(tokenizer(text, add_special_tokens=False).input_ids))
-    out["encode a batch"] = _outcome(lambda: [list(x) for x in tokenizer(texts[:8], add_special_tokens=False).input_ids])
+        out[f"encode[{i}]"] = outcome(lambda: encode(text))
+        out[f"encode[{i}], no special tokens"] = outcome(lambda: encode(text, special=False))
+    out["encode a batch"] = outcome(lambda: [list(x) for x in encode(texts[:8], special=False)])
     for i, ids in enumerate(seqs):
-        out[f"decode[{i}]"] = _outcome(lambda: tokenizer.decode(ids))
-        out[f"decode[{i}], skipping special tokens"] = _outcome(lambda: tokenizer.decode(ids, skip_special_tokens=True))
+        out[f"decode[{i}]"] = outcome(lambda: tokenizer.decode(ids))
+        out[f"decode[{i}], skipping special tokens"] = outcome(lambda: tokenizer.decode(ids, skip_special_tokens=True))
     for i, ids in enumerate(seqs[:12] + seqs[-8:]):
-        out[f"stream[{i}]"] = _outcome(lambda: _incremental(tokenizer, ids))
+        out[f"stream[{i}]"] = outcome(lambda: _incremental(tokenizer, ids))
     for i, messages in enumerate(CONVERSATIONS):
         for gen in (True, False):
             key = f"chat[{i}], generation prompt {gen}"
-            out[key] = text = _outcome(lambda: tokenizer.apply_chat_template(
+            out[key] = text = outcome(lambda: tokenizer.apply_chat_template(
                 [dict(m) for m in messages], tokenize=False, add_generation_prompt=gen))
             if isinstance(text, str):
-                out[key + ", ids"] = _outcome(lambda: list(tokenizer(text, add_special_tokens=False).input_ids))
+                out[key + ", ids"] = outcome(lambda: encode(text, special=False))
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from selfspec.models import tokenizer_check
+from selfspec.models.tokenizer_check import outcome
 from selfspec.models.light_tokenizer import LightTokenizer
 from selfspec.models.loading import file_key, gguf_tokenizer_folder, load_gguf_tokenizer
 from selfspec.models.registry import REGISTRY
@@ -32,8 +33,9 @@ def _pair(alias: str):
 
     path = _gguf(alias)
     light = load_gguf_tokenizer(path)  # runs the check if this cache folder has no current marker
-    assert isinstance(light, LightTokenizer), json.loads((gguf_tokenizer_folder(path) / tokenizer_check.MARKER).read_text())
-    return AutoTokenizer.from_pretrained(str(gguf_tokenizer_folder(path))), light
+    folder = gguf_tokenizer_folder(path)
+    assert isinstance(light, LightTokenizer), json.loads((folder / tokenizer_check.MARKER).read_text())
+    return AutoTokenizer.from_pretrained(str(folder)), light
 
 
 def _suite_prompts() -> list[tuple[str, ...]]:
@@ -100,17 +102,17 @@ def test_template_environment_matches_transformers():
     chats = [[{"role": "user", "content": " Ünï <b>\"q\"</b> 😀 "}, {"role": "assistant", "content": "skip"},
               {"role": "user", "content": "c", "name": None}, {"role": "user", "content": "past the break"}],
              [{"role": "tool", "content": "x"}]]
+    def render(tok, messages, gen=False):
+        return outcome(lambda: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
+
     for messages in chats:
         for gen in (True, False):
-            want = tokenizer_check._outcome(lambda: ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
-            got = tokenizer_check._outcome(lambda: light.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
-            assert got == want
-    assert "raised TemplateError" == got  # the tool message
+            assert render(light, messages, gen) == render(ref, messages, gen)
+    assert render(light, chats[-1]) == "raised TemplateError"  # raise_exception on the tool message
     for bad in ("{{ ''.__class__ }}", "{% set ns = namespace(_x=1) %}{{ 1 }}", "{% set x = [] %}{{ x.append(1) }}"):
         ref.chat_template = light.chat_template = bad
         chat = [{"role": "user", "content": "hi"}]
-        assert tokenizer_check._outcome(lambda: light.apply_chat_template(chat, tokenize=False)) == \
-            tokenizer_check._outcome(lambda: ref.apply_chat_template(chat, tokenize=False))
+        assert render(light, chat) == render(ref, chat)
 
 
 def test_warm_load_and_generate_do_not_import_transformers():
