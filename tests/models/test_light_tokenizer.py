@@ -56,7 +56,8 @@ def _conversations(turns: tuple[str, ...]) -> list[list[dict]]:
     return [messages, [{"role": "system", "content": "Be brief."}, *messages]]
 
 
-@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+# Qwen2's tokenizer exercises the saved live backend (transformers adds an NFC normalizer on load).
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
 def test_light_tokenizer_equals_transformers_on_suites_and_probes(alias):
     ref, light = _pair(alias)
     texts = tokenizer_check.probe_texts(ref)
