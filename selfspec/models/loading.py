@@ -527,16 +527,15 @@ def load_gguf_tokenizer(path: Path):
     from selfspec.models import tokenizer_check
 
     folder = gguf_tokenizer_folder(path)
-    reference = None
-    if tokenizer_check.usable_backend(folder) is None and tokenizer_check.needs_check(folder):
+    marker, reference = tokenizer_check.current_marker(folder), None
+    if marker is None:
         reference = _transformers_tokenizer(folder)
-        tokenizer_check.check_folder(folder, reference)
-    backend = tokenizer_check.usable_backend(folder)
-    if backend is None:
+        marker = tokenizer_check.check_folder(folder, reference)
+    if marker.get("match") is not True:
         return _transformers_tokenizer(folder) if reference is None else reference
     from selfspec.models.light_tokenizer import LightTokenizer
 
-    return LightTokenizer.from_folder(folder, backend)
+    return LightTokenizer.from_folder(folder, marker["backend"])
 
 
 def gguf_tokenizer_folder(path: Path) -> Path:

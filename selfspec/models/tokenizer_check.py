@@ -181,61 +181,58 @@ def _read_files(backend: str) -> list[str]:
     return sorted({backend, "tokenizer_config.json", CHAT_TEMPLATE_FILE})
 
 
-def usable_backend(folder: Path) -> str | None:
-    """The backend file to load the light tokenizer from, where the folder's marker says it
-    matched transformers under the current check and package versions and the files are those
-    it checked; None where the check must run (again) or found a difference."""
+def current_marker(folder: Path) -> dict | None:
+    """The folder's marker where it is current: the same check, the same transformers, tokenizers
+    and jinja2, the same files as when it was written; None where the check must run (again).
+    Its `match` says whether the light tokenizer may be used, `backend` which file it reads."""
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("check") != CHECK_VERSION or marker.get("match") is not True:
-        return None
-    backend = marker.get("backend")
-    if backend not in ("tokenizer.json", LIVE_BACKEND) or marker.get("versions") != versions():
-        return None
-    if marker.get("files") != _stamp(folder, _read_files(backend)):
-        return None
-    return backend
-
-
-def needs_check(folder: Path) -> bool:
-    """Whether the marker is missing or stale (a marker that records a difference is not stale)."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return True
     if not isinstance(marker, dict) or marker.get("check") != CHECK_VERSION or marker.get("versions") != versions():
-        return True
-    backend = marker.get("backend")
-    return backend is not None and marker.get("files") != _stamp(folder, _read_files(backend))
+        return None
+    if marker.get("match") is True and marker.get("backend") not in ("tokenizer.json", LIVE_BACKEND):
+        return None
+    if marker.get("files") != _stamp(folder, _read_files(marker.get("backend") or "tokenizer.json")):
+        return None
+    return marker
 
 
 def check_folder(folder: Path, reference) -> dict:
     """Compare the light tokenizer of `folder` with `reference` (transformers' tokenizer of the
     same folder) and write the marker; returns it. Where transformers' backend differs from the
-    folder's tokenizer.json, the light tokenizer reads transformers' backend, saved beside it."""
+    folder's tokenizer.json, the light tokenizer reads transformers' backend, saved beside it.
+    A check that cannot be run (a tokenizer without a Rust backend, an unreadable file) is a
+    difference: the folder keeps transformers' tokenizer."""
+    from selfspec.paths import atomic_write_json
+
+    folder = Path(folder)
+    marker = {"check": CHECK_VERSION, "versions": versions(), "reference": type(reference).__name__}
+    try:
+        marker.update(_compare(folder, reference))
+    except Exception as e:  # noqa: BLE001 (whatever stops the check keeps transformers' tokenizer)
+        marker.update(match=False, differences=[f"the check failed: {type(e).__name__}: {e}"])
+    marker["files"] = _stamp(folder, _read_files(marker.get("backend", "tokenizer.json")))
+    atomic_write_json(folder / MARKER, marker)
+    return marker
+
+
+def _compare(folder: Path, reference) -> dict:
     from tokenizers import Tokenizer
 
     from selfspec.models.light_tokenizer import LightTokenizer, UnsupportedTokenizer
-    from selfspec.paths import atomic_write_json, atomic_write_text
+    from selfspec.paths import atomic_write_text
 
-    folder = Path(folder)
     live = reference.backend_tokenizer.to_str()
     backend = "tokenizer.json"
     if Tokenizer.from_file(str(folder / backend)).to_str() != live:
         backend = LIVE_BACKEND
         atomic_write_text(folder / backend, live)
-    marker = {"check": CHECK_VERSION, "versions": versions(), "backend": backend, "reference": type(reference).__name__}
     try:
         light = LightTokenizer.from_folder(folder, backend)
     except UnsupportedTokenizer as e:
-        marker.update(match=False, differences=[f"unsupported: {e}"])
-    else:
-        texts = probe_texts(reference)
-        seqs = probe_ids(reference, texts)
-        found = differences(probe(reference, texts, seqs), probe(light, texts, seqs))
-        marker.update(match=not found, differences=found, probes=len(texts) + len(seqs))
-    marker["files"] = _stamp(folder, _read_files(backend))
-    atomic_write_json(folder / MARKER, marker)
-    return marker
+        return {"backend": backend, "match": False, "differences": [f"unsupported: {e}"]}
+    texts = probe_texts(reference)
+    seqs = probe_ids(reference, texts)
+    found = differences(probe(reference, texts, seqs), probe(light, texts, seqs))
+    return {"backend": backend, "match": not found, "differences": found, "probes": len(texts) + len(seqs)}

@@ -186,3 +186,14 @@ def test_what_the_light_tokenizer_does_not_reproduce_keeps_transformers(cache_co
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
     assert not isinstance(load_gguf_tokenizer(path), LightTokenizer)
     assert _marker(folder)["differences"] == ["unsupported: clean_up_tokenization_spaces is set"]
+
+
+def test_a_check_that_fails_keeps_transformers(cache_copy, monkeypatch):
+    path, folder = cache_copy
+
+    def broken(reference):
+        raise RuntimeError("probe set unreadable")
+
+    monkeypatch.setattr(tokenizer_check, "probe_texts", broken)
+    assert not isinstance(load_gguf_tokenizer(path), LightTokenizer)
+    assert _marker(folder)["differences"] == ["the check failed: RuntimeError: probe set unreadable"]
