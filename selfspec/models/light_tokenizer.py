@@ -135,6 +135,10 @@ class LightTokenizer:
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("a conversation is a non-empty list of messages")
         messages = [_template_message(m) for m in conversation]
+        for name, value in variables.items():  # the sandbox's only inputs are plain data
+            if value is not None and type(value) not in (str, int, float, bool):
+                raise TypeError(f"template variable {name!r} must be a string, number or boolean, "
+                                f"got {type(value).__name__}")
         if self._compiled is None or self._compiled[0] != self.chat_template:
             self._compiled = (self.chat_template, compile_template(self.chat_template))
         return self._compiled[1].render(messages=messages, tools=None, documents=None,
