@@ -214,9 +214,13 @@ USER_THREADS = 2
 def build_tiny_chat(tmp_path: Path) -> Path:
     """A tiny random Llama with SmolLM2's vocabulary, saved with SmolLM2's real tokenizer (chat
     template included): a model folder that `load_model` and the CLI load in well under a second."""
-    from selfspec.models.loading import load_gguf_tokenizer
+    import shutil
+
+    from selfspec.models.loading import gguf_tokenizer_folder
     from selfspec.models.registry import REGISTRY
 
     _, folder = build_tiny("llama", tmp_path, vocab_size=49152, max_position_embeddings=512)
-    load_gguf_tokenizer(REGISTRY["smollm2-135m"].path()).save_pretrained(str(folder))
+    converted = gguf_tokenizer_folder(REGISTRY["smollm2-135m"].path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # what save_pretrained wrote
+        shutil.copy(converted / name, folder / name)
     return folder

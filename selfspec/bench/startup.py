@@ -5,7 +5,8 @@
    writes the entry), warm with the entry present (it reads it). The model file itself is in the
    OS page cache both times: cold means "no weight cache", not "cold disk". Reported: the
    process's wall time until the model is ready (Python start, imports, load), `load_seconds`
-   of `load_model`, and its breakdown (weights, tokenizer: they overlap on two threads).
+   of `load_model`, and its breakdown (weights, then the tokenizer, and which tokenizer it was:
+   "light" or "transformers", selfspec/models/light_tokenizer.py).
 2. Time to first token of turn N (default 5) of a multi-turn chat, with and without prompt-prefix
    reuse: turns 1..N-1 run as a chat session does (greedy, the model's own answers), then turn N's
    time from its message to its first streamed token, once with the session's KV (only the new
@@ -198,7 +199,7 @@ def report(r: dict) -> str:
 
     def row(name, x):
         return (f"| {name} | {x['process_seconds']:.2f} | {x['load_seconds']:.2f} | {x['weights_seconds']:.2f} | "
-                f"{x['tokenizer_seconds']:.2f} | {x['weight_cache']} |")
+                f"{x['tokenizer_seconds']:.2f} ({x.get('tokenizer', 'transformers')}) | {x['weight_cache']} |")
 
     lines = [f"## Start-up: {s['model']} ({c['dtype']}, {c['kernel']})", "",
              "| load | process start to ready, s | load_model, s | weights, s | tokenizer, s | weight cache |",

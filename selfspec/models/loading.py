@@ -32,15 +32,16 @@ class Model:
     path: Path
     config: ModelConfig
     transformer: Transformer
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: object  # a transformers tokenizer, or the light one (selfspec/models/light_tokenizer.py)
     dtype: str  # "fp32" | "bf16" | "int8" | "int4" | "native" | "native-q8"
     ctx_size: int
     load_seconds: float
     kernel: str = "F.linear"
     isa: str = ""  # instruction-set family of the kernels (selfspec.hardware.isa)
     dtype_reason: str = ""  # why this dtype (`--dtype auto`'s reason, or "asked for")
-    # Where the load's time went: weights_seconds, tokenizer_seconds and what the weight cache
-    # did (weight_cache: "hit", "written", "not written" or "off").
+    # Where the load's time went: weights_seconds, tokenizer_seconds, which tokenizer (tokenizer:
+    # "light" or "transformers") and what the weight cache did (weight_cache: "hit", "written",
+    # "not written" or "off").
     load_info: dict = field(default_factory=dict)
     _cache: KVCache | None = None
 
@@ -129,12 +130,13 @@ def load_model(model: str | Path, dtype: str = "auto", ctx_size: int | None = No
 
         transformer = compile_transformer(transformer)  # on CUDA: inductor's Triton kernels
         kernel += "+" + transformer.compile_status.split(":")[0]  # compiled | compile-skipped
-    # One after the other: on a second thread the tokenizer (mostly `import transformers`) and the
+    # One after the other: on a second thread the tokenizer (then mostly `import transformers`) and the
     # weights (safetensors reads hold the GIL; prepacking takes both cores) slowed each other down
     # more than they overlapped (docs/benchmarks.md, "Start-up and multi-turn").
     t = time.perf_counter()
     tokenizer = tokenizer_at(path)
     info["tokenizer_seconds"] = time.perf_counter() - t
+    info["tokenizer"] = getattr(tokenizer, "kind", "transformers")
     return Model(name=name, path=path, config=transformer.config, transformer=transformer,
                  tokenizer=tokenizer, dtype=dtype_name, ctx_size=transformer.rope_max,
                  load_seconds=time.perf_counter() - t0, kernel=kernel, isa=isa, dtype_reason=dtype_reason,
@@ -518,13 +520,33 @@ def file_key(path: Path) -> str:
 
 
 def load_gguf_tokenizer(path: Path):
-    """transformers converts a GGUF vocabulary in seconds (25 s for Gemma's 262k); we convert once
-    and keep the result in the cache folder."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a GGUF file: the light tokenizer (selfspec/models/light_tokenizer.py, no
+    `import transformers`) where the check of its converted folder found it equal to transformers'
+    (selfspec/models/tokenizer_check.py), transformers' otherwise. The check runs once per folder,
+    where transformers is loaded anyway: at conversion, or for a folder without a current marker."""
+    from selfspec.models import tokenizer_check
 
+    folder = gguf_tokenizer_folder(path)
+    marker, reference = tokenizer_check.current_marker(folder), None
+    if marker is None:
+        reference = _transformers_tokenizer(folder)
+        marker = tokenizer_check.check_folder(folder, reference)
+    if marker.get("match") is not True:
+        return _transformers_tokenizer(folder) if reference is None else reference
+    from selfspec.models.light_tokenizer import LightTokenizer
+
+    return LightTokenizer.from_folder(folder, marker["backend"])
+
+
+def gguf_tokenizer_folder(path: Path) -> Path:
+    """The folder of the GGUF file's tokenizer as transformers saves it (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja), converted by transformers on first use: it
+    takes seconds (25 s for Gemma's 262k vocabulary), so it is kept in the cache folder."""
     cached = cache_dir() / "tokenizers" / file_key(path)
     if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
+        return cached
+    from transformers import AutoTokenizer
+
     from selfspec.progress import Bar
 
     with Bar(f"converting the tokenizer of {path.name} (once; cached after)"):
@@ -536,7 +558,13 @@ def load_gguf_tokenizer(path: Path):
         tok.save_pretrained(str(tmp))
     if not cached.exists():
         tmp.rename(cached)
-    return AutoTokenizer.from_pretrained(str(cached))
+    return cached
+
+
+def _transformers_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 # ------------------------------------------------------------------------------------ HF folders
