@@ -231,14 +231,12 @@ static AVX512 inline __m512 iota16(void) {
     return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
-/* out[0..31] = tab[nibble] for the 16 bytes at q (low nibbles first) */
+/* out[0..31] = tab[nibble] for the 16 bytes at q (low nibbles first). A 16-entry permute reads
+ * only bits 3:0 of each index: the widened bytes need no mask, the high nibbles a shift by 4. */
 static AVX512 inline void lookup32(const uint8_t *q, __m512 tab, float *out) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i b = _mm_loadu_si128((const __m128i *)q);
-    __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(b, mask));
-    __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
-    _mm512_storeu_ps(out, _mm512_permutexvar_ps(lo, tab));
-    _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(hi, tab));
+    __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(z, tab));
+    _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), tab));
 }
 
 static AVX512 void deq_q4_0_512(const uint8_t *row, int k0, int n, float *out) {
@@ -293,17 +291,15 @@ static AVX512 void deq_q4_k_512(const uint8_t *row, int k0, int n, float *out) {
     const uint8_t *blk = row + (size_t)(k0 / 256) * 144;
     float d = f16(blk), dmin = f16(blk + 2);
     const uint8_t *s = blk + 4, *qs = blk + 16;
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    for (int j = 0; j < 4; j++) {
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-        __m256i half[2] = {_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask)};
+    for (int j = 0; j < 4; j++) { /* sub-blocks 2j (low nibbles) and 2j + 1 (high; see lookup32) */
+        __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * j)));
+        __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * j + 16)));
         for (int h = 0; h < 2; h++) {
             int i = 2 * j + h, sc, mn;
             q4k_scale_min(s, i, &sc, &mn);
             __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * (float)sc), iota16()),
                                        _mm512_set1_ps(dmin * (float)mn));
-            __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(half[h]));
-            __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(half[h], 1));
+            if (h) lo = _mm512_srli_epi32(lo, 4), hi = _mm512_srli_epi32(hi, 4);
             _mm512_storeu_ps(out + 32 * i, _mm512_permutexvar_ps(lo, tab));
             _mm512_storeu_ps(out + 32 * i + 16, _mm512_permutexvar_ps(hi, tab));
         }
@@ -510,24 +506,25 @@ static AVX512 AI void halves(__m512 v, __m256 *w) {
     w[0] = _mm512_castps512_ps256(v), w[1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
-/* the 32 nibbles at q (low nibbles first) looked up in tab */
+/* the 32 nibbles at q (low nibbles first) looked up in tab. A 16-entry permute reads only bits
+ * 3:0 of each index, so the widened bytes need no mask: the low nibble as they are, the high one
+ * shifted down by 4. */
 static AVX512 AI void lookup32_w(const uint8_t *q, __m512 tab, __m256 w[4]) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i b = _mm_loadu_si128((const __m128i *)q);
-    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)), tab), w);
-    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), tab), w + 2);
+    __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    halves(_mm512_permutexvar_ps(z, tab), w);
+    halves(_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), tab), w + 2);
 }
 
-/* unit_q4k by table lookup: tab[q] = ds * q - dm, the same products */
+/* unit_q4k by table lookup: tab[q] = ds * q - dm, the same products. Unit i's codes are the low
+ * (even i) or high (odd i) nibbles of 32 bytes; the permute reads bits 3:0 only (lookup32_w). */
 static AVX512 AI void unit_q4k_512(const uint8_t *row, int64_t u, float ds, float dm, __m256 w[4]) {
-    const uint8_t *blk = row + (u >> 3) * 144;
-    const int i = (int)(u & 7);
+    const uint8_t *q = row + (u >> 3) * 144 + 16 + 32 * ((u & 7) >> 1);
     __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds), iota16()), _mm512_set1_ps(dm));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    __m256i bytes = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (i >> 1)));
-    __m256i nib = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * (i & 1))), mask);
-    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nib)), tab), w);
-    halves(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nib, 1)), tab), w + 2);
+    __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+    if (u & 1) lo = _mm512_srli_epi32(lo, 4), hi = _mm512_srli_epi32(hi, 4);
+    halves(_mm512_permutexvar_ps(lo, tab), w);
+    halves(_mm512_permutexvar_ps(hi, tab), w + 2);
 }
 
 static AVX512 AI void unit_weights_512(int fmt, const uint8_t *row, int64_t u, __m256 w[4]) {
