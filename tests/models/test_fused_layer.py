@@ -125,3 +125,32 @@ def test_fused_only_where_it_covers_the_model(smollm_native, monkeypatch):
     dense = torch.nn.Linear(1, 1)  # any non-native linear (a format the kernel lacks, dequantised)
     monkeypatch.setattr(layer, "wo", dense)
     assert native.fused_layers(tr) is None
+
+
+def test_tree_drafts_on_the_fused_path_are_lossless(smollm_native):
+    """A token tree's pass (its own RoPE positions and visibility) through the fused layers."""
+    from lossless import assert_lossless
+    from selfspec.drafters.factory import build_drafter
+    from selfspec.generation import generate
+
+    m = smollm_native
+    assert m.transformer.fused is not None
+    prompt = ("Repeat the list exactly twice.\nred apple, green pear, red cherry, green apple, red pear, "
+              "green cherry, red grape.\n")
+    plain = generate(m, prompt, max_new_tokens=40, ignore_eos=True)
+    tr, trees = m.transformer, []
+    forward = tr.forward
+
+    def spy(*a, **kw):
+        if kw.get("tree") is not None and len(set(kw["tree"].depth.tolist())) < kw["tree"].depth.numel():
+            trees.append(kw["tree"])  # a real tree: two nodes at one depth
+        return forward(*a, **kw)
+
+    tr.forward = spy
+    try:
+        spec = generate(m, prompt, max_new_tokens=40, drafter=build_drafter("ngram", m, tree=4, tree_reduce=False),
+                        ignore_eos=True)
+    finally:
+        del tr.forward
+    assert_lossless(plain.token_ids, spec.token_ids, "smollm2 native ngram tree=4")
+    assert trees, "no branching tree was verified"
