@@ -23,7 +23,7 @@ ROOT = Path(__file__).parents[2]
 def _gguf(alias: str) -> Path:
     entry = REGISTRY[alias]
     if not entry.installed:
-        pytest.skip(f"{alias} is not installed ({entry.install_hint}); `make test` installs it")
+        pytest.skip(f"{alias} is not installed ({entry.install_hint})")
     return entry.path()
 
 
