@@ -118,6 +118,7 @@ def test_fused_qkv_bias_matches_unfused(smollm_native):
 def test_fused_only_where_it_covers_the_model(smollm_native, monkeypatch):
     tr = smollm_native.transformer
     assert native.fused_layers(tr) is not None
+    assert smollm_native.kernel.endswith("+fused-layers")  # what --json's kernel says
     monkeypatch.setenv(native.FUSED_ENV, "0")
     assert native.fused_layers(tr) is None
     monkeypatch.delenv(native.FUSED_ENV)
