@@ -1,12 +1,15 @@
-/* One decoder layer of a Llama-family model on native weights in one call: what
- * Transformer.forward does for a layer as some fifteen PyTorch operations and four linear calls
- * (each a dispatch of 3-12 µs; together a third of a SmolLM2 step at 2 threads), here without
- * leaving C. The residual stream x [T, hidden] fp32 is updated in place:
+/* One decoder layer on native weights in one call: what Transformer.forward does for a layer as
+ * some fifteen PyTorch operations and four linear calls (each a dispatch of 3-12 µs; together a
+ * third of a SmolLM2 step at 2 threads), here without leaving C. Llama-family layers (Qwen2's
+ * q|k|v bias included) and Gemma's (q/k norms, post norms, GELU). The residual stream x
+ * [T, hidden] fp32 is updated in place:
  *
- *   attention half:  h = rmsnorm(x) . attn_norm;  qkv = h W_qkv^T (+ b);  rope on q, k;
- *                    k, v -> the cache at start..start+T-1;  o = attention(q, cache) W_o^T;
+ *   attention half:  h = rmsnorm(x) . attn_norm;  qkv = h W_qkv^T (+ b);  (Gemma: rmsnorm of each
+ *                    q and k head);  rope on q, k;  k, v -> the cache at start..start+T-1;
+ *                    o = attention(q, cache) W_o^T;  (Gemma: o = rmsnorm(o) . post_attn_norm);
  *                    x = x + o
- *   MLP half:        h = rmsnorm(x) . ffn_norm;  g|u = h W_gate_up^T;  x = x + (silu(g) * u) W_down^T
+ *   MLP half:        h = rmsnorm(x) . ffn_norm;  g|u = h W_gate_up^T;  m = (act(g) * u) W_down^T;
+ *                    (Gemma: m = rmsnorm(m) . post_ffn_norm);  x = x + m
  *
  * Row-invariant by construction, like its parts: the linears are selfspec_qgemm(_q8) and the
  * attention selfspec_attention (each row's result a function of that row and its key sequence);
@@ -17,8 +20,9 @@
  *            first half; the products and sum of apply_rope)
  *   silu     g / (1 + exp(-g)), exp from exp_nonpos8 (g >= 0: e = exp(-g), g / (1 + e);
  *            g < 0: e = exp(g), (g * e) / (1 + e))
- * The norm and SiLU round differently from PyTorch's in the last bits, so the fused and the
- * unfused native paths are two (equally exact) variants; one process uses one of them.
+ *   gelu     0.5 g (1 + tanh(c (g + 0.044715 g^3))), tanh from exp_nonpos8 (gelu_mul)
+ * The norms and activations round differently from PyTorch's in the last bits, so the fused and
+ * the unfused native paths are two (equally exact) variants; one process uses one of them.
  */
 #include <immintrin.h>
 #include <math.h>
