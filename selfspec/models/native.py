@@ -192,8 +192,6 @@ class _Layer(ctypes.Structure):  # layer.c's native_layer
 
 
 FUSED_ENV = "SELFSPEC_FUSED"  # "0": the layers as PyTorch operations around each native linear
-
-
 MAX_HEAD_DIM = 512  # layer.c's
 
 
@@ -208,9 +206,8 @@ def fused_layers(tr: Transformer) -> "FusedLayers | None":
     lib = _lib()
     if os.environ.get(FUSED_ENV, "1") == "0" or lib is None or tr.device.type != "cpu" or tr.dtype != torch.float32:
         return None
-    if c.activation not in ("silu", "gelu_tanh") or c.hidden % 8 or c.intermediate % 8 or c.head_dim % 8:
-        return None
-    if c.head_dim > MAX_HEAD_DIM:
+    if (c.activation not in ("silu", "gelu_tanh") or c.hidden % 8 or c.intermediate % 8 or c.head_dim % 8
+            or c.head_dim > MAX_HEAD_DIM):
         return None
     for layer in tr.layers:
         lins = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
@@ -237,7 +234,6 @@ class FusedLayers:
                                float(c.attn_softcap or 0.0))
                         for la in tr.layers]
         self.layers = tr.layers  # the tensors the structs point into stay alive with them
-        self.hidden = c.hidden
 
     def __call__(self, i: int, x: torch.Tensor, start: int, cache, rope, visibility, attn: bool, mlp: bool) -> None:
         """x [T, hidden] (fp32, contiguous, owned by the caller's forward) += layer i's halves."""

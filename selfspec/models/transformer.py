@@ -212,15 +212,13 @@ class Transformer:
         masks: dict[int, object] = {}
         for i, layer in enumerate(self.layers if exit_layer is None else self.layers[:exit_layer]):
             window = c.sliding_window[i]
+            attn = i not in skip.attention
+            if attn and window not in masks:
+                masks[window] = self._visibility(start, T, window, tree)
             if self.fused is not None:
-                attn = i not in skip.attention
-                if attn and window not in masks:
-                    masks[window] = self._visibility(start, T, window, tree)
                 self.fused(i, x, start, cache, ropes[window > 0], masks.get(window), attn, i not in skip.mlp)
                 continue
-            if i not in skip.attention:
-                if window not in masks:
-                    masks[window] = self._visibility(start, T, window, tree)
+            if attn:
                 h = self._attention(i, layer, self._norm(x, layer.attn_norm), start, cache,
                                     ropes[window > 0], window, masks[window])
                 if layer.post_attn_norm is not None:
