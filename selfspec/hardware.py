@@ -77,7 +77,7 @@ def isa_key() -> str:
 # differently (82-97% greedy agreement with fp32, docs/kernels.md) and are opt-in.
 OPT_IN = "bf16, int8, int4 and native-q8 change the model's output and are opt-in (--dtype)"
 AUTO_NATIVE_REASON = ("native: the GGUF file's own blocks, the same model as fp32 (summation order aside), "
-                      "1.7-3.0x fp32's plain decoding at 0.2-0.4x the memory (docs/kernels.md); " + OPT_IN)
+                      "2.8-4.0x fp32's plain decoding at 0.2-0.4x the memory (docs/benchmarks.md); " + OPT_IN)
 
 
 def auto_fp32_reason(why: str) -> str:
