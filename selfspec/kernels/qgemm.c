@@ -20,7 +20,8 @@
  * (see kernels/__init__.py).
  *
  * selfspec_qgemm_q8 (`--dtype native-q8`): the block formats against activations quantised per
- * row in blocks of 32 to int8, integer dot products (qgemm_q8.h says its order).
+ * row to int8 in blocks of 32 (256 for Q4_K and Q6_K), integer dot products (qgemm_q8.h says its
+ * order).
  *
  * Block layouts (learnt from the `gguf` package's dequantisers; this code is our own):
  *   Q4_0  18 B / 32: f16 d, 16 B nibbles (low: 0..15, high: 16..31)     w = d * (q - 8)
@@ -577,7 +578,8 @@ static AVX512 AI void unit_weights_512(int fmt, const uint8_t *row, int64_t u, _
 #define UNIT_Q4K unit_q4k_512
 #include "qgemm_group.h"
 
-/* ---- native-q8: activations quantised per row in blocks of 32, integer dot products ----
+/* ---- native-q8: activations quantised per row in blocks of 32 (256 for the K-quants), integer
+ * dot products ----
  * Each activation block of 32 (a row's own values only: row invariance by construction) becomes
  * xq = round-to-nearest-even(x * (127 / amax)) in int8, with dx = amax / 127 (0 for an all-zero
  * block); s = xq's lane sums (lane i: bytes 4i..4i+3) and sf = dx * float(s) serve the formats
@@ -590,42 +592,127 @@ typedef struct {
     float *d;   /* [M, K/32] */
     int32_t *s; /* [M, K/32, 8] */
     float *sf;  /* [M, K/32, 8] */
+    /* the K-quants' activations (Q4_K, Q6_K): the same rounding per block of 256, and the sums
+     * of xq per 16 (their sub-blocks carry integer scales, so a super-block's dot product is one
+     * integer: llama.cpp's Q8_K idea, our code) */
+    int8_t *kq;   /* [M, K] */
+    float *kd;    /* [M, K/256] */
+    int16_t *kb;  /* [M, K/16] */
 } qact;
 
-static int quantise_rows(const float *x, int64_t M, int64_t K, qact *xa) {
-    const int64_t U = M * (K / 32);
-    xa->K = K;
-    xa->q = malloc((size_t)(M * K));
-    xa->d = malloc(sizeof(float) * (size_t)U);
-    xa->s = malloc(sizeof(int32_t) * 8 * (size_t)U);
-    xa->sf = malloc(sizeof(float) * 8 * (size_t)U);
-    if (!xa->q || !xa->d || !xa->s || !xa->sf) return -3;
+/* amax/127 and xq = round-to-nearest-even(x * (127 / amax)) of n floats (n % 32 == 0) */
+static float quantise_block(const float *p, int n, int8_t *q) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t mu = 0; mu < U; mu++) { /* rows are K apart and K % 32 == 0: units are contiguous */
-        const float *p = x + 32 * mu;
-        __m256 v[4], mx = _mm256_setzero_ps();
-        for (int t = 0; t < 4; t++) v[t] = _mm256_loadu_ps(p + 8 * t), mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[t]));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
-        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        xa->d[mu] = amax / 127.0f;
+    __m256 mx = _mm256_setzero_ps();
+    for (int t = 0; t < n; t += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + t)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    for (int t = 0; t < n; t += 32) {
         __m256i iv[4];
-        for (int t = 0; t < 4; t++) iv[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], _mm256_set1_ps(id)));
+        for (int v = 0; v < 4; v++) iv[v] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + t + 8 * v), id));
         __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
         b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* undo the packs' lanes */
-        _mm256_storeu_si256((__m256i *)(xa->q + 32 * mu), b);
-        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), b), _mm256_set1_epi16(1));
-        _mm256_storeu_si256((__m256i *)(xa->s + 8 * mu), s);
-        _mm256_storeu_ps(xa->sf + 8 * mu, _mm256_mul_ps(_mm256_set1_ps(xa->d[mu]), _mm256_cvtepi32_ps(s)));
+        _mm256_storeu_si256((__m256i *)(q + t), b);
+    }
+    return amax / 127.0f;
+}
+
+/* blocks of 32 where `small`, blocks of 256 (K % 256 == 0) where `kquant` */
+static int quantise_rows(const float *x, int64_t M, int64_t K, int small, int kquant, qact *xa) {
+    const int64_t U = M * (K / 32);
+    xa->K = K;
+    if (small) {
+        xa->q = malloc((size_t)(M * K));
+        xa->d = malloc(sizeof(float) * (size_t)U);
+        xa->s = malloc(sizeof(int32_t) * 8 * (size_t)U);
+        xa->sf = malloc(sizeof(float) * 8 * (size_t)U);
+        if (!xa->q || !xa->d || !xa->s || !xa->sf) return -3;
+        for (int64_t mu = 0; mu < U; mu++) { /* rows are K apart and K % 32 == 0: units are contiguous */
+            xa->d[mu] = quantise_block(x + 32 * mu, 32, xa->q + 32 * mu);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(xa->q + 32 * mu));
+            __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), b), _mm256_set1_epi16(1));
+            _mm256_storeu_si256((__m256i *)(xa->s + 8 * mu), s);
+            _mm256_storeu_ps(xa->sf + 8 * mu, _mm256_mul_ps(_mm256_set1_ps(xa->d[mu]), _mm256_cvtepi32_ps(s)));
+        }
+    }
+    if (kquant) {
+        xa->kq = malloc((size_t)(M * K));
+        xa->kd = malloc(sizeof(float) * (size_t)(M * K / 256));
+        xa->kb = malloc(sizeof(int16_t) * (size_t)(M * K / 16));
+        if (!xa->kq || !xa->kd || !xa->kb) return -3;
+        for (int64_t mb = 0; mb < M * K / 256; mb++)
+            xa->kd[mb] = quantise_block(x + 256 * mb, 256, xa->kq + 256 * mb);
+        for (int64_t i = 0; i < M * K / 16; i++) {
+            int sum = 0;
+            for (int t = 0; t < 16; t++) sum += xa->kq[16 * i + t];
+            xa->kb[i] = (int16_t)sum; /* |sum| <= 16 * 127 */
+        }
     }
     return 0;
 }
 
-static void free_rows(qact *xa) { free(xa->q), free(xa->d), free(xa->s), free(xa->sf); }
+static void free_rows(qact *xa) {
+    free(xa->q), free(xa->d), free(xa->s), free(xa->sf), free(xa->kq), free(xa->kd), free(xa->kb);
+}
 
-/* The 32 codes of unit u as bytes (unsigned: the code plus the format's offset; Q8_0: signed),
- * the per-lane weight scale S and, for Q4_1/Q4_K, the offset Mn (w = S*code + Mn). */
+/* One K-quant super-block of one weight row, decoded for integer dot products: the 8 units' codes
+ * as unsigned bytes, each unit's integer scales as 16 int16 lanes (lane i scales maddubs' lane i:
+ * weights 2i, 2i+1), d and, Q4_K, dmin and the 8 mins; Q6_K, its 16 scales for the -32 offset. */
+typedef struct {
+    __m256i c[8], sc[8], sc16;
+    __m128i mins;
+    float d, dmin;
+} ksb;
+
+static AI void q4k_decode(const uint8_t *blk, ksb *b) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
+    /* scales 0-3 and mins 0-3: the low 6 bits of bytes 0-3 and 4-7; 4-7: the nibbles of bytes
+     * 8-11 below the top two bits of bytes 0-3 (scales) and 4-7 (mins) */
+    const uint32_t sc_lo = u0 & 0x3f3f3f3f, m_lo = u1 & 0x3f3f3f3f;
+    const uint32_t sc_hi = (u2 & 0x0f0f0f0f) | ((u0 >> 2) & 0x30303030);
+    const uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0f) | ((u1 >> 2) & 0x30303030);
+    const __m256i S = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+    b->mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo));
+    b->d = f16(blk), b->dmin = f16(blk + 2);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+        b->c[2 * j] = _mm256_and_si256(v, mask);
+        b->c[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+    for (int k = 0; k < 8; k++) b->sc[k] = _mm256_shuffle_epi8(S, _mm256_set1_epi16((short)(0x0100 + 0x0202 * k)));
+}
+
+static AI void q6k_decode(const uint8_t *blk, ksb *b) {
+    const __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+    b->sc16 = _mm256_cvtepi8_epi16(s8);
+    b->d = f16(blk + 208), b->dmin = 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    for (int n = 0; n < 2; n++) { /* 128 weights: 64 B of low nibbles, 32 B of 2-bit highs */
+        const uint8_t *ql = blk + 64 * n, *qh = blk + 128 + 32 * n;
+        __m256i A = _mm256_loadu_si256((const __m256i *)ql), B = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        __m256i H = _mm256_loadu_si256((const __m256i *)qh);
+        b->c[4 * n] = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30));
+        b->c[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30));
+        b->c[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(H, m30));
+        b->c[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
+                                          _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
+    }
+    /* unit k: scale 2k on its weights 0-15 (maddubs lanes 0-7), 2k+1 on 16-31 */
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(b->sc16));
+    const __m256i hi = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(b->sc16, 1));
+    for (int k = 0; k < 8; k++) {
+        const short e = (short)(0x0100 + 0x0404 * (k & 3)), o = (short)(e + 0x0202);
+        b->sc[k] = _mm256_shuffle_epi8(k < 4 ? lo : hi, _mm256_setr_epi16(e, e, e, e, e, e, e, e, o, o, o, o, o, o, o, o));
+    }
+}
+
+/* The 32 codes of unit u of a 32-block format as bytes (unsigned: the code plus the format's
+ * offset; Q8_0: signed), the per-lane weight scale S and, for Q4_1, the offset Mn
+ * (w = S*code + Mn). The K-quants decode a super-block at a time (ksb). */
 static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, __m256 *S, __m256 *Mn) {
     const __m128i mask = _mm_set1_epi8(0x0F);
     switch (fmt) {
@@ -650,33 +737,17 @@ static AI void unit_codes(int fmt, const uint8_t *row, int64_t u, __m256i *qb, _
         *S = f16x8(blk);
         break;
     }
-    case Q4_K: {
-        const uint8_t *blk = row + (u >> 3) * 144;
-        int i = (int)(u & 7), sc, mn;
-        q4k_scale_min(blk + 4, i, &sc, &mn);
-        *qb = q4_k_bytes(blk, i);
-        *S = _mm256_set1_ps(f16(blk) * (float)sc), *Mn = _mm256_set1_ps(-(f16(blk + 2) * (float)mn));
-        break;
-    }
-    case Q6_K: {
-        const uint8_t *blk = row + (u >> 3) * 210;
-        int i = (int)(u & 7);
-        float s0, s1;
-        q6_k_scales(blk, i, &s0, &s1);
-        *qb = q6_k_bytes(blk, i);
-        /* lanes 0-3: weights 0-15 (first 16-scale), lanes 4-7: weights 16-31 */
-        *S = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-        break;
-    }
     }
 }
 
 static AI __m256i dot_avx2(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
+static AI __m256i madd_avx2(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 
 #define VNNI __attribute__((target("avx512vnni,avx512vl,avx512f,avx512bw,avx512dq,avx2,fma,f16c")))
 static VNNI AI __m256i dot_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+static VNNI AI __m256i madd_vnni(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
 
 #undef GROUP_ISA
 #undef GROUP_ATTR
@@ -684,13 +755,16 @@ static VNNI AI __m256i dot_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi
 #define Q8_ISA q8_avx2
 #define Q8_ATTR
 #define Q8_DOT dot_avx2
+#define Q8_MADD madd_avx2
 #include "qgemm_q8.h"
 #undef Q8_ISA
 #undef Q8_ATTR
 #undef Q8_DOT
+#undef Q8_MADD
 #define Q8_ISA q8_vnni
 #define Q8_ATTR VNNI
 #define Q8_DOT dot_vnni
+#define Q8_MADD madd_vnni
 #include "qgemm_q8.h"
 
 
@@ -774,7 +848,9 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
     }
     const int64_t N = first_row[nseg], G = groups[nseg];
     qact xa = {0};
-    if (q8 && quantise_rows(x, M, K, &xa)) {
+    int any_k = 0, any_small = 0;
+    for (int s = 0; s < nseg; s++) *(fmt[s] == Q4_K || fmt[s] == Q6_K ? &any_k : &any_small) = 1;
+    if (q8 && quantise_rows(x, M, K, any_small, any_k, &xa)) {
         free_rows(&xa);
         return -3;
     }

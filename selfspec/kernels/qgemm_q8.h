@@ -1,17 +1,24 @@
 /* `--dtype native-q8`: one group (gr = 4 or 8 rows) of a block-format linear against M activation rows that
- * were quantised per row in blocks of 32 (qact, see selfspec_qgemm_q8). Included by qgemm.c once
- * per integer dot product: Q8_ISA names the instance, Q8_ATTR its target attribute, Q8_DOT(u, s)
- * the 8 int32 lanes, lane i = Σ of u[4i+t]*s[4i+t] over t < 4 (u unsigned, s signed bytes). Every
+ * were quantised per row in blocks of 32, 256 for the K-quants (qact, see selfspec_qgemm_q8).
+ * Included by qgemm.c once per integer dot product: Q8_ISA names the instance, Q8_ATTR its target
+ * attribute, Q8_DOT(u, s) the 8 int32 lanes, lane i = Σ of u[4i+t]*s[4i+t] over t < 4 (u
+ * unsigned, s signed bytes), Q8_MADD(acc, a, b) = acc + madd_epi16(a, b) (VNNI: vpdpwssd). Every
  * instance computes the same integers exactly (no saturation: |u| <= 128, |s| <= 127), then the
  * same float operations, so every instance gives the same bits.
  *
- * Order of every output element, whatever M, the thread count or which rows share a pass: per
- * unit of 32 weights, in increasing k, on 8 lanes:
+ * Order of every output element, whatever M, the thread count or which rows share a pass. Q4_0,
+ * Q4_1, Q5_0, Q8_0: per unit of 32 weights, in increasing k, on 8 lanes:
  *   dot  = Q8_DOT(q, xq) - off * xs         (integers; q unsigned: the code plus off, xs = lane
  *                                            sums of xq; Q8_0: the signed code, sign trick)
  *   acc  = fma(S * dx, float(dot), acc)     (S: the unit's weight scale per lane, dx: the act.
  *                                            block's scale)
- *   acc  = fma(Mn, dx * float(xs), acc)     (Q4_1, Q4_K only: the block's offset)
+ *   acc  = fma(Mn, dx * float(xs), acc)     (Q4_1 only: the block's offset)
+ * Q4_K and Q6_K, against activations in blocks of 256 (dx per block), per super-block in
+ * increasing k, on 8 lanes:
+ *   isum = Σ over its 8 units of madd(maddubs(codes, xq), unit's int16 scales)   (integers)
+ *          Q6_K: minus 32 * madd(16 scales, xq's sums per 16)                     (the offset)
+ *   acc  = fma(d * dx, float(isum), acc)    (float(isum) rounds only past 2^24: on every path alike)
+ *   acc  = fma(-(dmin * dx), float(madd(8 mins, xq's sums per 32)), acc)   (Q4_K: lanes 0-3)
  * then y = hsum_tree8(acc). */
 #define QCAT2(a, b) a##_##b
 #define QCAT(a, b) QCAT2(a, b)
@@ -48,6 +55,38 @@ static Q8_ATTR AI void Q(units)(int fmt, int NR, int MG, const uint8_t *const *r
         for (int j = 0; j < MG; j++) acc[r * QSLAB + j] = a[r][j];
 }
 
+/* Q4_K, Q6_K: one super-block of one weight row against one activation row's 256-block, into
+ * the 8 float lanes of acc (the order in the header). */
+static Q8_ATTR AI __m256 Q(ksb_dot)(int fmt, const ksb *b, const int8_t *xq, const int16_t *xb, float dx, __m256 acc) {
+    __m256i isum = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) /* |maddubs lane| <= 2 * 63 * 127: no saturation */
+        isum = Q8_MADD(isum, _mm256_maddubs_epi16(b->c[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), b->sc[k]);
+    if (fmt == Q6_K) /* the codes' offset of 32: 32 * Σ scale * (xq's sum over its 16) */
+        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(b->sc16, _mm256_loadu_si256((const __m256i *)xb)), 5));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(b->d * dx), _mm256_cvtepi32_ps(isum), acc);
+    if (fmt == Q4_K) { /* Σ min * (xq's sum over its 32), 4 lanes */
+        __m128i s32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xb), _mm_loadu_si128((const __m128i *)(xb + 8)));
+        __m128i ms = _mm_madd_epi16(b->mins, s32);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(-(b->dmin * dx)), _mm256_cvtepi32_ps(_mm256_set_m128i(_mm_setzero_si128(), ms)), acc);
+    }
+    return acc;
+}
+
+static Q8_ATTR AI void Q(ktile)(int fmt, int gr, int ms, const uint8_t *const *rp, int64_t sb, const qact *xa, int64_t m0,
+                                __m256 *acc) {
+    const int64_t K = xa->K, nsb = K / 256, bytes = fmt == Q4_K ? 144 : 210;
+    for (int r = 0; r < gr; r++) {
+        ksb b;
+        if (fmt == Q4_K) q4k_decode(rp[r] + sb * bytes, &b);
+        else q6k_decode(rp[r] + sb * bytes, &b);
+        for (int j = 0; j < ms; j++) {
+            const int64_t m = m0 + j;
+            acc[r * QSLAB + j] = Q(ksb_dot)(fmt, &b, xa->kq + m * K + 256 * sb, xa->kb + m * (K / 16) + 16 * sb,
+                                            xa->kd[m * nsb + sb], acc[r * QSLAB + j]);
+        }
+    }
+}
+
 #define Q_CASE(F, NR, MG)                                                                      \
     for (int r = 0; r < gr; r += NR) Q(units)(F, NR, MG, rp + r, u0, nu, xa, m0, acc + r * QSLAB);
 #define Q_SLAB(F)                                                                              \
@@ -70,8 +109,6 @@ static Q8_ATTR AI void Q(tile)(int fmt, int gr, int ms, const uint8_t *const *rp
     case Q4_1: Q_SLAB(Q4_1) break;
     case Q5_0: Q_SLAB(Q5_0) break;
     case Q8_0: Q_SLAB(Q8_0) break;
-    case Q4_K: Q_SLAB(Q4_K) break;
-    case Q6_K: Q_SLAB(Q6_K) break;
     }
 }
 
@@ -92,7 +129,8 @@ static Q8_ATTR void Q(group)(int fmt, int gr, const uint8_t *const *rp, const ui
             if (pf && ahead < row_bytes)
                 for (int r = 0; r < gr; r++)
                     for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);
-            Q(tile)(fmt, gr, ms, rp, k0 / 32, n / 32, xa, m0, acc);
+            if (fmt == Q4_K || fmt == Q6_K) Q(ktile)(fmt, gr, ms, rp, k0 / 256, xa, m0, acc);
+            else Q(tile)(fmt, gr, ms, rp, k0 / 32, n / 32, xa, m0, acc);
         }
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < ms; j++) y[(m0 + j) * N + n0 + r] = hsum_tree8(acc[r * QSLAB + j]);

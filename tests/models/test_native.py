@@ -75,10 +75,11 @@ def test_kernel_matches_dequantised_matmul(tname, shape):
     assert err <= bound
 
 
-def quantised_rows(x: torch.Tensor) -> torch.Tensor:
-    """native-q8's activations, float64: per row and block of 32, round(x * 127/amax) * amax/127
-    (fp32 scale, round half to even), as qgemm.c's quantise_rows computes them."""
-    xb = x.numpy().reshape(x.shape[0], -1, 32)
+def quantised_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """native-q8's activations, float64: per row and block (32; 256 for the K-quants),
+    round(x * 127/amax) * amax/127 (fp32 scale, round half to even), as qgemm.c's quantise_rows
+    computes them."""
+    xb = x.numpy().reshape(x.shape[0], -1, block)
     amax = np.abs(xb).max(-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     return torch.from_numpy(np.rint(xb * inv).astype(np.float64) * (amax / np.float32(127)).astype(np.float64)
@@ -88,9 +89,10 @@ def quantised_rows(x: torch.Tensor) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("tname", native.Q8_FORMATS)
 def test_q8_kernel_matches_quantised_reference(tname):
-    """native-q8 computes the file's weights against activations rounded per 32-block to int8:
-    within float rounding of that model's float64 product (measured ~2e-8 of Σ|w||x|), and
-    ~1e-3 from the fp32-activation product (the model it approximates)."""
+    """native-q8 computes the file's weights against activations rounded to int8 per block of 32
+    (per 256 for Q4_K and Q6_K, whose integer sub-block scales then fold into one integer per
+    super-block): within float rounding of that model's float64 product (measured ~2e-8 of
+    Σ|w||x|), and ~1e-3 from the fp32-activation product (the model it approximates)."""
     rows, K = 13, 512
     raw, t = random_blocks(tname, rows, K, np.random.default_rng(3))
     lin = linear_of(raw, t, rows, K, q8=True)
@@ -99,7 +101,8 @@ def test_q8_kernel_matches_quantised_reference(tname):
     w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float64)).reshape(rows, K)
     scale = (x.double().abs() @ w.abs().t()).max().item()
     y = lin(x).double()
-    err, off = (y - quantised_rows(x) @ w.t()).abs().max().item() / scale, (y - x.double() @ w.t()).abs().max().item() / scale
+    xq = quantised_rows(x, 256 if tname in ("Q4_K", "Q6_K") else 32)
+    err, off = (y - xq @ w.t()).abs().max().item() / scale, (y - x.double() @ w.t()).abs().max().item() / scale
     print(f"{tname} q8: |y - q8 reference| {err:.2g}, |y - fp32-activation product| {off:.2g} (of max Σ|w||x|)")
     assert err <= 1e-6 and off <= 5e-3
 
