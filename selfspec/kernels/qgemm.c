@@ -345,16 +345,18 @@ static int format_info(int fmt, int64_t K, int64_t *row_bytes, deq_fn *fn) {
  * streams weights from DRAM 10-40% faster than per-row prefetches on the fp32-activation paths
  * (docs/kernels.md; native-q8's groups were slower with it); 0 when they do not (a row map),
  * and the caller prefetches per row. */
-static inline int64_t next_span(const uint8_t *const *next, int gr, int64_t row_bytes) {
+static inline __attribute__((always_inline)) int64_t next_span(const uint8_t *const *next, int gr, int64_t row_bytes) {
     if (!next) return 0;
     for (int r = 1; r < gr; r++)
         if (next[r] != next[0] + r * row_bytes) return 0;
     return gr * row_bytes;
 }
 
-/* part t of the sweep over span bytes at p */
-static inline void sweep(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
-    for (int64_t b = t * span / tiles; b < (t + 1) * span / tiles; b += 64) __builtin_prefetch(p + b, 0, 0);
+/* part t of the sweep over span bytes at p, into L2 (prefetcht1). Always inlined: called (or
+ * left to gcc) from the native-q8 groups it cost them 2x (their prefetches vanished, the code
+ * around them slowed: Q6_K 151936x1536 6.3 -> 33 ms, 2 threads) */
+static inline __attribute__((always_inline)) void sweep(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
+    for (int64_t b = t * span / tiles; b < (t + 1) * span / tiles; b += 64) __builtin_prefetch(p + b, 0, 2);
 }
 
 /* ---- the block formats, decoded into registers ----
