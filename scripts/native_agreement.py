@@ -1,11 +1,14 @@
 """Greedy agreement of `--dtype native` and `--dtype native-q8` with fp32 on a suite's prompts.
 
     python scripts/native_agreement.py [--model smollm2-135m] [--suite quick] [-n 32]
+    python scripts/native_agreement.py --model qwen2.5-coder-1.5b --dtypes native,native-q8,llama-cpp
 
 Each prompt (the first turn of multi-turn ones, with the chat template) is decoded greedily for
 `-n` tokens in every dtype. Prints per dtype: the prompts whose `-n` tokens equal fp32's, the
 tokens equal position by position, and the mean length of the prefix shared with fp32 (after the
 first difference the continuations drift apart, so the prefix is the stricter number).
+`llama-cpp` in `--dtypes` decodes the same token ids with llama.cpp (`make extras`) on the same
+GGUF, greedy, for the same count: its own int8-activation arithmetic next to ours.
 """
 from __future__ import annotations
 
@@ -27,6 +30,27 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
     return out
 
 
+class LlamaCpp:
+    """llama.cpp's greedy continuation of token ids, on the model's GGUF file."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        import llama_cpp
+
+        from selfspec.bench.run import _model_path
+
+        self.llm = llama_cpp.Llama(model_path=str(_model_path(name)), n_ctx=4096, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+        self.kernel = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        out = []
+        for tok in self.llm.generate(ids, reset=True, temp=0.0, top_k=1, repeat_penalty=1.0):
+            out.append(int(tok))
+            if len(out) == n:
+                return out
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -43,8 +67,12 @@ def main() -> None:
     print("| dtype | prompts equal in all tokens | tokens equal by position | mean shared prefix |")
     print("|---|---|---|---|")
     for dtype in args.dtypes.split(","):
-        model = load_model(args.model, dtype=dtype)
-        got = [greedy(model, i, args.n) for i in ids]
+        if dtype == "llama-cpp":
+            model = LlamaCpp(args.model, torch.get_num_threads())
+            got = [model.greedy(i, args.n) for i in ids]
+        else:
+            model = load_model(args.model, dtype=dtype)
+            got = [greedy(model, i, args.n) for i in ids]
         same = sum(g == w for g, w in zip(got, want))
         pos = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
         prefix = [next((k for k, (a, b) in enumerate(zip(g, w)) if a != b), args.n) for g, w in zip(got, want)]

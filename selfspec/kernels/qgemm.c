@@ -352,11 +352,17 @@ static inline __attribute__((always_inline)) int64_t next_span(const uint8_t *co
     return gr * row_bytes;
 }
 
-/* part t of the sweep over span bytes at p, into L2 (prefetcht1). Always inlined: called (or
- * left to gcc) from the native-q8 groups it cost them 2x (their prefetches vanished, the code
- * around them slowed: Q6_K 151936x1536 6.3 -> 33 ms, 2 threads) */
+/* part t of the sweep over span bytes at p: prefetchnta for the fp32 paths, into L2 (prefetcht1)
+ * for native-q8, each the faster where measured (native-q8's Q6_K LM head 151936x1536, 2 threads:
+ * 10.7 ms with nta, 5.6 with t1; SmolLM2's fp32 step 9.0 ms with nta, 10.4 with t1). Always
+ * inlined: left to gcc, the native-q8 groups lost their prefetches and ran 2x slower. */
+#define SWEEP_PART(p, span, t, tiles, hint) \
+    for (int64_t b = (t) * (span) / (tiles); b < ((t) + 1) * (span) / (tiles); b += 64) __builtin_prefetch((p) + b, 0, hint)
 static inline __attribute__((always_inline)) void sweep(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
-    for (int64_t b = t * span / tiles; b < (t + 1) * span / tiles; b += 64) __builtin_prefetch(p + b, 0, 2);
+    SWEEP_PART(p, span, t, tiles, 0);
+}
+static inline __attribute__((always_inline)) void sweep_l2(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
+    SWEEP_PART(p, span, t, tiles, 2);
 }
 
 /* ---- the block formats, decoded into registers ----

@@ -128,7 +128,7 @@ static Q8_ATTR void Q(group)(int fmt, int gr, const uint8_t *const *rp, const ui
             const uint8_t *const *pf = k2 < K ? rp : next;
             const int64_t ahead = row_bytes * (k2 < K ? k2 : k2 - tiles * TK) / K;
             if (span) {
-                if (m0 == 0) sweep(next[0], span, k0 / TK, tiles);
+                if (m0 == 0) sweep_l2(next[0], span, k0 / TK, tiles);
             } else if (pf && ahead < row_bytes)
                 for (int r = 0; r < gr; r++)
                     for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);

@@ -124,8 +124,9 @@ class NativeLinear(Linear):
         self.out_features = sum(p.rows for p in parts)
         self.nbytes = sum(p.rows * p.row_bytes for p in parts) + (bias.nbytes if bias is not None else 0)
         self.types = sorted({p.type_name for p in parts})
-        # native-q8: activations quantised per row in blocks of 32 (qgemm.c), where every part has
-        # an integer kernel; a row's quantisation depends on that row only, so still row-invariant
+        # native-q8: activations quantised per row in blocks of 32 (256 for Q4_K/Q6_K; qgemm.c),
+        # where every part has an integer kernel; a row's quantisation depends on that row only,
+        # so still row-invariant
         self.q8 = q8 and all(t in Q8_FORMATS for t in self.types)
         if self.q8:
             self.kernel = "gguf-native-q8"
