@@ -58,9 +58,13 @@ static Q8_ATTR AI void Q(units)(int fmt, int NR, int MG, const uint8_t *const *r
 /* Q4_K, Q6_K: one super-block of one weight row against one activation row's 256-block, into
  * the 8 float lanes of acc (the order in the header). */
 static Q8_ATTR AI __m256 Q(ksb_dot)(int fmt, const ksb *b, const int8_t *xq, const int16_t *xb, float dx, __m256 acc) {
-    __m256i isum = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k++) /* |maddubs lane| <= 2 * 63 * 127: no saturation */
-        isum = Q8_MADD(isum, _mm256_maddubs_epi16(b->c[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), b->sc[k]);
+    __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256(); /* two chains: integers, any order */
+    for (int k = 0; k < 8; k += 2) { /* |maddubs lane| <= 2 * 63 * 127: no saturation */
+        i0 = Q8_MADD(i0, _mm256_maddubs_epi16(b->c[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), b->sc[k]);
+        i1 = Q8_MADD(i1, _mm256_maddubs_epi16(b->c[k + 1], _mm256_loadu_si256((const __m256i *)(xq + 32 * k + 32))),
+                     b->sc[k + 1]);
+    }
+    __m256i isum = _mm256_add_epi32(i0, i1);
     if (fmt == Q6_K) /* the codes' offset of 32: 32 * Σ scale * (xq's sum over its 16) */
         isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(b->sc16, _mm256_loadu_si256((const __m256i *)xb)), 5));
     acc = _mm256_fmadd_ps(_mm256_set1_ps(b->d * dx), _mm256_cvtepi32_ps(isum), acc);
