@@ -308,6 +308,31 @@ def test_smollm_native_q8_lossless(smollm_in):
 
 
 @needs_kernel
+def test_gemma_native_q8_kquants_lossless():
+    """Gemma-3's o and down projections are Q4_K/Q6_K: native-q8 runs them on the integer
+    super-block path (activations per 256) inside the fused layers, and a 9-token pass's rows are
+    the 1-token passes bitwise, so drafters stay lossless on it."""
+    from prompts import PROMPTS
+    from selfspec.drafters.layerskip import LayerSkipDrafter
+    from selfspec.drafters.ngram import NgramDrafter
+    from selfspec.models.loading import load_model
+
+    model = load_model("gemma3-270m", dtype="native-q8", ctx_size=512)
+    tr = model.transformer
+    kq = [lin for layer in tr.layers for lin in (layer.wo, layer.w_down) if {"Q4_K", "Q6_K"} & set(lin.types)]
+    assert kq and all(lin.q8 for lin in kq), [lin.types for layer in tr.layers for lin in (layer.wo, layer.w_down)]
+    ids = torch.tensor(model.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return"))
+    cache = model.fresh_cache()
+    start = len(ids) - 9
+    tr.forward(ids[:start], 0, cache)
+    batch = tr.forward(ids[start:], start, cache)
+    for i in range(9):
+        cache.rollback(start + i)
+        assert torch.equal(tr.forward(ids[start + i: start + i + 1], start + i, cache), batch[i: i + 1]), f"row {i}"
+    _check_drafters(model, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(model)), PROMPTS[:1], dtype="native-q8")
+
+
+@needs_kernel
 def test_native_forward_row_invariant(smollm_native):
     """A 9-token pass's rows are the 1-token passes at those positions, bitwise (the whole
     forward: native linears, native head, fixed-order attention)."""
