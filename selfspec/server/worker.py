@@ -154,30 +154,34 @@ class Worker:
             self.current = job
             self.metrics.busy.set(1)
             try:
-                self._decode(job)
+                final = self._decode(job)
             finally:
                 self.current = None
                 self.metrics.busy.set(0)
+            if final:  # after the worker is idle: a client that has its answer sees it idle in /metrics
+                job.emit(*final)
 
-    def _decode(self, job: Job) -> None:
+    def _decode(self, job: Job) -> tuple[str, object] | None:
+        """Decode `job`, streaming its text; returns its last event ("done" or "error"), None
+        when its client left."""
         job.started = time.perf_counter()
         rounds = iter(job.gen)
         view = DraftView(job.gen.model.tokenizer)  # which tokens were drafts, from the chunks' rounds
         try:
             for chunk in rounds:
                 if job.cancelled:
-                    return
+                    return None
                 spans = view.push(chunk)
                 if chunk.text:
                     job.emit("text", (chunk.text, view.extension(spans)))
             result = job.gen.result
             self.metrics.finished(result)
             self._recent.append(time.perf_counter() - job.started)
-            job.emit("done", result)
+            return "done", result
         except Exception as e:  # our fault, not the client's: this request gets a 500, the server goes on
             log.exception("generation failed")
             self.metrics.errors.inc()
-            job.emit("error", ApiError(500, f"the generation failed: {type(e).__name__}: {e}", type="server_error",
-                                       code="generation_failed"))
+            return "error", ApiError(500, f"the generation failed: {type(e).__name__}: {e}", type="server_error",
+                                     code="generation_failed")
         finally:
             rounds.close()  # stops decode_tokens at once (runs its finally) if we left early
