@@ -343,8 +343,8 @@ static int format_info(int fmt, int64_t K, int64_t *row_bytes, deq_fn *fn) {
 /* Prefetching the next group's rows (group of gr rows at `next`): when they lie back to back (no
  * row map: the usual case) as one sequential sweep spread over this group's `tiles` tiles, which
  * streams weights from DRAM 10-40% faster than per-row prefetches on the fp32-activation paths
- * (docs/kernels.md; native-q8's groups were slower with it); 0 when they do not (a row map),
- * and the caller prefetches per row. */
+ * and up to 2x on native-q8's (docs/kernels.md); 0 when they do not (a row map), and the caller
+ * prefetches per row. */
 static inline __attribute__((always_inline)) int64_t next_span(const uint8_t *const *next, int gr, int64_t row_bytes) {
     if (!next) return 0;
     for (int r = 1; r < gr; r++)

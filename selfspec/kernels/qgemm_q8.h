@@ -30,8 +30,8 @@ static Q8_ATTR AI void Q(units)(int fmt, int NR, int MG, const uint8_t *const *r
     const int64_t KU = xa->K / 32;
     for (int r = 0; r < NR; r++)
         for (int j = 0; j < MG; j++) a[r][j] = acc[r * QSLAB + j];
-    const int with_min = fmt == Q4_1 || fmt == Q4_K;
-    const int shift = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : 0; /* off = 1 << shift */
+    const int with_min = fmt == Q4_1;
+    const int shift = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : 0; /* off = 1 << shift */
     for (int u = 0; u < nu; u++) {
         const int64_t uu = u0 + u;
         for (int r = 0; r < NR; r++) {

@@ -321,32 +321,30 @@ def test_gemma_native_q8_kquants_lossless():
     tr = model.transformer
     kq = [lin for layer in tr.layers for lin in (layer.wo, layer.w_down) if {"Q4_K", "Q6_K"} & set(lin.types)]
     assert kq and all(lin.q8 for lin in kq), [lin.types for layer in tr.layers for lin in (layer.wo, layer.w_down)]
-    ids = torch.tensor(model.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return"))
-    cache = model.fresh_cache()
+    _assert_forward_row_invariant(model, "def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+    _check_drafters(model, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(model)), PROMPTS[:1], dtype="native-q8")
+
+
+def _assert_forward_row_invariant(m, text: str) -> None:
+    """The last 9 tokens of `text` in one pass: its rows are the 1-token passes at those
+    positions, bitwise."""
+    tr = m.transformer
+    ids = torch.tensor(m.encode(text))
+    cache = m.fresh_cache()
     start = len(ids) - 9
     tr.forward(ids[:start], 0, cache)
     batch = tr.forward(ids[start:], start, cache)
     for i in range(9):
         cache.rollback(start + i)
-        assert torch.equal(tr.forward(ids[start + i: start + i + 1], start + i, cache), batch[i: i + 1]), f"row {i}"
-    _check_drafters(model, lambda: (NgramDrafter(), LayerSkipDrafter.for_model(model)), PROMPTS[:1], dtype="native-q8")
+        one = tr.forward(ids[start + i: start + i + 1], start + i, cache)
+        assert torch.equal(one, batch[i: i + 1]), f"row {i}"
 
 
 @needs_kernel
 def test_native_forward_row_invariant(smollm_native):
     """A 9-token pass's rows are the 1-token passes at those positions, bitwise (the whole
     forward: native linears, native head, fixed-order attention)."""
-    m = smollm_native
-    tr = m.transformer
-    ids = torch.tensor(m.encode("The quick brown fox jumps over the lazy dog because"))
-    cache = m.fresh_cache()
-    tr.forward(ids[:-9], 0, cache)
-    start = len(ids) - 9
-    batch = tr.forward(ids[start:], start, cache)
-    for i in range(9):
-        cache.rollback(start + i)
-        one = tr.forward(ids[start + i: start + i + 1], start + i, cache)
-        assert torch.equal(one, batch[i: i + 1]), f"row {i}"
+    _assert_forward_row_invariant(smollm_native, "The quick brown fox jumps over the lazy dog because")
 
 
 def test_without_kernel_native_falls_back_to_fp32(monkeypatch, smollm):
