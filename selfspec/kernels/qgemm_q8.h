@@ -136,7 +136,13 @@ static Q8_ATTR void Q(group)(int fmt, int gr, const uint8_t *const *rp, const ui
             } else if (pf && ahead < row_bytes)
                 for (int r = 0; r < gr; r++)
                     for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);
-            if (fmt == Q4_K || fmt == Q6_K) Q(ktile)(fmt, gr, ms, rp, k0 / 256, xa, m0, acc);
+            if (fmt == Q4_K || fmt == Q6_K) { /* the format, and M = 1 with 8 rows, as constants */
+                if (ms == 1 && gr == 8) {
+                    if (fmt == Q4_K) Q(ktile)(Q4_K, 8, 1, rp, k0 / 256, xa, m0, acc);
+                    else Q(ktile)(Q6_K, 8, 1, rp, k0 / 256, xa, m0, acc);
+                } else if (fmt == Q4_K) Q(ktile)(Q4_K, gr, ms, rp, k0 / 256, xa, m0, acc);
+                else Q(ktile)(Q6_K, gr, ms, rp, k0 / 256, xa, m0, acc);
+            }
             else Q(tile)(fmt, gr, ms, rp, k0 / 32, n / 32, xa, m0, acc);
         }
         for (int r = 0; r < nr; r++)
