@@ -892,7 +892,7 @@ int selfspec_qgemm(int nseg, const int *fmt, const uint8_t *const *ptr, const in
     return qgemm(0, nseg, fmt, ptr, rows, map, K, x, M, y);
 }
 
-/* native-q8: the same, on activations quantised per row in blocks of 32 (-2 when a segment's
+/* native-q8: the same, on activations quantised per row in blocks of 32 or 256 (-2 when a segment's
  * format has no integer kernel: the caller uses selfspec_qgemm for that linear) */
 int selfspec_qgemm_q8(int nseg, const int *fmt, const uint8_t *const *ptr, const int64_t *rows,
                       const int32_t *const *map, int64_t K, const float *x, int64_t M, float *y) {
