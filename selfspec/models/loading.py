@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,10 +556,19 @@ def gguf_tokenizer_folder(path: Path) -> Path:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:
             raise ModelLoadError(f"cannot read the tokenizer of {path}: {e}") from None
-        tmp = cached.with_name(cached.name + ".tmp")
-        tok.save_pretrained(str(tmp))
-    if not cached.exists():
-        tmp.rename(cached)
+        # written into a folder of this process's own, then published by one rename: two
+        # processes converting the same file at once (a server and a CLI on first use) never
+        # write into each other's files, and the first to finish wins
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp-", dir=cached.parent))
+        try:
+            tok.save_pretrained(str(tmp))
+            tmp.rename(cached)
+        except OSError as e:
+            if not (cached / "tokenizer_config.json").is_file():  # not another process's folder
+                raise ModelLoadError(f"cannot write the converted tokenizer to {cached.parent}: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return cached
 
 

@@ -197,3 +197,31 @@ def test_a_check_that_fails_keeps_transformers(cache_copy, monkeypatch):
     monkeypatch.setattr(tokenizer_check, "probe_texts", broken)
     assert not isinstance(load_gguf_tokenizer(path), LightTokenizer)
     assert _marker(folder)["differences"] == ["the check failed: RuntimeError: probe set unreadable"]
+
+
+def test_concurrent_conversions_publish_one_complete_folder(monkeypatch, tmp_path):
+    """Two processes converting one GGUF's tokenizer at once: each writes a folder of its own and
+    publishes it with one rename; the one that finds the other's folder already in place keeps
+    that one and removes its own, leaving no temporary folder behind."""
+    import transformers
+
+    from selfspec.models import loading
+
+    monkeypatch.setattr(loading, "cache_dir", lambda: tmp_path)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    cached = tmp_path / "tokenizers" / file_key(gguf)
+    seen = []
+
+    class Converted:
+        def save_pretrained(self, folder):
+            seen.append(folder)
+            Path(folder, "tokenizer_config.json").write_text('{"mine": %d}' % len(seen))
+            if len(seen) == 1:  # the other process finishes while this one is still writing
+                assert loading.gguf_tokenizer_folder(gguf) == cached
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Converted())
+    assert loading.gguf_tokenizer_folder(gguf) == cached
+    assert len(seen) == 2 and seen[0] != seen[1]  # two folders of their own, never one shared
+    assert json.loads((cached / "tokenizer_config.json").read_text()) == {"mine": 2}  # the first to finish
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temporary folder left
