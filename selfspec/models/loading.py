@@ -516,7 +516,15 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def file_key(path: Path) -> str:
-    """A short key of one version of a file (path, size, mtime), for cache entries derived from it."""
+    """A short key of one version of a file, for cache entries derived from it (the converted
+    tokenizer, the native index, the cost model): its SHA-256 where this machine has hashed that
+    version already (every verified registry GGUF), so a reinstalled package's copy of the same
+    file shares the entries instead of converting again; else a hash of (path, size, mtime)."""
+    from selfspec.models.registry import known_sha256
+
+    sha = known_sha256(path)
+    if sha:
+        return sha[:20]
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
 

@@ -243,6 +243,15 @@ def _remember_verified(path: Path, sha256: str, known: dict | None = None) -> No
     atomic_write_json(stamp, known, indent=None)
 
 
+def known_sha256(path: Path) -> str | None:
+    """The SHA-256 remembered for this version of the file (verified or hashed before), else None;
+    reads no more than the stamps."""
+    try:
+        return json.loads((cache_dir() / "verified.json").read_text()).get(_stamp_key(path))
+    except (OSError, ValueError):
+        return None
+
+
 def _stamp_key(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"

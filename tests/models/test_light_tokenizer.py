@@ -144,11 +144,12 @@ print(json.dumps(loaded))
 def cache_copy(tmp_path, monkeypatch):
     """A cache folder holding a copy of SmolLM2's converted tokenizer, without a marker."""
     path = _gguf("smollm2-135m")
+    source = gguf_tokenizer_folder(path)
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))  # before the key: it depends on the cache's stamps
     folder = tmp_path / "tokenizers" / file_key(path)
-    shutil.copytree(gguf_tokenizer_folder(path), folder)
+    shutil.copytree(source, folder)
     for name in (tokenizer_check.MARKER, tokenizer_check.LIVE_BACKEND):
         (folder / name).unlink(missing_ok=True)
-    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     return path, folder
 
 
@@ -225,3 +226,21 @@ def test_concurrent_conversions_publish_one_complete_folder(monkeypatch, tmp_pat
     assert len(seen) == 2 and seen[0] != seen[1]  # two folders of their own, never one shared
     assert json.loads((cached / "tokenizer_config.json").read_text()) == {"mine": 2}  # the first to finish
     assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temporary folder left
+
+
+def test_a_hashed_file_keys_its_caches_by_content(monkeypatch, tmp_path):
+    """A file whose SHA-256 this machine remembers (a verified registry GGUF) keys its caches by
+    that hash: a reinstalled copy at another path shares the converted tokenizer; an unhashed
+    file keeps the (path, size, mtime) key, which differs between copies."""
+    from selfspec.models import registry
+
+    monkeypatch.setattr(registry, "cache_dir", lambda: tmp_path)
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF same bytes")
+    assert file_key(a) != file_key(b)  # not hashed: path, size and mtime
+    sha = registry.sha256_file(a)
+    registry._remember_verified(a, sha)
+    registry._remember_verified(b, sha)
+    assert file_key(a) == file_key(b) == sha[:20]
