@@ -28,8 +28,9 @@ from pathlib import Path
 from selfspec.paths import atomic_write_json, cache_dir, disk_size, pid_alive
 
 # `.{stem}.{pid}.{thread}.tmp{suffix}` (atomic_output), `.{name}.{pid}.tmp` (weight-cache staging),
-# `{name}.{pid}.tmp` (older versions): the process id is the first number before `.tmp`.
-TMP = re.compile(r"\.(\d+)(?:\.\d+)?\.tmp(?:\.[^.]+)?$")
+# `{key}.{pid}.{random}.tmp` (a tokenizer's conversion folder), `{name}.{pid}.tmp` (older
+# versions): the process id is the first number before `.tmp`.
+TMP = re.compile(r"\.(\d+)(?:\.\w+)?\.tmp(?:\.[^.]+)?$")
 TMP_NO_PID_AGE = 3600.0  # seconds before a `.tmp` without a process id counts as abandoned
 
 

@@ -66,9 +66,10 @@ def cache(tmp_path, monkeypatch):
     # folder, an older version's costs name), and of one still running (its write is in progress).
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for rel in (f"costs/.today.{dead.pid}.140.tmp.json", f"weights/.{'ab' * 8}-fp32-x.{dead.pid}.tmp/",
-                f"costs/old.json.{dead.pid}.tmp"):
+    for rel in (f"costs/.today.{dead.pid}.140.tmp.json", f"tokenizers/{'cd' * 10}.{dead.pid}.k3_x9q.tmp/",
+                f"weights/.{'ab' * 8}-fp32-x.{dead.pid}.tmp/", f"costs/old.json.{dead.pid}.tmp"):
         path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir() if rel.endswith("/") else path.write_text("{")
         gone.append(path)
     (gone[-2] / "weights.safetensors").write_bytes(b"y" * 50)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -568,7 +569,7 @@ def gguf_tokenizer_folder(path: Path) -> Path:
         # processes converting the same file at once (a server and a CLI on first use) never
         # write into each other's files, and the first to finish wins
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp-", dir=cached.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{cached.name}.{os.getpid()}.", suffix=".tmp", dir=cached.parent))
         try:
             tok.save_pretrained(str(tmp))
             tmp.rename(cached)
