@@ -138,11 +138,7 @@ def sha256_file(path: Path) -> str:
 
 def verify_sha256(path: Path, expected: str) -> None:
     """Hash once per file version; the result is remembered by (path, size, mtime)."""
-    stamp = cache_dir() / "verified.json"
-    try:
-        known = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _stamps()
     if known.get(_stamp_key(path)) == expected:
         return
     actual = sha256_file(path)
@@ -159,11 +155,7 @@ def file_sha256(path: Path) -> str:
     (path, size, mtime) stamps as `verify_sha256`, so a verified registry GGUF costs nothing)."""
     if path.stat().st_size < REMEMBER_ABOVE:
         return sha256_file(path)
-    stamp = cache_dir() / "verified.json"
-    try:
-        known = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _stamps()
     sha = known.get(_stamp_key(path))
     if sha is None:
         sha = sha256_file(path)
@@ -232,24 +224,24 @@ def identity_matches(recorded: str | None, path: str | Path, what: str = "record
     return False
 
 
+def _stamps() -> dict:
+    """The remembered hashes: `(path, size, mtime)` stamp -> SHA-256 (empty when unreadable)."""
+    try:
+        return json.loads((cache_dir() / "verified.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _remember_verified(path: Path, sha256: str, known: dict | None = None) -> None:
-    stamp = cache_dir() / "verified.json"
-    if known is None:
-        try:
-            known = json.loads(stamp.read_text())
-        except (OSError, ValueError):
-            known = {}
+    known = _stamps() if known is None else known
     known[_stamp_key(path)] = sha256
-    atomic_write_json(stamp, known, indent=None)
+    atomic_write_json(cache_dir() / "verified.json", known, indent=None)
 
 
 def known_sha256(path: Path) -> str | None:
     """The SHA-256 remembered for this version of the file (verified or hashed before), else None;
     reads no more than the stamps."""
-    try:
-        return json.loads((cache_dir() / "verified.json").read_text()).get(_stamp_key(path))
-    except (OSError, ValueError):
-        return None
+    return _stamps().get(_stamp_key(path))
 
 
 def _stamp_key(path: Path) -> str:
