@@ -266,14 +266,16 @@ class AutoDrafter(Drafter):
                   **layer_skip_kwargs) -> "AutoDrafter":
         """n-gram lookup and the adaptive n-gram model (free to draft), retrieval from `datastore`
         when one is given, the model's layer-skip config (given or shipped), a precision
-        self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one nor, unless
-        `draft_bits` is given, on GGUF-native blocks) and a draft model when one is named."""
+        self-draft (`draft_bits`; default 8, or 4 on an int8 model, none on an int4 one; on GGUF-
+        native blocks 4, none where no cheaper native form exists) and a draft model when one is
+        named."""
         from selfspec.drafters.costs import calibrate
         from selfspec.drafters.anpd import AdaptiveNgramDrafter
         from selfspec.drafters.layerskip import LayerSkipDrafter, shipped_config
         from selfspec.drafters.ngram import NgramDrafter
         from selfspec.drafters.quantized import QuantizedSelfDrafter
-        from selfspec.hardware import NATIVE_DTYPES
+        from selfspec.models import native_draft
+        from selfspec.models.native_draft import is_native
         from selfspec.models.quant import weight_bits
 
         costs = costs or calibrate(model, max_k=max(MAX_K, max_draft))
@@ -291,17 +293,23 @@ class AutoDrafter(Drafter):
             kept = 1 - (len(ls.skip.attention) + len(ls.skip.mlp)) / n
             guess["layer-skip"] = max(0.05, kept) * costs.step
         have = weight_bits(model.transformer) or 32
-        bits = draft_bits or (8 if have > 8 else 4)
-        # On --dtype native the model's blocks are already 4-6 bits per weight: an int8 copy reads
-        # more bytes than the model and an int4 one about as many, and building either costs a
-        # dequantise-requantise pass (Qwen 1.5B: 30 s, +1.5 GB). Measured: auto with the int8
-        # draft decoded 6.3 tok/s against native plain's 8.0 (docs/benchmarks.md). Only an
-        # explicit --draft-bits asks for one there.
-        native = getattr(model, "dtype", "") in NATIVE_DTYPES
-        if bits < have and model.device.type == "cpu" and (draft_bits is not None or not native):
+        native = is_native(model.transformer)
+        # On GGUF-native blocks the precision draft is the same blocks on int8 activations, with
+        # copies in Q4_K/Q4_0 of the parts stored with more bits (models/native_draft.py); a
+        # native-q8 model already in those formats has none, and drafts without it.
+        bits = draft_bits or (4 if native or have <= 8 else 8)
+        if native:
+            plan = native_draft.plan(model.transformer, bits)
+            useful = bool(plan["copies"]) or plan["int8_activations"]
+        else:
+            useful = bits < have
+        if useful and model.device.type == "cpu":
             kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
             drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))
             guess["quantized"] = 0.5 * costs.step  # int8 or int4 GEMV: about half an fp32 step (README)
+            if native:  # 0.5-0.9 of a step on the registry models: measured, so a draft that cannot pay is not tried
+                view = drafters[-1].draft_transformer(model.transformer)
+                guess["quantized"] = native_draft.relative_cost(view, model.transformer) * costs.step
         if draft_model is not None:
             drafters.append(draft_model)
         return cls(drafters, costs, max_draft=max_draft, draft_cost_guess=guess)

@@ -21,6 +21,7 @@ from pathlib import Path
 from selfspec.hardware import check_cpu_only
 from selfspec.drafters.layerskip import AdaptiveExit, LayerSkipDrafter, SkipConfig
 from selfspec.errors import InvalidParameterError
+from selfspec.models.native_draft import is_native
 from selfspec.models.quant import DRAFT_BITS, draft_view, weight_bits
 
 DEFAULT_BITS = 8
@@ -47,7 +48,9 @@ class QuantizedSelfDrafter(LayerSkipDrafter):
                                 note="precision self-draft: no sub-layer skipped")
         else:
             config = LayerSkipDrafter.for_model(model, skip_config).config  # resolves and checks it
-        bits = bits or config.draft_bits or DEFAULT_BITS
+        native = is_native(model.transformer)
+        # a native model's blocks are 4-6 bits already: its draft is on Q4_K/Q4_0 blocks (native_draft.py)
+        bits = bits or config.draft_bits or (4 if native else DEFAULT_BITS)
         have = weight_bits(model.transformer)
         if have is not None and have <= bits:
             raise InvalidParameterError(

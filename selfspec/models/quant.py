@@ -216,6 +216,10 @@ def draft_view(tr: Transformer, bits: int) -> Transformer:
     A `tr` already quantised to `bits` or fewer is returned as it is."""
     if bits not in DRAFT_BITS:
         raise InvalidParameterError(f"draft bits must be 8 or 4, got {bits}")
+    from selfspec.models import native_draft
+
+    if native_draft.is_native(tr):  # cheaper GGUF blocks and int8 activations, not PyTorch's int8/int4
+        return native_draft.draft_view(tr, bits)
     have = weight_bits(tr)
     if have is not None and have <= bits:
         return tr
@@ -223,7 +227,10 @@ def draft_view(tr: Transformer, bits: int) -> Transformer:
 
 
 def extra_weight_bytes(view: Transformer, tr: Transformer) -> int:
-    """Bytes the view holds beyond `tr`: its linears and head when they are its own copies."""
+    """Bytes the view holds beyond `tr`: its linears and head when they are its own copies (a
+    native draft's new linears share the blocks they do not copy: its plan counts the copies)."""
+    if getattr(view, "draft_plan", None) is not None:
+        return view.draft_plan["extra_bytes"]
     own = [(a, b) for la, lb in zip(view.layers, tr.layers) for a, b in
            ((getattr(la, n), getattr(lb, n)) for n in LINEARS)] + [(view.lm_head, tr.lm_head)]
     return sum(a.nbytes for a, b in own if a is not b)

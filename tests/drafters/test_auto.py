@@ -246,20 +246,30 @@ def test_costs_stay_non_decreasing_in_k():
     assert costs.verify == sorted(costs.verify)
 
 
-def test_no_precision_draft_on_native_blocks_unless_asked(smollm_in):
-    """On --dtype native the file's 4-6-bit blocks are what a precision draft would have to beat:
-    auto leaves the int8/int4 copy out (it lost to plain decoding on the Qwen 1.5B), but an
-    explicit --draft-bits still gets one; on the fp32 load auto keeps it."""
+def test_precision_draft_on_native_blocks_starts_from_its_measured_cost(smollm_in, monkeypatch):
+    """On --dtype native the precision draft is the file's blocks (Q4_1 -> Q4_0/Q4_K copies) on
+    int8 activations (models/native_draft.py), and auto's estimate of its cost starts from a
+    measurement of its step against the model's: a draft that could not pay at 90% acceptance is
+    never tried. The fp32 load keeps its int8 copy."""
     from selfspec import kernels
+    from selfspec.models import native_draft
 
     if kernels.library() is None:
         pytest.skip(f"no compiled kernel: {kernels.kernel_status()}")
     native = smollm_in("native")
-    costs = CostModel(verify=[0.01] * 9, source="test")
-    names = lambda d: [a.name for a in d.arms]  # noqa: E731
-    assert "quantized" not in names(AutoDrafter.for_model(native, costs=costs))
-    assert "quantized" in names(AutoDrafter.for_model(native, costs=costs, draft_bits=4))
-    assert "quantized" in names(AutoDrafter.for_model(smollm_in("fp32"), costs=costs))
+    costs = CostModel(verify=[0.01 * (1 + 0.3 * k) for k in range(9)], source="test")
+    arm = {a.name: a for a in AutoDrafter.for_model(native, costs=costs).arms}["quantized"]
+    view = arm.drafter.draft_transformer(native.transformer)
+    assert view.draft_plan["int8_activations"] and view.lm_head.q8 and arm.drafter.config.draft_bits == 4
+    assert 0.2 < arm.c_draft / costs.step < 2.0  # a step of its own: SmolLM2 measured 0.85-0.92
+    monkeypatch.setattr(native_draft, "relative_cost", lambda view, tr: 0.9)
+    auto = AutoDrafter.for_model(native, costs=costs)
+    arm = {a.name: a for a in auto.arms}["quantized"]
+    assert arm.c_draft == pytest.approx(0.9 * costs.step) and not auto._could_pay(arm, 8)
+    monkeypatch.setattr(native_draft, "relative_cost", lambda view, tr: 0.2)
+    auto = AutoDrafter.for_model(native, costs=costs)
+    assert auto._could_pay({a.name: a for a in auto.arms}["quantized"], 8)
+    assert "quantized" in [a.name for a in AutoDrafter.for_model(smollm_in("fp32"), costs=costs).arms]
 
 
 def test_no_probes_for_a_drafter_that_could_not_pay():

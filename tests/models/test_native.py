@@ -279,8 +279,8 @@ def test_smollm_native_drafters_lossless(smollm_native):
 @needs_kernel
 @pytest.mark.slow
 def test_smollm_native_precision_draft_lossless(smollm_native):
-    """A precision self-draft over native weights: int4 copies (dequantised from the blocks,
-    re-quantised) draft, the file's blocks verify."""
+    """A precision self-draft over native weights: Q4_0/Q4_K copies of the Q4_1 blocks on int8
+    activations draft (models/native_draft.py), the file's blocks verify."""
     from prompts import PROMPTS
     from selfspec.drafters.layerskip import SkipConfig
     from selfspec.drafters.quantized import QuantizedSelfDrafter
