@@ -3,6 +3,7 @@
     python scripts/profile_step.py --model smollm2-135m --dtype int8            # profiler table
     python scripts/profile_step.py --model smollm2-135m --time fp32,int8,int4   # step costs
     python scripts/profile_step.py --model smollm2-135m --dtype native --phases # by phase
+    python scripts/profile_step.py --model qwen2.5-coder-1.5b --time native --native-draft  # its draft
 
 The profile prints torch.profiler's top ops of one forward over `--tokens` tokens (1 = a decode
 step, k+1 = verifying k drafts) as a Markdown table, for docs/benchmarks.md. `--time` loads each
@@ -50,8 +51,20 @@ def time_dtypes(args) -> None:
     models = {d: load_model(args.model, dtype=d, threads=args.threads, compile=args.compile,
                             ctx_size=args.context + 64) for d in args.time.split(",")}
     prepared = {d: _prepared(m, args.context) for d, m in models.items()}
+    kernels = {d: m.kernel for d, m in models.items()}
+    if args.native_draft:  # the precision self-draft of the native model, sharing its cache
+        from selfspec.models import native_draft
+
+        if "native" not in models:
+            sys.exit("--native-draft times the draft of --time native: add native to --time")
+        tr, cache = prepared["native"]
+        for label, copies in (("draft, int8 act. only", False), ("draft", True)):
+            view = native_draft.draft_view(tr, 4, copies=copies)
+            prepared[label] = (view, cache)
+            kernels[label] = ", ".join(f"{n} {k}" for k, n in sorted(view.draft_plan["copies"].items())) or "no copies"
+            models[label] = models["native"]
     tokens = torch.arange(7, 7 + args.verify)
-    times = {(d, n): [] for d in models for n in (1, args.verify)}
+    times = {(d, n): [] for d in prepared for n in (1, args.verify)}
     for rep in range(args.warmup + args.repeats):
         for d, (tr, cache) in prepared.items():
             for n in (1, args.verify):
@@ -65,9 +78,9 @@ def time_dtypes(args) -> None:
     print(f"| dtype | kernel | T=1 median | T=1 min | T={k} median | T={k} min | T={k} / T=1 | T=1 vs {base} |")
     print("|---|---|---|---|---|---|---|---|")
     b1 = statistics.median(times[(base, 1)])
-    for d, m in models.items():
+    for d in prepared:
         t1, tk = statistics.median(times[(d, 1)]), statistics.median(times[(d, k)])
-        print(f"| {d} | {m.kernel} | {1e3 * t1:.1f} | {1e3 * min(times[(d, 1)]):.1f} | {1e3 * tk:.1f} | "
+        print(f"| {d} | {kernels[d]} | {1e3 * t1:.1f} | {1e3 * min(times[(d, 1)]):.1f} | {1e3 * tk:.1f} | "
               f"{1e3 * min(times[(d, k)]):.1f} | {tk / t1:.2f} | {t1 / b1:.2f} |")
 
 
@@ -167,6 +180,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=1, help="tokens per profiled forward (profile)")
     ap.add_argument("--time", help="comma-separated dtypes to time against each other, e.g. fp32,int8,int4")
     ap.add_argument("--verify", type=int, default=8, help="tokens of the verify step (--time)")
+    ap.add_argument("--native-draft", action="store_true", help="with --time native: also time the precision "
+                    "self-draft of the native model (models/native_draft.py), without and with its Q4 copies")
     ap.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward")

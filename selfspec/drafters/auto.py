@@ -35,6 +35,9 @@ MAX_LEVEL = 8  # match lengths from here on share one acceptance estimate
 # step per token cannot pay even when 9 in 10 drafts are right, and its probes cost SmolLM2
 # 8-14% against plain decoding on free text (docs/benchmarks.md).
 PLAUSIBLE_ACCEPTANCE = 0.9
+# A drafter may declare its own (`plausible_acceptance`): a precision self-draft is the model
+# itself in fewer bits and agrees with it on 91-99% of drafted tokens (Qwen 1.5B, native blocks,
+# docs/benchmarks.md); judged at 0.9 it was never tried there, though alone it decoded 1.35x.
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -63,6 +66,12 @@ class Acceptance:
     accepted: float = 1.2
     rejected: float = 0.8
 
+    @classmethod
+    def prior(cls, rate: float | None) -> "Acceptance":
+        """The default prior, or one at `rate` worth the same two rounds (a drafter's own
+        `prior_acceptance`)."""
+        return cls() if rate is None else cls(accepted=2 * rate, rejected=2 * (1 - rate))
+
     def update(self, accepted: int, proposed: int) -> None:
         if proposed <= 0:
             return
@@ -81,6 +90,7 @@ class Arm:
     drafter: object
     c_draft: float  # seconds per drafted token (EMA)
     acceptance: Acceptance = field(default_factory=Acceptance)
+    plausible: float = PLAUSIBLE_ACCEPTANCE  # the acceptance at which `_could_pay` judges it
     idle: int = 0  # rounds since it last drafted
     probe_interval: int = 16
     rounds: int = 0
@@ -111,7 +121,10 @@ class AutoDrafter(Drafter):
         if not drafters:
             raise ValueError("auto needs at least one drafter")
         guess = draft_cost_guess or {}
-        self.arms = [Arm(d, guess.get(d.name, 0.5 * costs.step), probe_interval=probe_every) for d in drafters]
+        self.arms = [Arm(d, guess.get(d.name, 0.5 * costs.step), probe_interval=probe_every,
+                         plausible=getattr(d, "plausible_acceptance", PLAUSIBLE_ACCEPTANCE),
+                         acceptance=Acceptance.prior(getattr(d, "prior_acceptance", None)))
+                     for d in drafters]
         self.costs = costs
         self.max_draft = max_draft
         self.probe_every, self.probe_max, self.probe_k = probe_every, probe_max, probe_k
@@ -153,9 +166,10 @@ class AutoDrafter(Drafter):
         return due + [(arm, k, False, -s) for s, _, arm, k in sorted(paying, key=lambda c: c[:2])]
 
     def _could_pay(self, arm: Arm, k_cap: int) -> bool:
-        """Whether `arm` would beat plain decoding at `PLAUSIBLE_ACCEPTANCE` with its measured
-        draft cost and the measured verify costs: if not, probing it only costs."""
-        return best_k(PLAUSIBLE_ACCEPTANCE, arm.c_draft, self.costs, k_cap)[0] > 0
+        """Whether `arm` would beat plain decoding at its plausible acceptance (PLAUSIBLE_ACCEPTANCE
+        unless its drafter says otherwise) with its measured draft cost and the measured verify
+        costs: if not, probing it only costs."""
+        return best_k(arm.plausible, arm.c_draft, self.costs, k_cap)[0] > 0
 
     def _grounded(self, ctx: DraftContext, k_cap: int) -> tuple[list, tuple | None]:
         """Every grounded arm's proposal, cut to its best k at its match length: (the due probes

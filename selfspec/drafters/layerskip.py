@@ -243,5 +243,8 @@ class LayerSkipDrafter(Drafter):
 
             stats["draft_bits"] = self.config.draft_bits
             stats["draft_extra_mb"] = round(extra_weight_bytes(self._draft[1], self._draft[0]) / 2**20, 1)
+            plan = getattr(self._draft[1], "draft_plan", None)
+            if plan is not None:  # a native draft: which blocks it copied to which format
+                stats["draft_copies"] = ", ".join(f"{n} {k}" for k, n in sorted(plan["copies"].items())) or "none"
         return stats
 

@@ -170,11 +170,12 @@ def is_native(tr: Transformer) -> bool:
     return isinstance(tr.layers[0].wqkv, NativeLinear) if tr.layers else False
 
 
-def draft_view(tr: Transformer, bits: int = 4) -> Transformer:
+def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transformer:
     """The decoder a precision self-draft of native `tr` runs (module docstring), over the same
     embedding, norms, RoPE tables and KV-cache layout. Raises NoCheaperFormat where it would
-    compute exactly what `tr` computes."""
-    what = plan(tr, bits)
+    compute exactly what `tr` computes. `copies=False`: the file's blocks only, on int8
+    activations (for measuring what the copies add: scripts/profile_step.py --native-draft)."""
+    what = plan(tr, bits) if copies else {"copies": {}, "int8_activations": True, "extra_bytes": 0}
     if not what["copies"] and not what["int8_activations"]:
         raise NoCheaperFormat(
             f"no cheaper native format exists for a {bits}-bit draft of this model: its blocks "
@@ -188,7 +189,7 @@ def draft_view(tr: Transformer, bits: int = 4) -> Transformer:
     def view_of(lin: NativeLinear, b: int | None) -> NativeLinear:
         parts = []
         for p in lin.parts:
-            if _cheaper(p, b):
+            if copies and _cheaper(p, b):
                 if id(p) not in made:
                     made[id(p)] = requantised(p, _format(p, b))
                 p = made[id(p)]

@@ -262,6 +262,8 @@ def test_precision_draft_on_native_blocks_starts_from_its_measured_cost(smollm_i
     view = arm.drafter.draft_transformer(native.transformer)
     assert view.draft_plan["int8_activations"] and view.lm_head.q8 and arm.drafter.config.draft_bits == 4
     assert 0.2 < arm.c_draft / costs.step < 2.0  # a step of its own: SmolLM2 measured 0.85-0.92
+    # the precision draft's own prior and plausible acceptance, not an unknown drafter's 0.6 / 0.9
+    assert arm.acceptance.rate == pytest.approx(0.9) and arm.plausible == 0.97
     monkeypatch.setattr(native_draft, "relative_cost", lambda view, tr: 0.9)
     auto = AutoDrafter.for_model(native, costs=costs)
     arm = {a.name: a for a in auto.arms}["quantized"]
@@ -286,3 +288,26 @@ def test_no_probes_for_a_drafter_that_could_not_pay():
         auto = AutoDrafter([drafter], CostModel(list(truth.verify)), probe_every=8, probe_max=64, clock=clock)
         ks = simulate(auto, clock, truth, good=lambda r: False, rounds=300)
         assert sum(k > 0 for k in ks) in probes, ks
+
+
+def test_a_drafters_own_prior_lets_it_draft_from_the_first_round():
+    """A drafter that declares `prior_acceptance` (the precision self-draft: 0.9) is judged by it
+    before it has drafted: at half a step per draft (the guess) and verify costs like a native load's, the
+    generic prior (0.6) leaves it idle until a probe, its own has it drafting at once; and a
+    drafter at a plausible acceptance of 0.97 is still probed where 0.9 would rule it out."""
+    verify = CostModel([STEP * (1 + 0.2 * k) for k in range(9)])
+    first = {}
+    for prior in (None, 0.9):
+        clock = Clock()
+        drafter = Scripted(clock, 0.35 * STEP)
+        drafter.prior_acceptance = prior
+        auto = AutoDrafter([drafter], CostModel(list(verify.verify)), probe_every=16, clock=clock)
+        first[prior] = simulate(auto, clock, verify, good=lambda r: True, rounds=12)
+    assert first[None] == [0] * 12 and min(first[0.9]) >= 2, first
+    drafter = Scripted(Clock(), 0.7 * STEP)
+    guess = {"scripted": 0.7 * STEP}
+    auto = AutoDrafter([drafter], CostModel(list(verify.verify)), clock=Clock(), draft_cost_guess=guess)
+    assert not auto._could_pay(auto.arms[0], 8)
+    drafter.plausible_acceptance = 0.97
+    auto = AutoDrafter([drafter], CostModel(list(verify.verify)), clock=Clock(), draft_cost_guess=guess)
+    assert auto._could_pay(auto.arms[0], 8)

@@ -109,6 +109,7 @@ def test_draft_of_a_q8_0_model_copies_to_q4_and_stays_lossless(smollm_q8_0):
         assert_lossless(plain.token_ids, spec.token_ids, f"native Q4 draft on {prompt[:30]!r}")
         assert spec.stats.drafted > 0 and spec.stats.accepted / spec.stats.drafted > 0.5, spec.stats
         assert spec.stats.extras["draft_extra_mb"] == round(plan["extra_bytes"] / 2**20, 1)
+        assert spec.stats.extras["draft_copies"] == f"{6 * n} Q8_0->Q4_0, {n} Q8_0->Q4_K"
     assert "quantized" in [a.name for a in AutoDrafter.for_model(m).arms]
 
 
