@@ -312,18 +312,28 @@ class AutoDrafter(Drafter):
         # copies in Q4_K/Q4_0 of the parts stored with more bits (models/native_draft.py); a
         # native-q8 model already in those formats has none, and drafts without it.
         bits = draft_bits or (4 if native or have <= 8 else 8)
+        ratio = None
         if native:
             plan = native_draft.plan(model.transformer, bits)
             useful = bool(plan["copies"]) or plan["int8_activations"]
+            # Its step is 0.4-0.9 of the model's on the registry models (docs/kernels.md):
+            # measured once per machine, and where it could not pay even at the drafter's
+            # plausible acceptance the draft is not built (SmolLM2: 0.8 s of copies saved).
+            ratio = native_draft.cached_relative_cost(model, bits) if useful else None
+            if ratio is not None and best_k(QuantizedSelfDrafter.plausible_acceptance, ratio * costs.step, costs,
+                                            max_draft)[0] == 0:
+                useful = False
         else:
             useful = bits < have
         if useful and model.device.type == "cpu":
             kwargs = {**layer_skip_kwargs, "exit": quantized_exit}  # its own draft-exit state
             drafters.append(QuantizedSelfDrafter.for_model(model, bits=bits, max_draft=max_draft, **kwargs))
             guess["quantized"] = 0.5 * costs.step  # int8 or int4 GEMV: about half an fp32 step (README)
-            if native:  # 0.5-0.9 of a step on the registry models: measured, so a draft that cannot pay is not tried
-                view = drafters[-1].draft_transformer(model.transformer)
-                guess["quantized"] = native_draft.relative_cost(view, model.transformer) * costs.step
+            if native:
+                if ratio is None:
+                    view = drafters[-1].draft_transformer(model.transformer)
+                    ratio = native_draft.measure_relative_cost(model, bits, view)
+                guess["quantized"] = ratio * costs.step
         if draft_model is not None:
             drafters.append(draft_model)
         return cls(drafters, costs, max_draft=max_draft, draft_cost_guess=guess)

@@ -45,8 +45,9 @@ class QuantizedSelfDrafter(LayerSkipDrafter):
     @classmethod
     def for_model(cls, model, skip_config: str | Path | SkipConfig | None = None, bits: int | None = None,
                   exit: AdaptiveExit | None = None, **kwargs) -> "QuantizedSelfDrafter":
-        """Draft with `bits`-bit weights (default: the skip config's `draft_bits`, else 8) and the
-        sub-layers of `skip_config` skipped (default: none). The low-bit copy is built here, once."""
+        """Draft with `bits`-bit weights (default: the skip config's `draft_bits`, else 8; 4 on
+        GGUF-native blocks) and the sub-layers of `skip_config` skipped (default: none). The
+        low-bit copy is built here, once."""
         check_cpu_only("--draft quantized", model.device)
         if bits is not None and bits not in DRAFT_BITS:
             raise InvalidParameterError(f"--draft-bits must be 8 or 4, got {bits}")

@@ -234,3 +234,42 @@ def relative_cost(view: Transformer, tr: Transformer, context: int = 8, reps: in
                 if rep:
                     times[i].append(time.perf_counter() - t)
     return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def _ratio_path(model, bits: int):
+    from selfspec.drafters.costs import _path
+
+    return _path(model).with_suffix(f".native-draft{bits}.json")
+
+
+def cached_relative_cost(model, bits: int) -> float | None:
+    """`relative_cost` of `model`'s `bits` draft as measured by an earlier run on this machine
+    (cached beside its forward-pass costs, under the same key: model file, dtype, kernel build,
+    thread count), or None."""
+    import json
+
+    try:
+        ratio = float(json.loads(_ratio_path(model, bits).read_text())["ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ratio if ratio > 0 else None
+
+
+def measure_relative_cost(model, bits: int, view: Transformer) -> float:
+    """`relative_cost` of `view`, cached for later runs unless the machine is busy (hardware.
+    machine_busy: a contended measurement would mislead every later run)."""
+    from selfspec import __version__
+    from selfspec.drafters.costs import KEY_FORMAT
+    from selfspec.hardware import machine_busy
+    from selfspec.paths import atomic_write_json
+
+    ratio = relative_cost(view, model.transformer)
+    if not machine_busy():
+        try:
+            path = _ratio_path(model, bits)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # the version fields of a costs entry, which `selfspec cache prune` checks
+            atomic_write_json(path, {"ratio": ratio, "selfspec": __version__, "format": KEY_FORMAT}, indent=None)
+        except OSError:
+            pass
+    return ratio

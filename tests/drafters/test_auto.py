@@ -246,31 +246,40 @@ def test_costs_stay_non_decreasing_in_k():
     assert costs.verify == sorted(costs.verify)
 
 
-def test_precision_draft_on_native_blocks_starts_from_its_measured_cost(smollm_in, monkeypatch):
+def test_precision_draft_on_native_blocks_starts_from_its_measured_cost(smollm_in, monkeypatch, tmp_path):
     """On --dtype native the precision draft is the file's blocks (Q4_1 -> Q4_0/Q4_K copies) on
     int8 activations (models/native_draft.py), and auto's estimate of its cost starts from a
-    measurement of its step against the model's: a draft that could not pay at 90% acceptance is
-    never tried. The fp32 load keeps its int8 copy."""
+    measurement of its step against the model's, cached per machine: a draft that could not pay
+    at its plausible acceptance is then not even built. The fp32 load keeps its int8 copy."""
     from selfspec import kernels
     from selfspec.models import native_draft
 
     if kernels.library() is None:
         pytest.skip(f"no compiled kernel: {kernels.kernel_status()}")
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     native = smollm_in("native")
     costs = CostModel(verify=[0.01 * (1 + 0.3 * k) for k in range(9)], source="test")
+    assert native_draft.cached_relative_cost(native, 4) is None
     arm = {a.name: a for a in AutoDrafter.for_model(native, costs=costs).arms}["quantized"]
     view = arm.drafter.draft_transformer(native.transformer)
     assert view.draft_plan["int8_activations"] and view.lm_head.q8 and arm.drafter.config.draft_bits == 4
-    assert 0.2 < arm.c_draft / costs.step < 2.0  # a step of its own: SmolLM2 measured 0.85-0.92
+    ratio = arm.c_draft / costs.step
+    assert 0.2 < ratio < 2.0  # a step of its own: SmolLM2 measured 0.76-0.92
+    assert native_draft.cached_relative_cost(native, 4) == pytest.approx(ratio)  # kept for the next run
+    from selfspec import prune
+
+    assert list(tmp_path.glob("costs/*.native-draft4.json")) and prune._costs(tmp_path) == []  # not stale
     # the precision draft's own prior and plausible acceptance, not an unknown drafter's 0.6 / 0.9
     assert arm.acceptance.rate == pytest.approx(0.9) and arm.plausible == 0.97
-    monkeypatch.setattr(native_draft, "relative_cost", lambda view, tr: 0.9)
+    monkeypatch.setattr(native_draft, "cached_relative_cost", lambda model, bits: 0.9)
+    monkeypatch.setattr(native_draft, "draft_view", lambda *a, **k: pytest.fail("built a draft that cannot pay"))
+    assert "quantized" not in [a.name for a in AutoDrafter.for_model(native, costs=costs).arms]
+    monkeypatch.undo()
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_draft, "cached_relative_cost", lambda model, bits: 0.2)
     auto = AutoDrafter.for_model(native, costs=costs)
     arm = {a.name: a for a in auto.arms}["quantized"]
-    assert arm.c_draft == pytest.approx(0.9 * costs.step) and not auto._could_pay(arm, 8)
-    monkeypatch.setattr(native_draft, "relative_cost", lambda view, tr: 0.2)
-    auto = AutoDrafter.for_model(native, costs=costs)
-    assert auto._could_pay({a.name: a for a in auto.arms}["quantized"], 8)
+    assert arm.c_draft == pytest.approx(0.2 * costs.step) and auto._could_pay(arm, 8)
     assert "quantized" in [a.name for a in AutoDrafter.for_model(smollm_in("fp32"), costs=costs).arms]
 
 
