@@ -3,7 +3,7 @@
     python scripts/requantize_gguf.py smollm2-135m /tmp/smollm2-q8_0.gguf --type Q8_0
 
 The registry's models all ship as 4-6-bit GGUFs; a Q8_0 or F16 copy is what `--draft quantized`
-on `--dtype native` builds its cheaper Q4_0 draft from (selfspec/models/native_draft.py), so this
+on `--dtype native` builds its cheaper Q4_K/Q4_0 draft from (selfspec/models/native_draft.py), so this
 is how to measure that draft on a real model. Metadata (tokenizer, chat template, config) is
 copied as it is; every matrix is dequantised by the `gguf` package and quantised again (norms and
 other 1-D tensors keep their format). The copy is the same model rounded differently: its greedy

@@ -4,6 +4,7 @@ re-quantised by scripts/requantize_gguf.py) on Q4_K/Q4_0 copies and int8 activat
 under verification by the file's blocks, and a plain error where no cheaper native form exists."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,13 @@ def test_no_cheaper_native_form_is_a_plain_error(tmp_path):
     view = QuantizedSelfDrafter.for_model(native).draft_transformer(native.transformer)
     assert view.draft_plan == {"copies": {}, "int8_activations": True, "extra_bytes": 0}
     assert view.layers[0].wqkv.parts[0] is native.transformer.layers[0].wqkv.parts[0]
+    # a linear in a format the kernels lack is dequantised at load (native_fallback): the
+    # draft shares it as it is
+    from selfspec.models.transformer import make_linear
+
+    tr = native.transformer
+    dense = make_linear(tr.layers[1].w_down.dequantize())
+    tr.layers[1] = dataclasses.replace(tr.layers[1], w_down=dense)
+    tr.fused = None
+    view = native_draft.draft_view(tr, 4)
+    assert view.layers[1].w_down is dense and view.layers[0].w_down.q8
