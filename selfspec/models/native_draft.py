@@ -123,7 +123,6 @@ def requantised(part: Blocks, fmt: str) -> Blocks:
     made.type_name = fmt
     made.row_bytes = out.shape[1]
     made.data = out
-    made.source_type = part.type_name
     return made
 
 
@@ -186,7 +185,7 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
             f"already runs on int8 activations (--dtype native-q8)")
     from selfspec.progress import Bar
 
-    made: dict[int, Blocks] = {}  # id(part) -> its copy: a tied head shares nothing here, but a part listed twice would
+    made: dict[int, Blocks] = {}  # id(part) -> its copy, made once however often the part is listed
 
     def view_of(lin, b: int | None):
         if not isinstance(lin, NativeLinear):
