@@ -268,6 +268,7 @@ def _load_native(path: Path, ctx_size: int | None, info: dict, device: torch.dev
     info["weight_cache"] = "off"
     config, src, raw = read_index(path)
     transformer, native_info = build_native(config, raw, src, _ctx_limit(config, ctx_size), q8=q8)
+    transformer.source = path
     info.update(native_info)
     info["weights_seconds"] = time.perf_counter() - t0
     t = time.perf_counter()

@@ -102,15 +102,16 @@ def quantise_q4_k(w: torch.Tensor) -> torch.Tensor:
 QUANTISERS = {"Q4_0": quantise_q4_0, "Q8_0": quantise_q8_0, "Q4_K": quantise_q4_k}
 
 
-def requantised(part: Blocks, fmt: str) -> Blocks:
+def requantised(part: Blocks, fmt: str, data: torch.Tensor | None = None) -> Blocks:
     """A copy of `part` in format `fmt`, in memory of its own: its rows dequantised a chunk at a
-    time by the kernel library (the gguf package's values bit for bit) and quantised again."""
-    import gguf
-
-    lib = _lib()
-    quantise = QUANTISERS[fmt]
+    time by the kernel library (the gguf package's values bit for bit) and quantised again; or
+    `data`, those blocks as an earlier run made them (the weight cache), when its shape fits."""
     _, block, size = KERNEL_FORMATS[fmt]
-    out = torch.empty(part.rows, part.K // block * size, dtype=torch.uint8)
+    shape = (part.rows, part.K // block * size)
+    if data is not None and tuple(data.shape) == shape and data.dtype == torch.uint8:
+        return _blocks_like(part, fmt, data)
+    lib, quantise = _lib(), QUANTISERS[fmt]
+    out = torch.empty(shape, dtype=torch.uint8)
     for lo in range(0, part.rows, _CHUNK_ROWS):
         ids = torch.arange(lo, min(lo + _CHUNK_ROWS, part.rows), dtype=torch.int64)
         w = torch.empty(ids.numel(), part.K, dtype=torch.float32)
@@ -118,11 +119,18 @@ def requantised(part: Blocks, fmt: str) -> Blocks:
                                      w.data_ptr()) != 0:
             raise RuntimeError(f"the native kernel cannot read {part.type_name} blocks")
         out[lo: lo + ids.numel()] = quantise(w)
+    return _blocks_like(part, fmt, out)
+
+
+def _blocks_like(part: Blocks, fmt: str, data: torch.Tensor) -> Blocks:
+    """`part`'s name and shape over `data`, blocks of format `fmt`."""
+    import gguf
+
     made = copy.copy(part)
     made.type = gguf.GGMLQuantizationType[fmt]
     made.type_name = fmt
-    made.row_bytes = out.shape[1]
-    made.data = out
+    made.row_bytes = data.shape[1]
+    made.data = data
     return made
 
 
@@ -186,15 +194,21 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
     from selfspec.progress import Bar
 
     made: dict[int, Blocks] = {}  # id(part) -> its copy, made once however often the part is listed
+    cached = _cached_copies(tr, bits) if copies and what["copies"] else None
+    computed: dict[str, torch.Tensor] = {}
 
-    def view_of(lin, b: int | None):
+    def view_of(lin, b: int | None, name: str):
         if not isinstance(lin, NativeLinear):
             return lin
         parts = []
-        for p in lin.parts:
+        for i, p in enumerate(lin.parts):
             if copies and _cheaper(p, b):
                 if id(p) not in made:
-                    made[id(p)] = requantised(p, _format(p, b))
+                    key = f"{name}.{i}"
+                    old = cached.pop(key, None) if cached is not None else None
+                    made[id(p)] = requantised(p, _format(p, b), old)
+                    if made[id(p)].data is not old:
+                        computed[key] = made[id(p)].data
                 p = made[id(p)]
             parts.append(p)
         return NativeLinear(parts, lin.bias, lin.maps, q8=True)
@@ -202,12 +216,14 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
     layers = []
     label = f"building the {bits}-bit native draft (layers)"
     with Bar(label, len(tr.layers) + 1, delay=1.0) as bar:
-        for layer in tr.layers:
-            layers.append(dataclasses.replace(layer, **{n: view_of(getattr(layer, n), bits)
+        for i, layer in enumerate(tr.layers):
+            layers.append(dataclasses.replace(layer, **{n: view_of(getattr(layer, n), bits, f"L{i}.{n}")
                                                         for n in LINEARS}))
             bar.advance()
-        head = view_of(tr.lm_head, None)
+        head = view_of(tr.lm_head, None, "lm_head")
         bar.advance()
+    if computed:
+        _store_copies(tr, bits, {key: b.data for key, b in _copies_by_key(layers, head, tr).items()})
     view = Transformer(tr.config, tr.embed, layers, tr.final_norm, head, tr.rope_max)
     view.fused = fused_layers(view)
     view.draft_plan = what
@@ -276,3 +292,45 @@ def measure_relative_cost(model, bits: int, view: Transformer) -> float:
         except OSError:
             pass
     return ratio
+
+
+# ---------------------------------------------------------------- the copies in the weight cache
+def _cache_key(tr: Transformer, bits: int):
+    from selfspec.models import weightcache
+
+    if getattr(tr, "source", None) is None or not weightcache.enabled():
+        return None
+    # the layout names the rule that picks each part's format (_format, _cheaper, HEAD_FORMAT)
+    return weightcache.key_for(tr.source, f"native-draft{bits}", "q4k256-else-q40-head-q80")
+
+
+def _cached_copies(tr: Transformer, bits: int):
+    """The copies an earlier run stored for this file and rule (weightcache.Tensors, mapped), or
+    None."""
+    from selfspec.models import weightcache
+
+    key = _cache_key(tr, bits)
+    hit = weightcache.load(key) if key is not None else None
+    return None if hit is None else hit[1]
+
+
+def _copies_by_key(layers, head, tr: Transformer) -> dict[str, Blocks]:
+    """Every copied part of the view by its cache name (`L{i}.{linear}.{part}`, `lm_head.0`)."""
+    own: dict[str, Blocks] = {}
+    pairs = [(f"L{i}.{n}", getattr(la, n), getattr(lb, n)) for i, (la, lb) in enumerate(zip(layers, tr.layers))
+             for n in LINEARS] + [("lm_head", head, tr.lm_head)]
+    for name, a, b in pairs:
+        if isinstance(a, NativeLinear) and a is not b:
+            for i, (pa, pb) in enumerate(zip(a.parts, b.parts)):
+                if pa is not pb:
+                    own[f"{name}.{i}"] = pa
+    return own
+
+
+def _store_copies(tr: Transformer, bits: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Keep the copies for the next run (weightcache.store: atomic, skipped on a full disk)."""
+    from selfspec.models import weightcache
+
+    key = _cache_key(tr, bits)
+    if key is not None and tensors:
+        weightcache.store(key, tr.config, tensors, tr.source)

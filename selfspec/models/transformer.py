@@ -162,6 +162,9 @@ class Transformer:
         # Native weights of a Llama-family model: each layer as one C call (models/native.py,
         # fused_layers), set by the native build; None: the PyTorch operations below.
         self.fused = None
+        # The GGUF file a native build computes on (models/native.py); None otherwise. Keys the
+        # weight-cache entry of its precision draft's copies (models/native_draft.py).
+        self.source = None
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `tokens` (a tensor, or the file's blocks under --dtype native)."""

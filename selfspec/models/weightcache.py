@@ -57,7 +57,7 @@ ENV = "SELFSPEC_WEIGHT_CACHE"
 FOLDER = "weights"
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
 # Modules whose code decides which tensors are stored and what they hold.
-_PRODUCERS = ("loading.py", "quant.py", "config.py", "weightcache.py")
+_PRODUCERS = ("loading.py", "quant.py", "config.py", "weightcache.py", "native_draft.py")
 MIN_FREE_BYTES = 2 << 30  # never fill the disk: skip writing when less would be left
 # Suffix of the padding tensors `with_padding` adds. safetensors orders tensors by dtype, then by
 # name, and no real name continues with a space, so "NAME pad" comes right after NAME.

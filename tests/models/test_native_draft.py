@@ -153,3 +153,30 @@ def test_no_cheaper_native_form_is_a_plain_error(tmp_path):
     tr.fused = None
     view = native_draft.draft_view(tr, 4)
     assert view.layers[1].w_down is dense and view.layers[0].w_down.q8
+
+
+@needs_kernel
+def test_draft_copies_are_kept_in_the_weight_cache(smollm_q8_0, monkeypatch, tmp_path):
+    """The copies are computed once per file and rule: a second draft maps them from the weight
+    cache, byte for byte the same blocks; with the weight cache off nothing is written."""
+    from selfspec.models.quant import LINEARS
+
+    tr = smollm_q8_0.transformer
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "off"))
+    monkeypatch.setenv("SELFSPEC_WEIGHT_CACHE", "0")
+    native_draft.draft_view(tr, 4)
+    assert not list((tmp_path / "off").rglob("*.safetensors"))
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "on"))
+    monkeypatch.delenv("SELFSPEC_WEIGHT_CACHE")
+    assert native_draft._cached_copies(tr, 4) is None
+    first = native_draft.draft_view(tr, 4)
+    assert native_draft._cached_copies(tr, 4) is not None
+    monkeypatch.setattr(native_draft, "QUANTISERS", {})  # a second build that quantised would fail
+    second = native_draft.draft_view(tr, 4)
+    for la, lb in zip(first.layers, second.layers):
+        for n in LINEARS:
+            a, b = getattr(la, n), getattr(lb, n)
+            assert [p.type_name for p in a.parts] == [p.type_name for p in b.parts]
+            assert all(torch.equal(pa.data, pb.data) for pa, pb in zip(a.parts, b.parts))
+    ids = torch.tensor([1, 2, 3, 4])
+    assert torch.equal(first.forward(ids, 0, first.new_cache(8)), second.forward(ids, 0, second.new_cache(8)))
