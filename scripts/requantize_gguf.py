@@ -46,7 +46,8 @@ def main(argv=None) -> int:
             continue  # the writer writes these itself
         value = FILE_TYPES[args.type] if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
         kind = field.types[0]
-        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, kind, sub_type=sub_type)
     target = gguf.GGMLQuantizationType[args.type]
     out = []
     with Bar(f"re-quantising {src.name} to {args.type} (tensors)", len(reader.tensors)) as bar:

@@ -88,7 +88,8 @@ def check_writable(out: str | Path, flag: str, error: type[Exception] = InvalidP
 KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "models": (("models", "verified.json"), "GGUF files assembled from split packages, and their verified hashes"),
     "tokenizers": (("tokenizers",), "tokenizers converted from GGUF files"),
-    "weights": (("weights",), "dequantised (fp32/bf16) and quantised (int8/int4) weights, read by later loads"),
+    "weights": (("weights",), "dequantised (fp32/bf16) and quantised (int8/int4) weights and native drafts' "
+                              "Q4 copies, read by later loads"),
     "costs": (("costs",), "forward-pass costs measured for --draft auto"),
     "dtype": (("dtype-choice.json",), "per-machine measurement of native blocks against fp32 weights, for --dtype auto"),
     "vocab": (("vocab",), "token frequency rankings for the draft vocabulary subset"),

@@ -186,11 +186,11 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
     activations (for measuring what the copies add: scripts/profile_step.py --native-draft)."""
     what = plan(tr, bits) if copies else {"copies": {}, "int8_activations": True, "extra_bytes": 0}
     if not what["copies"] and not what["int8_activations"]:
-        raise NoCheaperFormat(
-            f"no cheaper native format exists for a {bits}-bit draft of this model: its blocks "
-            f"({', '.join(sorted({t for lin, _ in _linears(tr, bits) for t in getattr(lin, 'types', ())}))}) have at most the bits "
-            f"per weight of {'Q4_0/Q4_K (4.5)' if bits == 4 else 'Q8_0 (8.5)'}, its head at most Q8_0's, and it "
-            f"already runs on int8 activations (--dtype native-q8)")
+        types = sorted({t for lin, _ in _linears(tr, bits) for t in getattr(lin, "types", ())})
+        limit = "Q4_0/Q4_K's 4.5" if bits == 4 else "Q8_0's 8.5"
+        raise NoCheaperFormat(f"no cheaper native format exists for a {bits}-bit draft of this model: its blocks "
+                              f"({', '.join(types)}) have at most {limit} bits per weight, its head at most "
+                              f"Q8_0's, and it already runs on int8 activations (--dtype native-q8)")
     from selfspec.progress import Bar
 
     made: dict[int, Blocks] = {}  # id(part) -> its copy, made once however often the part is listed
