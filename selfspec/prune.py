@@ -73,14 +73,15 @@ def _weights(root: Path) -> list[Stale]:
     from selfspec import __version__
     from selfspec.models.weightcache import FOLDER, FORMAT, MANIFEST, code_fingerprint
 
-    want = {"selfspec": __version__, "format": FORMAT, "torch": torch.__version__, "code": code_fingerprint()}
+    want = {"selfspec": __version__, "format": FORMAT, "torch": torch.__version__}
     out = []
     for entry in sorted((root / FOLDER).glob("*")):
         if not entry.is_dir() or _temporary(entry):
             continue
         try:
             key = json.loads((entry / MANIFEST).read_text())["key"]
-            wrong = [f"{k} {key.get(k)!r} (now {v!r})" for k, v in want.items() if key.get(k) != v]
+            now = {**want, "code": code_fingerprint(key.get("dtype"))}
+            wrong = [f"{k} {key.get(k)!r} (now {v!r})" for k, v in now.items() if key.get(k) != v]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             wrong = ["no readable manifest"]
         if wrong:

@@ -301,7 +301,7 @@ def _cache_key(tr: Transformer, bits: int):
     if getattr(tr, "source", None) is None or not weightcache.enabled():
         return None
     # the layout names the rule that picks each part's format (_format, _cheaper, HEAD_FORMAT)
-    return weightcache.key_for(tr.source, f"native-draft{bits}", "q4k256-else-q40-head-q80")
+    return weightcache.key_for(tr.source, f"{weightcache.DRAFT_DTYPE}{bits}", "q4k256-else-q40-head-q80")
 
 
 def _cached_copies(tr: Transformer, bits: int):

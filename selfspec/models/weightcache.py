@@ -56,8 +56,12 @@ FORMAT = 2
 ENV = "SELFSPEC_WEIGHT_CACHE"
 FOLDER = "weights"
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
-# Modules whose code decides which tensors are stored and what they hold.
-_PRODUCERS = ("loading.py", "quant.py", "config.py", "weightcache.py", "native_draft.py")
+# Modules whose code decides which tensors are stored and what they hold: a loaded model's
+# entries, and a native precision draft's copies (dtype "native-draft<bits>"), each its own set
+# so an edit of one never invalidates the other's entries.
+_PRODUCERS = ("loading.py", "quant.py", "config.py", "weightcache.py")
+_DRAFT_PRODUCERS = ("native_draft.py", "weightcache.py")
+DRAFT_DTYPE = "native-draft"
 MIN_FREE_BYTES = 2 << 30  # never fill the disk: skip writing when less would be left
 # Suffix of the padding tensors `with_padding` adds. safetensors orders tensors by dtype, then by
 # name, and no real name continues with a space, so "NAME pad" comes right after NAME.
@@ -68,13 +72,18 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-@lru_cache(maxsize=1)
-def code_fingerprint() -> str:
+@lru_cache(maxsize=2)
+def _fingerprint(producers: tuple[str, ...]) -> str:
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in _PRODUCERS:
+    for name in producers:
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+def code_fingerprint(dtype: str | None = None) -> str:
+    """A hash of the code that makes the entries of `dtype` (a loaded model's by default)."""
+    return _fingerprint(_DRAFT_PRODUCERS if (dtype or "").startswith(DRAFT_DTYPE) else _PRODUCERS)
 
 
 
@@ -90,7 +99,7 @@ class CacheKey:
 
         return {"model_sha256": self.model_sha256, "dtype": self.dtype, "layout": self.layout,
                 "selfspec": __version__, "format": FORMAT, "torch": torch.__version__,
-                "code": code_fingerprint()}
+                "code": code_fingerprint(self.dtype)}
 
     @property
     def prefix(self) -> str:

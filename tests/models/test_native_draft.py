@@ -171,6 +171,13 @@ def test_draft_copies_are_kept_in_the_weight_cache(smollm_q8_0, monkeypatch, tmp
     assert native_draft._cached_copies(tr, 4) is None
     first = native_draft.draft_view(tr, 4)
     assert native_draft._cached_copies(tr, 4) is not None
+    from selfspec import prune
+    from selfspec.models import weightcache
+
+    assert prune._weights(tmp_path / "on") == []  # a usable entry, which prune keeps
+    # its own code fingerprint: editing the draft's quantisers leaves the model entries valid
+    assert weightcache.code_fingerprint("native-draft4") != weightcache.code_fingerprint("fp32")
+    assert native_draft._cache_key(tr, 4).fields()["code"] == weightcache.code_fingerprint("native-draft4")
     monkeypatch.setattr(native_draft, "QUANTISERS", {})  # a second build that quantised would fail
     second = native_draft.draft_view(tr, 4)
     for la, lb in zip(first.layers, second.layers):
