@@ -62,7 +62,6 @@ def time_dtypes(args) -> None:
             view = native_draft.draft_view(tr, 4, copies=copies)
             prepared[label] = (view, cache)
             kernels[label] = ", ".join(f"{n} {k}" for k, n in sorted(view.draft_plan["copies"].items())) or "no copies"
-            models[label] = models["native"]
     tokens = torch.arange(7, 7 + args.verify)
     times = {(d, n): [] for d in prepared for n in (1, args.verify)}
     for rep in range(args.warmup + args.repeats):

@@ -56,6 +56,12 @@ def best_k(a: float, c_draft: float, costs: CostModel, k_max: int) -> tuple[int,
     return best, best_rate * costs.step
 
 
+def could_pay(plausible: float, c_draft: float, costs: CostModel, k_max: int) -> bool:
+    """Whether a drafter at `c_draft` seconds per token would beat plain decoding at its
+    plausible acceptance: if not, trying it only costs."""
+    return best_k(plausible, c_draft, costs, k_max)[0] > 0
+
+
 @dataclass
 class Acceptance:
     """Per-token acceptance probability from recent rounds: accepted drafts over accepted drafts
@@ -169,7 +175,7 @@ class AutoDrafter(Drafter):
         """Whether `arm` would beat plain decoding at its plausible acceptance (PLAUSIBLE_ACCEPTANCE
         unless its drafter says otherwise) with its measured draft cost and the measured verify
         costs: if not, probing it only costs."""
-        return best_k(arm.plausible, arm.c_draft, self.costs, k_cap)[0] > 0
+        return could_pay(arm.plausible, arm.c_draft, self.costs, k_cap)
 
     def _grounded(self, ctx: DraftContext, k_cap: int) -> tuple[list, tuple | None]:
         """Every grounded arm's proposal, cut to its best k at its match length: (the due probes
@@ -320,8 +326,8 @@ class AutoDrafter(Drafter):
             # measured once per machine, and where it could not pay even at the drafter's
             # plausible acceptance the draft is not built (SmolLM2: 0.8 s of copies saved).
             ratio = native_draft.cached_relative_cost(model, bits) if useful else None
-            if ratio is not None and best_k(QuantizedSelfDrafter.plausible_acceptance, ratio * costs.step, costs,
-                                            max_draft)[0] == 0:
+            if ratio is not None and not could_pay(QuantizedSelfDrafter.plausible_acceptance, ratio * costs.step,
+                                                   costs, max_draft):
                 useful = False
         else:
             useful = bits < have

@@ -73,13 +73,19 @@ class CostModel:
         """Write the (refined) costs to the cache entry, so the next run starts from them: a
         calibration taken while another process loaded the CPU does not stick. Not while the
         machine is busy (`machine_busy`): costs measured then would mislead every later run."""
-        if self.path is None or machine_busy():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        from selfspec import __version__
+        if self.path is not None:
+            write_entry(self.path, {"verify": self.verify})
 
-        atomic_write_json(self.path, {"verify": self.verify, "selfspec": __version__, "format": KEY_FORMAT},
-                          indent=None)
+
+def write_entry(path: Path, fields: dict) -> None:
+    """A costs-folder entry: `fields` with the version fields `selfspec cache prune` checks. Not
+    while the machine is busy (`machine_busy`): timings taken then would mislead every later run."""
+    if machine_busy():
+        return
+    from selfspec import __version__
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**fields, "selfspec": __version__, "format": KEY_FORMAT}, indent=None)
 
 
 def _key(model, threads: int) -> str:

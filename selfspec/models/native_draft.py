@@ -40,6 +40,11 @@ class NoCheaperFormat(InvalidParameterError):
     """The native model has no cheaper native form for a precision draft."""
 
 
+def _reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1 / x in fp32, 0 where x is 0 (an all-zero block: every code then rounds to its zero)."""
+    return torch.where(x != 0, 1 / x.float(), torch.zeros((), dtype=torch.float32))
+
+
 def quantise_q4_0(w: torch.Tensor) -> torch.Tensor:
     """fp32 `[rows, K]` (K % 32 == 0) as Q4_0 blocks `[rows, K / 32 * 18]`: per 32 weights an f16
     scale d and 4-bit codes q with w ~ d (q - 8); d is the block's largest-magnitude weight over
@@ -49,8 +54,7 @@ def quantise_q4_0(w: torch.Tensor) -> torch.Tensor:
     b = w.reshape(rows, K // 32, 32)
     peak = b.gather(2, b.abs().argmax(dim=2, keepdim=True))  # signed, [rows, n, 1]
     d = (peak / -8).to(torch.float16)
-    inv = torch.where(d != 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
-    q = torch.clamp(torch.round(b * inv) + 8, 0, 15).to(torch.uint8)
+    q = torch.clamp(torch.round(b * _reciprocal(d)) + 8, 0, 15).to(torch.uint8)
     codes = q[..., :16] | (q[..., 16:] << 4)
     return torch.cat((d.view(torch.uint8).reshape(rows, K // 32, 2), codes), dim=2).reshape(rows, -1)
 
@@ -61,8 +65,7 @@ def quantise_q8_0(w: torch.Tensor) -> torch.Tensor:
     rows, K = w.shape
     b = w.reshape(rows, K // 32, 32)
     d = (b.abs().amax(dim=2, keepdim=True) / 127).to(torch.float16)
-    inv = torch.where(d != 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
-    q = torch.clamp(torch.round(b * inv), -127, 127).to(torch.int8)
+    q = torch.clamp(torch.round(b * _reciprocal(d)), -127, 127).to(torch.int8)
     return torch.cat((d.view(torch.uint8).reshape(rows, K // 32, 2), q.view(torch.uint8)), dim=2).reshape(rows, -1)
 
 
@@ -82,15 +85,11 @@ def quantise_q4_k(w: torch.Tensor) -> torch.Tensor:
     d = (scale.amax(dim=2, keepdim=True) / 63).to(torch.float16)
     dmin = ((-lo).amax(dim=2, keepdim=True) / 63).to(torch.float16)
 
-    def steps(v, unit):
-        inv = torch.where(unit != 0, 1 / unit.float(), torch.zeros((), dtype=torch.float32))
-        return torch.clamp(torch.round(v * inv), 0, 63)
-
-    sc, m = steps(scale, d), steps(-lo, dmin)
+    sc = torch.clamp(torch.round(scale * _reciprocal(d)), 0, 63)
+    m = torch.clamp(torch.round(-lo * _reciprocal(dmin)), 0, 63)
     ds = (d.float() * sc).unsqueeze(3)
     dm = (dmin.float() * m).unsqueeze(3)
-    inv = torch.where(ds != 0, 1 / ds, torch.zeros((), dtype=torch.float32))
-    q = torch.clamp(torch.round((b + dm) * inv), 0, 15).to(torch.uint8)  # [rows, n, 8, 32]
+    q = torch.clamp(torch.round((b + dm) * _reciprocal(ds)), 0, 15).to(torch.uint8)  # [rows, n, 8, 32]
     codes = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(rows, K // 256, 128)
     sc, m = sc.to(torch.uint8), m.to(torch.uint8)
     packed = torch.cat((sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
@@ -195,9 +194,11 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
 
     made: dict[int, Blocks] = {}  # id(part) -> its copy, made once however often the part is listed
     cached = _cached_copies(tr, bits) if copies and what["copies"] else None
-    computed: dict[str, torch.Tensor] = {}
+    by_key: dict[str, torch.Tensor] = {}  # every copy's blocks by their weight-cache name
+    computed = False
 
     def view_of(lin, b: int | None, name: str):
+        nonlocal computed
         if not isinstance(lin, NativeLinear):
             return lin
         parts = []
@@ -207,8 +208,8 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
                     key = f"{name}.{i}"
                     old = cached.pop(key, None) if cached is not None else None
                     made[id(p)] = requantised(p, _format(p, b), old)
-                    if made[id(p)].data is not old:
-                        computed[key] = made[id(p)].data
+                    by_key[key] = made[id(p)].data
+                    computed |= by_key[key] is not old
                 p = made[id(p)]
             parts.append(p)
         return NativeLinear(parts, lin.bias, lin.maps, q8=True)
@@ -223,7 +224,7 @@ def draft_view(tr: Transformer, bits: int = 4, copies: bool = True) -> Transform
         head = view_of(tr.lm_head, None, "lm_head")
         bar.advance()
     if computed:
-        _store_copies(tr, bits, {key: b.data for key, b in _copies_by_key(layers, head, tr).items()})
+        _store_copies(tr, bits, by_key)
     view = Transformer(tr.config, tr.embed, layers, tr.final_norm, head, tr.rope_max)
     view.fused = fused_layers(view)
     view.draft_plan = what
@@ -275,22 +276,15 @@ def cached_relative_cost(model, bits: int) -> float | None:
 
 
 def measure_relative_cost(model, bits: int, view: Transformer) -> float:
-    """`relative_cost` of `view`, cached for later runs unless the machine is busy (hardware.
-    machine_busy: a contended measurement would mislead every later run)."""
-    from selfspec import __version__
-    from selfspec.drafters.costs import KEY_FORMAT
-    from selfspec.hardware import machine_busy
-    from selfspec.paths import atomic_write_json
+    """`relative_cost` of `view`, cached for later runs unless the machine is busy (costs.
+    write_entry: a contended measurement would mislead every later run)."""
+    from selfspec.drafters.costs import write_entry
 
     ratio = relative_cost(view, model.transformer)
-    if not machine_busy():
-        try:
-            path = _ratio_path(model, bits)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # the version fields of a costs entry, which `selfspec cache prune` checks
-            atomic_write_json(path, {"ratio": ratio, "selfspec": __version__, "format": KEY_FORMAT}, indent=None)
-        except OSError:
-            pass
+    try:
+        write_entry(_ratio_path(model, bits), {"ratio": ratio})
+    except OSError:
+        pass  # a read-only cache folder: the next run measures again
     return ratio
 
 
@@ -312,19 +306,6 @@ def _cached_copies(tr: Transformer, bits: int):
     key = _cache_key(tr, bits)
     hit = weightcache.load(key) if key is not None else None
     return None if hit is None else hit[1]
-
-
-def _copies_by_key(layers, head, tr: Transformer) -> dict[str, Blocks]:
-    """Every copied part of the view by its cache name (`L{i}.{linear}.{part}`, `lm_head.0`)."""
-    own: dict[str, Blocks] = {}
-    pairs = [(f"L{i}.{n}", getattr(la, n), getattr(lb, n)) for i, (la, lb) in enumerate(zip(layers, tr.layers))
-             for n in LINEARS] + [("lm_head", head, tr.lm_head)]
-    for name, a, b in pairs:
-        if isinstance(a, NativeLinear) and a is not b:
-            for i, (pa, pb) in enumerate(zip(a.parts, b.parts)):
-                if pa is not pb:
-                    own[f"{name}.{i}"] = pa
-    return own
 
 
 def _store_copies(tr: Transformer, bits: int, tensors: dict[str, torch.Tensor]) -> None:
