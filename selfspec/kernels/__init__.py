@@ -34,7 +34,7 @@ log = logging.getLogger("selfspec.kernels")
 
 HERE = Path(__file__).parent
 SOURCES = ("attention.c", "qgemm.c", "layer.c")
-HEADERS = ("qgemm_group.h", "qgemm_q8.h", "simd.h")  # included by the sources: part of the build key, not compiled alone
+HEADERS = ("qgemm_group.h", "qgemm_q8.h", "qgemm_wide.h", "simd.h")  # included by the sources: part of the build key, not compiled alone
 # No -ffast-math: the compiler may vectorise across independent lanes but must keep every sum in
 # the order written; -ffp-contract=off: no fused multiply-add the source does not ask for (fmaf).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")

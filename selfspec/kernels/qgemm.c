@@ -36,6 +36,8 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <float.h>
+#include <math.h>
 #include <string.h>
 
 #include "simd.h"
@@ -777,6 +779,103 @@ static VNNI AI __m256i madd_vnni(__m256i acc, __m256i a, __m256i b) { return _mm
 #define Q8_MADD madd_vnni
 #include "qgemm_q8.h"
 
+/* ---- `native` on the K-quants: exact integer dot products on 24-bit activations ----
+ * With fp32 activations the K-quants cost ~13 instructions per 32 weights (the codes converted
+ * to floats, then four FMAs): bound by instructions at ~7 GB/s per core. Here each activation
+ * block of 256 (a row's own values only: row invariance by construction) is held as fixed point
+ * on a power-of-two scale: with 2^(E-1) <= amax < 2^E,
+ *   a = round-to-nearest-even(x * 2^(23-E)),  |a| <= 2^23,  dx = 2^(E-23)
+ * (multiplying by a power of two is exact, so the only rounding is to the integer: a value in the
+ * block's top binade keeps its 24 significant bits, as fp32 holds them; a smaller one is within
+ * 2^(E-24) <= amax * 2^-23 of x, the size of the rounding error fp32 summation makes when it adds
+ * a value to partial sums of the block's largest products). Split as a = 4096 hi + lo (lo in
+ * [-2048, 2047], |hi| <= 2048), each super-block's products with the weights' integer parts are
+ * exact integers (qgemm_wide.h), rounded once per lane. su = Σ a per 32 (Q4_K's mins). A block
+ * with a NaN or an infinity gets dx = NaN (the outputs it feeds are NaN, as with fp32
+ * activations); an all-zero block dx = 0; a block whose amax is below 2^-126 (subnormal
+ * activations) a dx that may round to 0. */
+typedef struct {
+    int64_t K;
+    int16_t *hi, *lo; /* [M, K] */
+    float *dx;        /* [M, K/256] */
+    float *su;        /* [M, K/32]: float(Σ a over each 32), for Q4_K's mins */
+} wact;
+
+static void free_wide(wact *xa) { free(xa->hi), free(xa->lo), free(xa->dx), free(xa->su); }
+
+static int wide_rows(const float *x, int64_t M, int64_t K, wact *xa) {
+    const int64_t nb = M * K / 256;
+    xa->K = K;
+    xa->hi = malloc(sizeof(int16_t) * (size_t)(M * K));
+    xa->lo = malloc(sizeof(int16_t) * (size_t)(M * K));
+    xa->dx = malloc(sizeof(float) * (size_t)nb);
+    xa->su = malloc(sizeof(float) * (size_t)(M * K / 32));
+    if (!xa->hi || !xa->lo || !xa->dx || !xa->su) return -3;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+    for (int64_t b = 0; b < nb; b++) { /* rows are K apart and K % 256 == 0: blocks are contiguous */
+        const float *xb = x + 256 * b;
+        __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int i = 0; i < 256; i += 8) {
+            __m256 v = _mm256_and_ps(_mm256_loadu_ps(xb + i), absmask);
+            mx = _mm256_max_ps(mx, v);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ)); /* > FLT_MAX or NaN */
+        }
+        float lanes[8], amax = 0.0f;
+        _mm256_storeu_ps(lanes, mx);
+        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        int16_t *hb = xa->hi + 256 * b, *lb = xa->lo + 256 * b;
+        float *sb = xa->su + 8 * b;
+        if (_mm256_movemask_ps(bad) || amax == 0.0f) {
+            memset(hb, 0, 512), memset(lb, 0, 512), memset(sb, 0, 32);
+            xa->dx[b] = _mm256_movemask_ps(bad) ? NAN : 0.0f;
+            continue;
+        }
+        int E;
+        frexpf(amax, &E);
+        const int sh = 23 - E; /* >= -105; above 127 (amax < 2^-104) in two exact steps */
+        const __m256 s1 = _mm256_set1_ps(ldexpf(1.0f, sh > 127 ? 127 : sh)), s2 = _mm256_set1_ps(ldexpf(1.0f, sh > 127 ? sh - 127 : 0));
+        xa->dx[b] = ldexpf(1.0f, -sh);
+        const __m256i h = _mm256_set1_epi32(2048), m12 = _mm256_set1_epi32(4095);
+        for (int u = 0; u < 8; u++) { /* 32 values: 4 vectors of 8 */
+            __m256i hv[4], lv[4], sum = _mm256_setzero_si256();
+            for (int v = 0; v < 4; v++) {
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * u + 8 * v), s1), s2));
+                sum = _mm256_add_epi32(sum, a);
+                lv[v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(a, h), m12), h);
+                hv[v] = _mm256_srai_epi32(_mm256_sub_epi32(a, lv[v]), 12);
+            }
+            for (int v = 0; v < 4; v += 2) { /* packs interleaves 64-bit quarters: 0, 2, 1, 3 undoes it */
+                _mm256_storeu_si256((__m256i *)(hb + 32 * u + 8 * v),
+                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(hv[v], hv[v + 1]), 0xD8));
+                _mm256_storeu_si256((__m256i *)(lb + 32 * u + 8 * v),
+                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(lv[v], lv[v + 1]), 0xD8));
+            }
+            int32_t s8[8];
+            _mm256_storeu_si256((__m256i *)s8, sum);
+            int32_t t = 0; /* |Σ| <= 32 * 2^23: exact in int32 */
+            for (int i = 0; i < 8; i++) t += s8[i];
+            sb[u] = (float)t;
+        }
+    }
+    return 0;
+}
+
+#undef Q8_ISA
+#undef Q8_ATTR
+#undef Q8_DOT
+#undef Q8_MADD
+#define W_ISA wide_avx2
+#define W_ATTR
+#define W_MADD madd_avx2
+#include "qgemm_wide.h"
+#undef W_ISA
+#undef W_ATTR
+#undef W_MADD
+#define W_ISA wide_vnni
+#define W_ATTR VNNI
+#define W_MADD madd_vnni
+#include "qgemm_wide.h"
+
 
 static int in_registers(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q6_K; }
 
@@ -864,6 +963,11 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
         free_rows(&xa);
         return -3;
     }
+    wact xw = {0}; /* native's K-quants: 24-bit fixed-point activations */
+    if (!q8 && any_k && wide_rows(x, M, K, &xw)) {
+        free_wide(&xw);
+        return -3;
+    }
     /* A parallel region costs a wake-up of the other threads (10-40 µs measured on a busy 2-core
      * machine): below ~16 µs of work one thread does it. The bits do not depend on it. */
 #pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN)
@@ -880,12 +984,16 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
         if (q8)
             (use_vnni ? group_q8_vnni : group_q8_avx2)(fmt[s], GR, rp, next, (int)nr, row_bytes[s], &xa, M, y, N,
                                                         first_row[s] + r0);
+        else if (fmt[s] == Q4_K || fmt[s] == Q6_K)
+            (use_vnni ? group_wide_vnni : group_wide_avx2)(fmt[s], GR, rp, next, (int)nr, row_bytes[s], &xw, M, y, N,
+                                                          first_row[s] + r0);
         else if (GR == 8)
             (use_avx512 ? gemv8_avx512 : gemv8_avx2)(fmt[s], rp, next, (int)nr, row_bytes[s], x, K, y, first_row[s] + r0);
         else
             tile_group(fn[s], rp, next, (int)nr, row_bytes[s], x, K, M, y, N, first_row[s] + r0);
     }
     if (q8) free_rows(&xa);
+    free_wide(&xw);
     return 0;
 }
 

@@ -107,6 +107,62 @@ def test_q8_kernel_matches_quantised_reference(tname):
     assert err <= 1e-6 and off <= 5e-3
 
 
+def wide_rows(x: torch.Tensor) -> torch.Tensor:
+    """`native`'s activations for the K-quants, float64: per row and block of 256, with
+    2^(E-1) <= amax < 2^E, round-half-even(x * 2^(23-E)) * 2^(E-23), as qgemm.c's wide_rows
+    computes them (the product by a power of two is exact in both)."""
+    xb = x.double().numpy().reshape(x.shape[0], -1, 256)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    scale = np.ldexp(1.0, 23 - np.frexp(amax)[1])
+    return torch.from_numpy(np.rint(xb * scale) / scale).reshape(x.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("magnitude", [1.0, 1e-36, 1e30])
+def test_kquant_kernel_is_exact_on_its_activations(tname, magnitude):
+    """`native` on Q4_K/Q6_K holds each activation block of 256 as 23-bit fixed point on a
+    power-of-two scale and computes the super-block's products in integers, exactly: against the
+    float64 product of the file's weights and those activations it is off by the float steps
+    only (the lanes' float(), one fma per super-block); against fp32 activations by at most
+    amax * 2^-23 per activation. Scales far from 1 (tiny activations need two exact steps to
+    their fixed point) keep both."""
+    rows, K = 13, 768
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(5))
+    lin = linear_of(raw, t, rows, K)
+    x = torch.randn(9, K, generator=torch.Generator().manual_seed(4)) * magnitude
+    x[1, 300] *= 1e4  # one block whose largest value dwarfs the rest
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float64)).reshape(rows, K)
+    scale = (x.double().abs() @ w.abs().t()).max(dim=1, keepdim=True).values  # per activation row
+    y = lin(x).double()
+    own = ((y - wide_rows(x) @ w.t()).abs() / scale).max().item()
+    # rounding each activation to its block's fixed point moves it by at most amax * 2^-23
+    amax = x.double().abs().reshape(9, -1, 256).amax(-1, keepdim=True).expand(9, K // 256, 256).reshape(9, K)
+    moved = (amax @ w.abs().t()) * 2.0 ** -23
+    fp = ((y - x.double() @ w.t()).abs() - moved - 5e-7 * scale).max().item()
+    print(f"{tname} x{magnitude:g}: |y - own model| {own:.2g} of Σ|w||x|; |y - fp32-activation product| "
+          f"{((y - x.double() @ w.t()).abs() / scale).max().item():.2g}, within the rounding bound: {fp <= 0}")
+    assert own <= 5e-7 and fp <= 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+def test_kquant_kernel_special_values(tname):
+    """An all-zero activation row gives exact zeros; a NaN or an infinity in a row makes that
+    row's outputs NaN (as fp32 activations would), and leaves the other rows as they were."""
+    rows, K = 5, 512
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(6))
+    lin = linear_of(raw, t, rows, K)
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(5))
+    clean = lin(x.clone())
+    x[1] = 0.0
+    x[2, 7], x[3, 400] = float("nan"), float("inf")
+    y = lin(x)
+    assert torch.equal(y[1], torch.zeros(rows))
+    assert y[2].isnan().all() and y[3].isnan().all()
+    assert torch.equal(y[0], clean[0])
+
+
 @needs_kernel
 @pytest.mark.parametrize("tname,q8", KERNELS, ids=KERNEL_IDS)
 def test_row_invariant_bitwise(tname, q8):
