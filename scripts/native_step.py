@@ -58,9 +58,11 @@ def main() -> None:
           % args.threads)
     print("|---|---|---|---|---|")
     for dtype in args.dtypes.split(","):
-        model = load_model(args.model, dtype=dtype)
         for suffix, lib in libs.items() if dtype == "native" else [("", None)]:
             native._lib = (lambda lib=lib: lib) if lib is not None else kernels.library
+            # loaded after the swap: the fused layers (layer.c) bind their library at load, and a
+            # model loaded once would run every build's linears through the first one's layers
+            model = load_model(args.model, dtype=dtype)
             torch.set_num_threads(args.threads)
             w1, w9 = min(steps(model, time.perf_counter) for _ in range(2))
             torch.set_num_threads(1)

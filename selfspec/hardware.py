@@ -24,7 +24,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weight-only quantised dtypes: the linears' weights in int8/int4, everything else (embeddings,
 # norms, attention, KV cache) in fp32 (selfspec/models/quant.py).
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-# GGUF-native dtypes: fp32 activations around the file's own blocks (selfspec/models/native.py)
+# GGUF-native dtypes: fp32 activations around the file's own blocks (24-bit fixed point per block
+# of 256 on the K-quants; selfspec/models/native.py)
 NATIVE_DTYPES = ("native", "native-q8")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "int8", "int4", *NATIVE_DTYPES)
 
@@ -76,7 +77,8 @@ def isa_key() -> str:
 # shipped, never another one. bf16, int8, int4 and native-q8 round weights or activations
 # differently (82-97% greedy agreement with fp32, docs/kernels.md) and are opt-in.
 OPT_IN = "bf16, int8, int4 and native-q8 change the model's output and are opt-in (--dtype)"
-AUTO_NATIVE_REASON = ("native: the GGUF file's own blocks, the same model as fp32 (summation order aside), "
+AUTO_NATIVE_REASON = ("native: the GGUF file's own blocks, the same model as fp32 (up to summation order and "
+                      "fp32-sized roundings of the activations), "
                       "2.8-4.0x fp32's plain decoding at 0.2-0.4x the memory (docs/benchmarks.md); " + OPT_IN)
 
 

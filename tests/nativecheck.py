@@ -1,5 +1,6 @@
 """`--dtype native` is the GGUF model itself: against the same file dequantised to fp32 it differs
-only in summation order (docs/kernels.md). Shared by the native tests of every registry model."""
+only in summation order and, on Q4_K/Q6_K, in rounding activations to 24-bit fixed point per block
+of 256 (docs/kernels.md). Shared by the native tests of every registry model."""
 from __future__ import annotations
 
 import torch

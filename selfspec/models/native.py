@@ -4,9 +4,11 @@ Each linear weight stays in its file format (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K,
 in the read-only memory map that `gguf.GGUFReader` opens: no fp32 copy, no re-quantisation, no
 weight-cache entry. `NativeLinear` computes y = x W^T with fp32 activations and fp32
 accumulation in our C kernel (selfspec/kernels/qgemm.c), which gives every output element one
-fixed summation order whatever the number of rows: row-invariant by construction, so the row
-probe (selfspec/models/rows.py) is skipped for it. The dequantised weights are those of the
-`gguf` package's dequantisers bit for bit; only the summation order differs from the fp32 path.
+fixed sequence of operations whatever the number of rows: row-invariant by construction, so the
+row probe (selfspec/models/rows.py) is skipped for it. The dequantised weights are those of the
+`gguf` package's dequantisers bit for bit; only the summation order differs from the fp32 path,
+and on Q4_K/Q6_K the activations' rounding to 24-bit fixed point per block of 256 (each within
+2^-23 of its block's largest value; the super-block's products then exact integers, qgemm_wide.h).
 
 A tensor whose format the kernel lacks (or every tensor, when no C compiler built the kernels)
 is dequantised to fp32 at load and takes the fp32 path; `fallback_types` lists those formats
