@@ -367,6 +367,22 @@ static inline __attribute__((always_inline)) void sweep_l2(const uint8_t *p, int
     SWEEP_PART(p, span, t, tiles, 2);
 }
 
+/* The integer paths' prefetch before tile k0 of a group (native-q8, native's K-quants): the next
+ * group's rows as one sweep during the first slab (span: next_span), else two tiles ahead per
+ * row, into the next group's rows past this row's end */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *const *rp, const uint8_t *const *next, int gr,
+                                                                 int64_t span, int64_t row_bytes, int64_t K, int64_t k0,
+                                                                 int first_slab) {
+    const int64_t tiles = (K + TK - 1) / TK, tile_bytes = row_bytes * TK / K, k2 = k0 + 2 * TK;
+    const uint8_t *const *pf = k2 < K ? rp : next;
+    const int64_t ahead = row_bytes * (k2 < K ? k2 : k2 - tiles * TK) / K;
+    if (span) {
+        if (first_slab) sweep_l2(next[0], span, k0 / TK, tiles);
+    } else if (pf && ahead < row_bytes)
+        for (int r = 0; r < gr; r++)
+            for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);
+}
+
 /* ---- the block formats, decoded into registers ----
  * A "unit" is 32 consecutive weights of a row, decoded into four vectors of the very weights the
  * dequantisers above write (the same operations), and used from registers by every activation

@@ -121,22 +121,13 @@ static W_ATTR AI void W(ktile4)(int fmt, int ms, const uint8_t *const *rp, int64
 static W_ATTR void W(group)(int fmt, int gr, const uint8_t *const *rp, const uint8_t *const *next, int nr, int64_t row_bytes,
                             const wact *xa, int64_t M, float *y, int64_t N, int64_t n0) {
     __m256 acc[8 * QSLAB];
-    const int64_t K = xa->K, tile_bytes = row_bytes * TK / K, tiles = K / TK;
+    const int64_t K = xa->K;
     const int64_t span = next_span(next, gr, row_bytes);
     for (int64_t m0 = 0; m0 < M; m0 += QSLAB) {
         int ms = M - m0 < QSLAB ? (int)(M - m0) : QSLAB;
         for (int i = 0; i < gr * QSLAB; i++) acc[i] = _mm256_setzero_ps();
         for (int64_t k0 = 0; k0 < K; k0 += TK) {
-            /* the next group's rows as one sweep during the first slab (next_span), else two
-             * tiles ahead per row */
-            const int64_t k2 = k0 + 2 * TK;
-            const uint8_t *const *pf = k2 < K ? rp : next;
-            const int64_t ahead = row_bytes * (k2 < K ? k2 : k2 - tiles * TK) / K;
-            if (span) {
-                if (m0 == 0) sweep_l2(next[0], span, k0 / TK, tiles);
-            } else if (pf && ahead < row_bytes)
-                for (int r = 0; r < gr; r++)
-                    for (int64_t b = 0; b < tile_bytes; b += 64) __builtin_prefetch(pf[r] + ahead + b, 0, 0);
+            prefetch_ahead(rp, next, gr, span, row_bytes, K, k0, m0 == 0);
             if (ms == 1) { /* the format, and 8 rows, as constants */
                 if (gr == 8) {
                     if (fmt == Q4_K) W(ktile1)(Q4_K, 8, rp, k0 / TK, xa, m0, acc);
