@@ -164,8 +164,8 @@ def check_study(storage, study_name: str, name: str, sha: str, key: dict, path=N
     except KeyError:
         return None
     attrs = study.user_attrs
-    if not attrs:  # another worker created it a moment ago and has not recorded its settings yet
-        return study
+    if "key" not in attrs:  # another worker created it a moment ago and is still recording its
+        return study        # settings (one attribute at a time, "key" last: see run_search)
     if not _same_model(attrs.get("model_sha256"), name, sha, path):
         raise SearchError(
             f"study {study_name!r} was made for model {attrs.get('model')!r} (sha256 "
@@ -299,7 +299,7 @@ def run_search(model, prompts: Sequence[str | Sequence[int]], settings: SearchSe
     low = target if settings.objective == "match_rate" else 0
     study = optuna.create_study(study_name=study_name, storage=store, direction="maximize",
                                 sampler=TrialSeededSampler(settings.sampler, settings.seed), load_if_exists=True)
-    if not study.user_attrs:
+    if not study.user_attrs:  # "key" last: check_study reads a study without it as still being recorded
         for k, v in {"model": name, "model_sha256": sha, "n_layers": n, "objective": settings.objective,
                      "key": key}.items():
             study.set_user_attr(k, v)

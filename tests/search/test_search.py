@@ -173,6 +173,22 @@ def test_two_workers_share_one_study(llama, tmp_path):
     assert (a["attention"], a["mlp"], a["search"]["best_trial"]) == (b["attention"], b["mlp"], b["search"]["best_trial"])
 
 
+def test_a_study_still_being_recorded_is_not_refused(tmp_path):
+    """Two workers start at once: the first creates the study and records its settings one
+    attribute at a time, "key" last. The second, reading in between, must wait for them, not
+    compare against a half-written record (which read as "made for model ... sha256 None")."""
+    from selfspec.search.study import check_study
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="w", storage=url)
+    study.set_user_attr("model", "llama")  # ...and nothing else yet
+    assert check_study(url, "w", "llama", "ab" * 32, {"objective": "tokens_per_s"}) is not None
+    for k, v in {"model_sha256": "cd" * 32, "key": {"objective": "tokens_per_s"}}.items():
+        study.set_user_attr(k, v)
+    with pytest.raises(SearchError, match="made for model 'llama'"):  # recorded: another model's
+        check_study(url, "w", "llama", "ab" * 32, {"objective": "tokens_per_s"})
+
+
 def test_bad_input_writes_nothing(llama, tmp_path):
     out, db = tmp_path / "skip.json", tmp_path / "s.db"
     url = f"sqlite:///{db}"
