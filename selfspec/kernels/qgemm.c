@@ -692,7 +692,8 @@ typedef struct {
     float d, dmin;
 } ksb;
 
-static AI void q4k_decode(const uint8_t *blk, ksb *b) {
+/* Q4_K's scales (as b->sc), mins, d and dmin: all but the codes */
+static AI void q4k_scales_mins(const uint8_t *blk, ksb *b) {
     uint32_t u0, u1, u2;
     memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
     /* scales 0-3 and mins 0-3: the low 6 bits of bytes 0-3 and 4-7; 4-7: the nibbles of bytes
@@ -705,18 +706,21 @@ static AI void q4k_decode(const uint8_t *blk, ksb *b) {
     const __m256i S = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
     b->mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo));
     b->d = f16(blk), b->dmin = f16(blk + 2);
+    for (int k = 0; k < 8; k++) b->sc[k] = _mm256_shuffle_epi8(S, _mm256_set1_epi16((short)(0x0100 + 0x0202 * k)));
+}
+
+static AI void q4k_decode(const uint8_t *blk, ksb *b) {
+    q4k_scales_mins(blk, b);
     const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
         b->c[2 * j] = _mm256_and_si256(v, mask);
         b->c[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     }
-    for (int k = 0; k < 8; k++) b->sc[k] = _mm256_shuffle_epi8(S, _mm256_set1_epi16((short)(0x0100 + 0x0202 * k)));
 }
 
-static AI void q6k_decode(const uint8_t *blk, ksb *b) {
-    const __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
-    b->sc16 = _mm256_cvtepi8_epi16(s8);
+/* Q6_K's 6-bit codes as bytes (b->c) and d */
+static AI void q6k_codes(const uint8_t *blk, ksb *b) {
     b->d = f16(blk + 208), b->dmin = 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     for (int n = 0; n < 2; n++) { /* 128 weights: 64 B of low nibbles, 32 B of 2-bit highs */
@@ -729,6 +733,11 @@ static AI void q6k_decode(const uint8_t *blk, ksb *b) {
         b->c[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
                                           _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
     }
+}
+
+static AI void q6k_decode(const uint8_t *blk, ksb *b) {
+    q6k_codes(blk, b);
+    b->sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
     /* unit k: scale 2k on its weights 0-15 (maddubs lanes 0-7), 2k+1 on 16-31 */
     const __m256i lo = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(b->sc16));
     const __m256i hi = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(b->sc16, 1));

@@ -59,8 +59,8 @@ static W_ATTR AI __m256 W(sb_float)(int fmt, __m256i H, __m256i L, const ksb *b,
 }
 
 static W_ATTR AI void W(decode)(int fmt, const uint8_t *blk, ksb *b) {
-    if (fmt == Q4_K) q4k_decode(blk, b); /* (its byte codes go unused: W(unit) reads the nibbles) */
-    else q6k_decode(blk, b);
+    if (fmt == Q4_K) q4k_scales_mins(blk, b); /* W(unit) widens the nibbles itself */
+    else q6k_codes(blk, b);                   /* W(unit) reads the int8 scales itself */
 }
 
 /* M = 1: each row's super-block decoded and used in registers */
