@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--compare-with", metavar="NAME=SO,...", help="also time the native kernel of these built "
                     "libraries (e.g. the previous qgemm.c), interleaved with this checkout's in the same run")
     ap.add_argument("--native-only", action="store_true", help="skip PyTorch's kernels")
+    ap.add_argument("--shapes", metavar="FMT:NxK,...", help="time these shapes instead of the default list, "
+                    "e.g. Q8_0:151936x896 (the 0.5B's LM head),Q5_0:4864x896")
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -122,6 +124,12 @@ def main() -> None:
           f"timing by {CLOCK.__name__}; load average {os.getloadavg()[0]:.2f}")
     shapes = [("Q4_1", 1536, 576), ("Q4_1", 576, 1536), ("Q8_0", 49152, 576), ("Q4_K", 8960, 1536),
               ("Q4_K", 1536, 8960), ("Q6_K", 1536, 8960), ("Q4_0", 8960, 1536), ("Q8_0", 8960, 1536)]
+    if args.shapes:
+        shapes = []
+        for entry in args.shapes.split(","):
+            fmt, _, nk = entry.partition(":")
+            n, _, k = nk.partition("x")
+            shapes.append((fmt, int(n), int(k)))
     from selfspec import kernels
     from selfspec.models import native
 
