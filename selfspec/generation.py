@@ -4,7 +4,8 @@ with no drafter (every round proposes nothing).
 
 A round of `decode_tokens` reads as its steps: propose (the drafter), forward (pending token +
 drafts, one pass), `target_choice` (logits -> the target's greedy tokens or distributions, the one
-place), a pure verdict (`verify_chain` / `verify_tree`), then one `commit` that owns what the
+place; plain greedy asks the forward for its rows' argmax instead, which a native model finds
+without computing every logit exactly: models/greedy_head.py), a pure verdict (`verify_chain` / `verify_tree`), then one `commit` that owns what the
 verdict changes in the cache (rollback or tree compaction) and the hidden state kept for draft
 heads. Each round yields a `Round` record; `Generation` turns rounds into text (selfspec/text.py).
 
@@ -178,8 +179,17 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
         nonlocal hidden
         if not wants_hidden:
             return tr.forward(x, pos, cache, **kw)
-        logits, hidden = tr.forward(x, pos, cache, return_hidden=True, **kw)
-        return logits
+        out, hidden = tr.forward(x, pos, cache, return_hidden=True, **kw)
+        return out
+
+    def choose(x: torch.Tensor, pos: int, drafts: torch.Tensor = EMPTY, layout=None, **kw) -> TargetChoice:
+        """The target's choice at every row of a forward over x. Plain greedy needs only each
+        row's argmax: the forward returns it (Transformer.forward's `argmax`: on a native model
+        most logits are never computed exactly, models/greedy_head.py), the same tokens as
+        `target_choice` takes from the full logits."""
+        if fast_greedy:
+            return TargetChoice(tokens=forward(x, pos, argmax=True, **kw))
+        return target_choice(forward(x, pos, **kw), sampling, tokens, drafts, layout)
 
     def commit(start: int, path: Sequence[int]) -> int:
         """The round's verdict takes effect: the cache keeps the pending token (at `start`) and the
@@ -196,8 +206,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
     t0 = time.perf_counter()
     # The prefill is the verify of an empty draft after the prompt's last token (the pending one).
     start = len(tokens) - 1
-    logits = forward(ids[reused: len(tokens)], reused, last_only=True)
-    verdict = verify_chain(EMPTY, None, target_choice(logits, sampling, tokens), generator)
+    verdict = verify_chain(EMPTY, None, choose(ids[reused: len(tokens)], reused, last_only=True), generator)
     # Positions [0, valid) of the cache hold the KV of ids[:valid]: only what a verify accepted
     # counts (drafts and rejected positions lie beyond). It is what `prefix` keeps at the end.
     valid = commit(start, ())
@@ -240,8 +249,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             t = time.perf_counter()
             k = len(draft)
             if k == 0 and fast_greedy:  # a plain step: the choice at the one row is the token
-                logits = forward(ids[start: start + 1], start)  # [1, vocab]
-                tok = int(target_choice(logits, sampling, tokens).tokens[0])
+                tok = int(choose(ids[start: start + 1], start).tokens[0])
                 valid = commit(start, ())
                 stats.verify_seconds += time.perf_counter() - t
                 if drafter is not None:
@@ -251,13 +259,11 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             ids[start + 1: start + 1 + k] = draft.tokens
             if draft.parents is not None:  # a token tree: k nodes in one forward
                 layout = check_tree(draft, model.config.vocab_size)
-                logits = forward(ids[start: start + 1 + k], start, tree=layout)  # [k+1, vocab]
-                choice = target_choice(logits, sampling, tokens, draft.tokens, layout)
+                choice = choose(ids[start: start + 1 + k], start, draft.tokens, layout, tree=layout)  # k+1 rows
                 verdict = verify_tree(layout, draft, choice, generator)
                 path = verdict.path
             else:
-                logits = forward(ids[start: start + 1 + k], start)  # [k+1, vocab]
-                choice = target_choice(logits, sampling, tokens, draft.tokens)
+                choice = choose(ids[start: start + 1 + k], start, draft.tokens)  # k+1 rows
                 verdict = verify_chain(draft.tokens, draft.q_draft, choice, generator)
                 path = range(verdict.accepted)
             valid = commit(start, path)

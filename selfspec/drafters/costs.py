@@ -152,7 +152,10 @@ def calibrate(model, max_k: int = MAX_K, repeats: int = 3, use_cache: bool = Tru
                 bar.advance()
                 synchronize(tr.device)
                 t = time.perf_counter()
-                tr.forward(ids[context: context + k + 1], context, cache)
+                # a greedy verify pass, as decoding runs it by default (its argmax: a native
+                # model's greedy head; sampling's full logits cost more there, and online
+                # refinement learns what the rounds really cost)
+                tr.forward(ids[context: context + k + 1], context, cache, argmax=True)
                 synchronize(tr.device)  # a GPU forward returns before it has run
                 dt = time.perf_counter() - t
                 cache.rollback(context)

@@ -51,16 +51,17 @@ class DraftModelDrafter(Drafter):
         self.cache.rollback(keep)
         self.seen = self.seen[:keep]  # still true if the forward below is interrupted
         feed = torch.tensor(seq[keep:], dtype=torch.long, device=tr.device)
-        logits = tr.forward(feed, keep, self.cache, last_only=True)
+        greedy = ctx.plain_greedy  # the forward returns the argmax itself (no logits needed)
+        out = tr.forward(feed, keep, self.cache, last_only=True, argmax=greedy)
         self.seen = list(seq)
         tokens: list[int] = []
         q_rows: list[torch.Tensor | None] = []
         for i in range(limit):
-            tok, q = ctx.choose(logits, tokens)
+            tok, q = (int(out[-1]), None) if greedy else ctx.choose(out, tokens)
             tokens.append(tok)
             q_rows.append(q)
             if i + 1 < limit:
-                logits = tr.forward(torch.tensor([tok], device=tr.device), len(self.seen), self.cache)
+                out = tr.forward(torch.tensor([tok], device=tr.device), len(self.seen), self.cache, argmax=greedy)
                 self.seen.append(tok)
         return stack_draft(tokens, q_rows)
 

@@ -1043,3 +1043,55 @@ int selfspec_dequant_rows(int fmt, const uint8_t *ptr, int64_t K, const int64_t 
         for (int64_t k0 = 0; k0 < K; k0 += TK) fn(ptr + ids[i] * row_bytes, (int)k0, K - k0 < TK ? (int)(K - k0) : TK, out + i * K + k0);
     return 0;
 }
+
+/* The greedy head (models/greedy_head.py): which vocabulary rows may hold the argmax of T rows
+ * of exact logits, given approximate ones a [T, N] with |exact[t, r] - a[t, r]| <= norms[r] *
+ * radius[t]. floor[t] = max over r of a - norms * radius (at most row t's largest exact logit);
+ * row r is kept when a + norms * radius >= floor[t] for some t. Writes the kept ids, ascending,
+ * and floor; returns how many, or -1 when an a or a bound is not finite (the caller then takes
+ * the full head). The float rounding of these steps is ~2^-24 of |a| + norms * radius, far inside
+ * the slack the radius carries. */
+int64_t selfspec_argmax_candidates(const float *a, const float *norms, const float *radius, int64_t T, int64_t N,
+                                   float *floor_out, int64_t *ids) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+    const int64_t N8 = N & ~(int64_t)7;
+    for (int64_t t = 0; t < T; t++) {
+        const float *at = a + t * N, rad = radius[t];
+        const __m256 r8 = _mm256_set1_ps(rad);
+        __m256 mx = _mm256_set1_ps(-FLT_MAX), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        for (int64_t i = 0; i < N8; i += 8) {
+            __m256 v = _mm256_loadu_ps(at + i), hi = _mm256_fmadd_ps(_mm256_loadu_ps(norms + i), r8, _mm256_and_ps(v, absmask));
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps(hi, big, _CMP_LE_OQ)); /* NaN or past FLT_MAX: not ok */
+            mx = _mm256_max_ps(mx, _mm256_fnmadd_ps(_mm256_loadu_ps(norms + i), r8, v));
+        }
+        if (_mm256_movemask_ps(ok) != 0xFF) return -1;
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        for (int64_t i = N8; i < N; i++) {
+            float hi = fabsf(at[i]) + norms[i] * rad;
+            if (!(hi <= FLT_MAX)) return -1;
+            if (at[i] - norms[i] * rad > m) m = at[i] - norms[i] * rad;
+        }
+        floor_out[t] = m;
+    }
+    int64_t n = 0;
+    for (int64_t i = 0; i < N8; i += 8) {
+        int keep = 0;
+        for (int64_t t = 0; t < T; t++) {
+            __m256 up = _mm256_fmadd_ps(_mm256_loadu_ps(norms + i), _mm256_set1_ps(radius[t]), _mm256_loadu_ps(a + t * N + i));
+            keep |= _mm256_movemask_ps(_mm256_cmp_ps(up, _mm256_set1_ps(floor_out[t]), _CMP_GE_OQ));
+        }
+        while (keep) {
+            int b = __builtin_ctz(keep);
+            ids[n++] = i + b;
+            keep &= keep - 1;
+        }
+    }
+    for (int64_t i = N8; i < N; i++) {
+        int keep = 0;
+        for (int64_t t = 0; t < T; t++) keep |= a[t * N + i] + norms[i] * radius[t] >= floor_out[t];
+        if (keep) ids[n++] = i;
+    }
+    return n;
+}

@@ -74,7 +74,18 @@ class CompiledTransformer:
                                                last_only=last_only, head=head)
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, skip: SkipSet = NO_SKIP,
-                last_only: bool = False, head: Linear | None = None, **extra) -> torch.Tensor:
+                last_only: bool = False, head: Linear | None = None, argmax: bool = False, **extra) -> torch.Tensor:
+        if argmax and self.compile_status != "compiled":  # the eager decoder's own argmax (its greedy head)
+            return self.eager.forward(tokens, start, cache, skip=skip, last_only=last_only, head=head, argmax=True,
+                                      **extra)
+        out = self._logits(tokens, start, cache, skip, last_only, head, **extra)
+        if not argmax:
+            return out
+        if isinstance(out, tuple):  # return_hidden: (logits, hidden)
+            return out[0].argmax(-1), out[1]
+        return out.argmax(-1)
+
+    def _logits(self, tokens, start, cache, skip, last_only, head, **extra) -> torch.Tensor:
         T = tokens.shape[0]
         padded = bucket(T) if T <= MAX_BUCKET else T
         if any(extra.values()) or extra.get("exit_layer") is not None:  # trained-drafter hooks: eager

@@ -435,6 +435,7 @@ def build_native(config, tensors: dict, src: dict, max_len: int, q8: bool = Fals
     the formats the kernel lacks. Returns (decoder, info) with info["native_fallback"]: the
     formats dequantised to fp32 (empty when every linear runs natively). `q8`: `--dtype native-q8`,
     the block-format linears on activations quantised per row to int8 (NativeLinear)."""
+    from selfspec.models import greedy_head
     from selfspec.models.loading import unpermute
 
     c = config
@@ -508,4 +509,6 @@ def build_native(config, tensors: dict, src: dict, max_len: int, q8: bool = Fals
     tr = Transformer(c, NativeEmbedding(embed_blocks), layers, get("final_norm").float().contiguous(), lm_head,
                      max_len)
     tr.fused = fused_layers(tr)
+    if greedy_head.eligible(lm_head, c.final_softcap):
+        tr.argmax_head = greedy_head.ExactArgmax(lm_head)
     return tr, {"native_types": dict(native_types), "native_fallback": sorted(fallback)}

@@ -165,6 +165,9 @@ class Transformer:
         # The GGUF file a native build computes on (models/native.py); None otherwise. Keys the
         # weight-cache entry of its precision draft's copies (models/native_draft.py).
         self.source = None
+        # Greedy tokens without every exact logit (models/greedy_head.py), set by the native
+        # build where its LM head allows; None: the argmax of the full logits.
+        self.argmax_head = None
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `tokens` (a tensor, or the file's blocks under --dtype native)."""
@@ -184,7 +187,8 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
                 skip: SkipSet = NO_SKIP, last_only: bool = False, head: Linear | None = None,
-                exit_layer: int | None = None, return_hidden: bool = False, tree: TreeLayout | None = None):
+                exit_layer: int | None = None, return_hidden: bool = False, tree: TreeLayout | None = None,
+                argmax: bool = False):
         """Logits `[T, vocab]` (fp32) for the T tokens at positions start..start+T-1, or `[1, vocab]`
         for the last one if `last_only`. Writes their KV into `cache`; `cache.length` becomes
         start + T (positions after that, e.g. rejected drafts, are dropped). `head` replaces the LM
@@ -195,6 +199,9 @@ class Transformer:
         `return_hidden` returns `(logits, hidden)`, hidden being the final-normed state `[T or 1,
         hidden]` the LM head reads.
 
+        `argmax` returns the greedy tokens `[T or 1]` instead of the logits: their argmax, ties to
+        the lowest id, bit for bit (`greedy`).
+
         `tree` makes the T tokens a token tree (selfspec/tree.py): token r still goes to cache slot
         start + r, but sits at position start + depth[r] and attends to the cached keys before
         `start` plus its own ancestors only."""
@@ -202,7 +209,7 @@ class Transformer:
         T = tokens.shape[0]
         cache.check_room(start, T)
         if T > CHUNK and tree is None:
-            return self._chunked(tokens, start, cache, skip, last_only, head, exit_layer, return_hidden)
+            return self._chunked(tokens, start, cache, skip, last_only, head, exit_layer, return_hidden, argmax)
         end = start + T
         x = self.embed_tokens(tokens)  # [T, hidden]
         if c.embed_scale != 1.0:
@@ -238,8 +245,18 @@ class Transformer:
         if exit_layer is not None:
             return x
         hidden = self._norm(x, self.final_norm)
-        logits = self.logits(hidden, head)
-        return (logits, hidden) if return_hidden else logits
+        out = self.greedy(hidden, head) if argmax else self.logits(hidden, head)
+        return (out, hidden) if return_hidden else out
+
+    def greedy(self, hidden: torch.Tensor, head: Linear | None = None) -> torch.Tensor:
+        """`[T]` argmax of the logits of final-normed hidden states (ties: the lowest id), through
+        the exact-argmax head where the native build made one: the same tokens, most logits never
+        computed exactly (models/greedy_head.py)."""
+        if head is None and self.argmax_head is not None:
+            ids = self.argmax_head.argmax(hidden)
+            if ids is not None:
+                return ids.to(hidden.device)
+        return self.logits(hidden, head).argmax(-1)
 
     def logits(self, hidden: torch.Tensor, head: Linear | None = None) -> torch.Tensor:
         """fp32 logits from final-normed hidden states `[T, hidden]` (LM head, then soft-capping)."""
@@ -253,7 +270,7 @@ class Transformer:
         """The final norm applied to a raw residual stream (e.g. an early exit's output)."""
         return self._norm(x, self.final_norm)
 
-    def _chunked(self, tokens, start, cache, skip, last_only, head, exit_layer, return_hidden):
+    def _chunked(self, tokens, start, cache, skip, last_only, head, exit_layer, return_hidden, argmax=False):
         """A long input as consecutive forwards of at most CHUNK tokens (see CHUNK)."""
         T = tokens.shape[0]
         parts = []
@@ -263,7 +280,7 @@ class Transformer:
             skip_head = last_only and not final and exit_layer is None
             out = self.forward(tokens[c0: c0 + CHUNK], start + c0, cache, skip=skip, last_only=last_only,
                                head=head, exit_layer=len(self.layers) if skip_head else exit_layer,
-                               return_hidden=return_hidden)
+                               return_hidden=return_hidden, argmax=argmax)
             if final or not last_only:
                 parts.append(out)
         if last_only:

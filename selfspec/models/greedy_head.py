@@ -1,0 +1,110 @@
+"""The greedy token of a native LM head without computing every logit exactly.
+
+Greedy decoding needs only the argmax of each row's logits, and the LM head is the largest
+linear of a small model (the Qwen 0.5B's 145 MB Q8_0 head is 37% of the bytes a step reads,
+Gemma-3's 178 MB 70%). `ExactArgmax` finds the argmax of the head's exact (`--dtype native`)
+logits E in three steps:
+
+1. A = the same head on activations rounded to int8 (the `native-q8` kernel: 1.5-1.8x faster
+   per row on these heads, measured with scripts/native_gemv.py).
+2. A bound with |E_r - A_r| <= B_r for every vocabulary row r, from Cauchy-Schwarz:
+   B_r = ||w_r|| * (D + rel * (||x|| + D)), where ||w_r|| is the row's L2 norm (computed once
+   at load from the file's weights), D >= ||x_q8 - x|| (the int8 rounding moves each value of an
+   activation block by at most half its step, amax / 254) and rel = (K + 256) 2^-20 covers the
+   floating-point rounding of both kernels (each within a few times (K / 8 + 8) 2^-24 of
+   Σ|w||x| <= ||w_r|| ||x||, bounds in the comments below, so rel holds them 16 times over).
+3. L = max_r (A_r - B_r) is at most the largest exact logit, so every row with A_r + B_r < L
+   has E_r < L: it cannot be the argmax, nor tie with it. The few rows left (on the registry
+   models' quick suite: a median of 1-3, at most ~3000 of 151936 on the 1.5B's Q6_K head) are
+   computed exactly by the same kernel that computes the full head (which rows share a call
+   never changes an output's bits), and the first of their maxima is the token: the row the full
+   head's argmax would have returned, ties to the lowest id included.
+
+Rows whose activations or approximate logits are not finite take the full head. Only a head of
+one part in an int8-capable format, without bias and without logit soft-capping (a monotone map
+that may merge distinct logits into a tie), gets this path; the decoder falls back to the full
+logits otherwise (`Transformer.greedy`)."""
+from __future__ import annotations
+
+import torch
+
+from selfspec.models.native import Q8_FORMATS, NativeLinear, _lib
+
+_CHUNK_ROWS = 8192  # rows dequantised at a time for the norms (K = 1536: 48 MB)
+_STEP = 0.5 / 127 * (1 + 2 ** -10)  # int8 rounding: |x_q8 - x| <= amax / 254, with room for the float steps
+
+
+def eligible(head, softcap: float | None) -> bool:
+    return (isinstance(head, NativeLinear) and not head.q8 and head.bias is None and not softcap
+            and len(head.parts) == 1 and head.types[0] in Q8_FORMATS)
+
+
+def row_norms(head: NativeLinear) -> torch.Tensor:
+    """An upper bound of each output row's L2 norm `[out]` (fp32), from the file's weights as the
+    kernel dequantises them (selfspec_dequant_rows): the fp32 sum of squares is within
+    (K + 2) 2^-24 of its value in any order, so the norm is scaled up by (1 + (K + 4) 2^-23)."""
+    from selfspec import kernels
+
+    part, m = head.parts[0], head.maps[0]
+    lib = kernels.library()
+    K = head.in_features
+    out = torch.empty(head.out_features, dtype=torch.float32)
+    buf = torch.empty(min(_CHUNK_ROWS, head.out_features), K, dtype=torch.float32)
+    for r0 in range(0, head.out_features, _CHUNK_ROWS):
+        n = min(_CHUNK_ROWS, head.out_features - r0)
+        ids = (torch.arange(r0, r0 + n, dtype=torch.int64) if m is None else m[r0: r0 + n].to(torch.int64)).contiguous()
+        if lib.selfspec_dequant_rows(part.fmt, part.data.data_ptr(), K, ids.data_ptr(), n, buf.data_ptr()) != 0:
+            raise RuntimeError(f"the native kernel cannot read {part.type_name} rows")
+        torch.linalg.vector_norm(buf[:n], dim=1, out=out[r0: r0 + n])
+    return out.mul_(1 + (K + 4) * 2 ** -23)
+
+
+class ExactArgmax:
+    """`argmax(x)` = the full head's `(x @ W^T).argmax(-1)` bit for bit (module docstring)."""
+
+    def __init__(self, head: NativeLinear) -> None:
+        self.head = head
+        self.approx = NativeLinear(head.parts, None, head.maps, q8=True)
+        # the activation blocks the int8 kernel quantises by (qgemm.c, quantise_rows)
+        self.block = 256 if head.types[0] in ("Q4_K", "Q6_K") else 32
+        self.norms = row_norms(head)
+        # the kernels' rounding against Σ|w||x|: the fp32 kernel's lane chains are K / 8 long plus
+        # a tree of 3, and its K-quant path rounds activations to 24 bits (each value within
+        # 2^-23 of its block's amax: <= 16 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's chains are K / 32 long with two roundings per
+        # step. Terms that split a weight (Q4_K's and Q4_1's offsets) are each at most three times
+        # the block's largest weight: all of it stays well inside (K + 256) 2^-20.
+        self.rel = (self.head.in_features + 256) * 2 ** -20
+        self.last_candidates = 0  # rows computed exactly by the last call (tests, profiling)
+
+    def radius(self, x: torch.Tensor) -> torch.Tensor:
+        """`[T]`: |exact - approx| <= norms[r] * radius[t] for rows x `[T, K]` (finite)."""
+        T, K = x.shape
+        amax = x.view(T, K // self.block, self.block).abs().amax(-1).double()  # [T, blocks]; squares may pass fp32's range
+        d = amax.square().sum(-1).mul_(self.block).sqrt_().mul_(_STEP)  # >= ||x_q8 - x||
+        xn = torch.linalg.vector_norm(x.double(), dim=-1).mul_(1 + 2 ** -20)
+        return (d + self.rel * (xn + d)).float().contiguous()  # past fp32's range: inf, and the full head
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[T] token ids for final-normed hidden states x `[T, K]`; None when a row is not finite
+        (the caller computes the full logits)."""
+        x = x.reshape(-1, self.head.in_features).to(device="cpu", dtype=torch.float32).contiguous()
+        T, K = x.shape
+        amax = x.view(T, K // self.block, self.block).abs().amax(-1)
+        # not finite, or so small that the int8 kernel's 127 / amax overflows: the full head
+        if not bool(torch.isfinite(amax).all()) or bool(((amax > 0) & (amax < 2 ** -100)).any()):
+            return None
+        a = self.approx._apply(x)  # [T, vocab]
+        radius = self.radius(x)
+        floor = torch.empty(T, dtype=torch.float32)
+        ids = torch.empty(a.shape[1], dtype=torch.int64)
+        n = _lib().selfspec_argmax_candidates(a.data_ptr(), self.norms.data_ptr(), radius.data_ptr(), T, a.shape[1],
+                                             floor.data_ptr(), ids.data_ptr())
+        if n < 0:  # an approximate logit or its bound overflowed
+            return None
+        ids = ids[:n]  # ascending: the rows that may hold some row's argmax
+        self.last_candidates = n
+        # the full head's values at those rows, bit for bit. Each row's argmax over them is its
+        # argmax over the vocabulary: they include every row that may hold it (another row's
+        # candidates too, which changes nothing: they are rows of the vocabulary)
+        exact = self.head.select_rows(ids)._apply(x)  # [T, n]
+        return ids[exact.argmax(-1)]
