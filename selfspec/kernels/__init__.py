@@ -123,9 +123,12 @@ def _library():
     d = lib.selfspec_dequant_rows
     d.restype = ctypes.c_int
     d.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    r = lib.selfspec_argmax_radius
+    r.restype = ctypes.c_int
+    r.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_double] * 2 + [ctypes.c_void_p]
     c = lib.selfspec_argmax_candidates
     c.restype = ctypes.c_int64
-    c.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
+    c.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.selfspec_qgemm_isa.restype = ctypes.c_int
     lib.selfspec_qgemm_isa.argtypes = [ctypes.c_int]
     set_qgemm_isa(lib)

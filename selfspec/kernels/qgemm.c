@@ -1044,54 +1044,88 @@ int selfspec_dequant_rows(int fmt, const uint8_t *ptr, int64_t K, const int64_t 
     return 0;
 }
 
-/* The greedy head (models/greedy_head.py): which vocabulary rows may hold the argmax of T rows
- * of exact logits, given approximate ones a [T, N] with |exact[t, r] - a[t, r]| <= norms[r] *
- * radius[t]. floor[t] = max over r of a - norms * radius (at most row t's largest exact logit);
- * row r is kept when a + norms * radius >= floor[t] for some t. Writes the kept ids, ascending,
- * and floor; returns how many, or -1 when an a or a bound is not finite (the caller then takes
- * the full head). The float rounding of these steps is ~2^-24 of |a| + norms * radius, far inside
- * the slack the radius carries. */
+/* The greedy head (models/greedy_head.py). radius[t] for activation rows x [T, K]: with amax per
+ * block of `block` (the int8 kernel's activation blocks) and D = sqrt(Σ block · amax²) · step
+ * (>= ||x_int8 - x||: int8 rounding moves a value by at most its block's amax / 254), radius =
+ * D + rel · (||x|| (1 + 2^-20) + D), in doubles, rounded up to a float. Returns -1 (the caller
+ * takes the full head) when a value is not finite, or a block's amax is positive but below
+ * 2^-100 (the int8 kernel's 127 / amax would overflow), or a radius passes fp32's range. */
+int selfspec_argmax_radius(const float *x, int64_t T, int64_t K, int64_t block, double step, double rel, float *radius) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * K;
+        double d2 = 0, x2 = 0;
+        for (int64_t b = 0; b < K; b += block) {
+            float amax = 0;
+            for (int64_t i = b; i < b + block; i++) {
+                float v = fabsf(xt[i]);
+                if (!(v <= FLT_MAX)) return -1;
+                amax = v > amax ? v : amax;
+                x2 += (double)v * v;
+            }
+            if (amax > 0 && amax < 0x1p-100f) return -1;
+            d2 += (double)block * amax * amax;
+        }
+        const double d = sqrt(d2) * step, r = d + rel * (sqrt(x2) * (1 + 0x1p-20) + d);
+        if (!(r * (1 + 0x1p-20) <= FLT_MAX)) return -1;
+        radius[t] = (float)(r * (1 + 0x1p-20)); /* rounded up past the conversion */
+    }
+    return 0;
+}
+
+/* Which vocabulary rows may hold the argmax of T rows of exact logits, given approximate ones
+ * a [T, N] with |exact[t, r] - a[t, r]| <= norms[r] * radius[t]. floor[t] = max over r of
+ * a - norms * radius (at most row t's largest exact logit); row r is kept when a + norms * radius
+ * >= floor[t] for some t. Writes the kept ids, ascending, as int32 (a row map for the exact
+ * call); returns how many, or -1 when an a or a bound is not finite. The float rounding of these
+ * steps is ~2^-24 of |a| + norms * radius, far inside the slack the radius carries. */
 int64_t selfspec_argmax_candidates(const float *a, const float *norms, const float *radius, int64_t T, int64_t N,
-                                   float *floor_out, int64_t *ids) {
+                                   int32_t *ids) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     const int64_t N8 = N & ~(int64_t)7;
+    float *floor_t = malloc(sizeof(float) * (size_t)T);
+    if (!floor_t) return -1;
     for (int64_t t = 0; t < T; t++) {
         const float *at = a + t * N, rad = radius[t];
         const __m256 r8 = _mm256_set1_ps(rad);
         __m256 mx = _mm256_set1_ps(-FLT_MAX), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
         for (int64_t i = 0; i < N8; i += 8) {
-            __m256 v = _mm256_loadu_ps(at + i), hi = _mm256_fmadd_ps(_mm256_loadu_ps(norms + i), r8, _mm256_and_ps(v, absmask));
-            ok = _mm256_and_ps(ok, _mm256_cmp_ps(hi, big, _CMP_LE_OQ)); /* NaN or past FLT_MAX: not ok */
-            mx = _mm256_max_ps(mx, _mm256_fnmadd_ps(_mm256_loadu_ps(norms + i), r8, v));
+            __m256 v = _mm256_loadu_ps(at + i), n = _mm256_loadu_ps(norms + i);
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_fmadd_ps(n, r8, _mm256_and_ps(v, absmask)), big, _CMP_LE_OQ));
+            mx = _mm256_max_ps(mx, _mm256_fnmadd_ps(n, r8, v));
         }
-        if (_mm256_movemask_ps(ok) != 0xFF) return -1;
+        if (_mm256_movemask_ps(ok) != 0xFF) { /* NaN, or past FLT_MAX */
+            free(floor_t);
+            return -1;
+        }
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
         for (int64_t i = N8; i < N; i++) {
-            float hi = fabsf(at[i]) + norms[i] * rad;
-            if (!(hi <= FLT_MAX)) return -1;
+            if (!(fabsf(at[i]) + norms[i] * rad <= FLT_MAX)) {
+                free(floor_t);
+                return -1;
+            }
             if (at[i] - norms[i] * rad > m) m = at[i] - norms[i] * rad;
         }
-        floor_out[t] = m;
+        floor_t[t] = m;
     }
     int64_t n = 0;
     for (int64_t i = 0; i < N8; i += 8) {
         int keep = 0;
         for (int64_t t = 0; t < T; t++) {
             __m256 up = _mm256_fmadd_ps(_mm256_loadu_ps(norms + i), _mm256_set1_ps(radius[t]), _mm256_loadu_ps(a + t * N + i));
-            keep |= _mm256_movemask_ps(_mm256_cmp_ps(up, _mm256_set1_ps(floor_out[t]), _CMP_GE_OQ));
+            keep |= _mm256_movemask_ps(_mm256_cmp_ps(up, _mm256_set1_ps(floor_t[t]), _CMP_GE_OQ));
         }
         while (keep) {
-            int b = __builtin_ctz(keep);
-            ids[n++] = i + b;
+            ids[n++] = (int32_t)(i + __builtin_ctz(keep));
             keep &= keep - 1;
         }
     }
     for (int64_t i = N8; i < N; i++) {
         int keep = 0;
-        for (int64_t t = 0; t < T; t++) keep |= a[t * N + i] + norms[i] * radius[t] >= floor_out[t];
-        if (keep) ids[n++] = i;
+        for (int64_t t = 0; t < T; t++) keep |= a[t * N + i] + norms[i] * radius[t] >= floor_t[t];
+        if (keep) ids[n++] = (int32_t)i;
     }
+    free(floor_t);
     return n;
 }

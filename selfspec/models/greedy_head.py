@@ -63,6 +63,8 @@ class ExactArgmax:
     """`argmax(x)` = the full head's `(x @ W^T).argmax(-1)` bit for bit (module docstring)."""
 
     def __init__(self, head: NativeLinear) -> None:
+        import ctypes
+
         self.head = head
         self.approx = NativeLinear(head.parts, None, head.maps, q8=True)
         # the activation blocks the int8 kernel quantises by (qgemm.c, quantise_rows)
@@ -70,41 +72,54 @@ class ExactArgmax:
         self.norms = row_norms(head)
         # the kernels' rounding against Σ|w||x|: the fp32 kernel's lane chains are K / 8 long plus
         # a tree of 3, and its K-quant path rounds activations to 24 bits (each value within
-        # 2^-23 of its block's amax: <= 16 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's chains are K / 32 long with two roundings per
-        # step. Terms that split a weight (Q4_K's and Q4_1's offsets) are each at most three times
-        # the block's largest weight: all of it stays well inside (K + 256) 2^-20.
+        # 2^-23 of its block's amax: <= 16 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's
+        # chains are K / 32 long with two roundings per step. Terms that split a weight (Q4_K's
+        # and Q4_1's offsets) are each at most three times the block's largest weight: all of it
+        # stays well inside (K + 256) 2^-20.
         self.rel = (self.head.in_features + 256) * 2 ** -20
+        # the exact pass: the head's kernel call on the candidate rows, read through a row map
+        part = head.parts[0]
+        self._ids = torch.empty(head.out_features, dtype=torch.int32)
+        self._rows = (ctypes.c_int64 * 1)(0)
+        self._args = ((ctypes.c_int * 1)(part.fmt), (ctypes.c_void_p * 1)(part.data.data_ptr()), self._rows,
+                      (ctypes.c_void_p * 1)(self._ids.data_ptr()))
+        self._composed = head.maps[0] is not None  # candidates through the head's own row map
         self.last_candidates = 0  # rows computed exactly by the last call (tests, profiling)
 
-    def radius(self, x: torch.Tensor) -> torch.Tensor:
-        """`[T]`: |exact - approx| <= norms[r] * radius[t] for rows x `[T, K]` (finite)."""
+    def radius(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`[T]`: |exact - approx| <= norms[r] * radius[t] for rows x `[T, K]` (fp32, contiguous);
+        None when a value is not finite or too small for the int8 kernel (qgemm.c)."""
         T, K = x.shape
-        amax = x.view(T, K // self.block, self.block).abs().amax(-1).double()  # [T, blocks]; squares may pass fp32's range
-        d = amax.square().sum(-1).mul_(self.block).sqrt_().mul_(_STEP)  # >= ||x_q8 - x||
-        xn = torch.linalg.vector_norm(x.double(), dim=-1).mul_(1 + 2 ** -20)
-        return (d + self.rel * (xn + d)).float().contiguous()  # past fp32's range: inf, and the full head
+        radius = torch.empty(T, dtype=torch.float32)
+        if _lib().selfspec_argmax_radius(x.data_ptr(), T, K, self.block, _STEP, self.rel, radius.data_ptr()) != 0:
+            return None
+        return radius
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """[T] token ids for final-normed hidden states x `[T, K]`; None when a row is not finite
         (the caller computes the full logits)."""
         x = x.reshape(-1, self.head.in_features).to(device="cpu", dtype=torch.float32).contiguous()
         T, K = x.shape
-        amax = x.view(T, K // self.block, self.block).abs().amax(-1)
-        # not finite, or so small that the int8 kernel's 127 / amax overflows: the full head
-        if not bool(torch.isfinite(amax).all()) or bool(((amax > 0) & (amax < 2 ** -100)).any()):
+        radius = self.radius(x)
+        if radius is None:
             return None
         a = self.approx._apply(x)  # [T, vocab]
-        radius = self.radius(x)
-        floor = torch.empty(T, dtype=torch.float32)
-        ids = torch.empty(a.shape[1], dtype=torch.int64)
-        n = _lib().selfspec_argmax_candidates(a.data_ptr(), self.norms.data_ptr(), radius.data_ptr(), T, a.shape[1],
-                                             floor.data_ptr(), ids.data_ptr())
-        if n < 0:  # an approximate logit or its bound overflowed
+        lib = _lib()
+        n = lib.selfspec_argmax_candidates(a.data_ptr(), self.norms.data_ptr(), radius.data_ptr(), T, a.shape[1],
+                                           self._ids.data_ptr())
+        if n <= 0:  # an approximate logit or its bound overflowed (0: impossible, the floor's row is kept)
             return None
-        ids = ids[:n]  # ascending: the rows that may hold some row's argmax
         self.last_candidates = n
-        # the full head's values at those rows, bit for bit. Each row's argmax over them is its
-        # argmax over the vocabulary: they include every row that may hold it (another row's
-        # candidates too, which changes nothing: they are rows of the vocabulary)
-        exact = self.head.select_rows(ids)._apply(x)  # [T, n]
+        ids = self._ids[:n].long()  # ascending: the rows that may hold some row's argmax
+        # the full head's values at those rows, bit for bit (which rows share a call never
+        # changes an output). Each row's argmax over them is its argmax over the vocabulary:
+        # they include every row that may hold it (and other rows' candidates, rows of the
+        # vocabulary too, which changes nothing)
+        if self._composed:
+            exact = self.head.select_rows(ids)._apply(x)
+        else:
+            exact = torch.empty(T, n, dtype=torch.float32)
+            self._rows[0] = n
+            if lib.selfspec_qgemm(1, *self._args, K, x.data_ptr(), T, exact.data_ptr()) != 0:
+                raise RuntimeError(f"the native kernel rejected {self.head.types} weights")
         return ids[exact.argmax(-1)]
