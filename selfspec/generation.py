@@ -203,6 +203,8 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
         return start + 1 + len(path)
 
     stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused, device=str(device))
+    greedy_head = getattr(tr, "argmax_head", None) if fast_greedy else None
+    head_before = (greedy_head.calls, greedy_head.exact_rows, greedy_head.full_head) if greedy_head else None
     t0 = time.perf_counter()
     # The prefill is the verify of an empty draft after the prompt's last token (the pending one).
     start = len(tokens) - 1
@@ -279,6 +281,11 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
             prefix.finish(ids[:valid].tolist())
         if drafter is not None:
             stats.extras.update(drafter.extra_stats())
+        if greedy_head is not None:  # the native LM head's greedy path (models/greedy_head.py)
+            calls, rows, full = (now - before for now, before in zip(
+                (greedy_head.calls, greedy_head.exact_rows, greedy_head.full_head), head_before))
+            stats.extras.update(greedy_head={"passes": calls, "exact_rows_per_pass": round(rows / max(calls, 1), 1),
+                                             "full_head_passes": full})
         native_fallback = getattr(model, "load_info", {}).get("native_fallback")
         if native_fallback is not None:  # --dtype native: formats dequantised to fp32 (none: all native)
             stats.extras.update(native_fallback=native_fallback)

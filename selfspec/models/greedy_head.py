@@ -85,6 +85,9 @@ class ExactArgmax:
                       (ctypes.c_void_p * 1)(self._ids.data_ptr()))
         self._composed = head.maps[0] is not None  # candidates through the head's own row map
         self.last_candidates = 0  # rows computed exactly by the last call (tests, profiling)
+        # since load: calls that found the argmax here, their rows computed exactly, and calls
+        # left to the full head (a non-finite or tiny row); `--json` reports a generation's share
+        self.calls = self.exact_rows = self.full_head = 0
 
     def radius(self, x: torch.Tensor) -> torch.Tensor | None:
         """`[T]`: |exact - approx| <= norms[r] * radius[t] for rows x `[T, K]` (fp32, contiguous);
@@ -102,14 +105,18 @@ class ExactArgmax:
         T, K = x.shape
         radius = self.radius(x)
         if radius is None:
+            self.full_head += 1
             return None
         a = self.approx._apply(x)  # [T, vocab]
         lib = _lib()
         n = lib.selfspec_argmax_candidates(a.data_ptr(), self.norms.data_ptr(), radius.data_ptr(), T, a.shape[1],
                                            self._ids.data_ptr())
         if n <= 0:  # an approximate logit or its bound overflowed (0: impossible, the floor's row is kept)
+            self.full_head += 1
             return None
         self.last_candidates = n
+        self.calls += 1
+        self.exact_rows += n
         ids = self._ids[:n].long()  # ascending: the rows that may hold some row's argmax
         # the full head's values at those rows, bit for bit (which rows share a call never
         # changes an output). Each row's argmax over them is its argmax over the vocabulary:

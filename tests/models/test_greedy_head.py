@@ -145,6 +145,8 @@ def test_smollm_generation_is_the_same_without_the_greedy_head(smollm_native, mo
     with_head = [generate(smollm_native, p, max_new_tokens=24, drafter=d).token_ids
                  for p in PROMPTS[:2] for d in (None, NgramDrafter())]
     assert calls and max(calls) > 1  # plain steps and verify passes both went through it
+    said = generate(smollm_native, PROMPTS[0], max_new_tokens=8).stats.extras["greedy_head"]
+    assert said["passes"] == 8 and said["full_head_passes"] == 0 and 1 <= said["exact_rows_per_pass"] < 500, said
     monkeypatch.setattr(tr, "argmax_head", None)
     without = [generate(smollm_native, p, max_new_tokens=24, drafter=d).token_ids
                for p in PROMPTS[:2] for d in (None, NgramDrafter())]
