@@ -119,3 +119,24 @@ def test_a_bar_inside_another_on_a_terminal_joins_it(monkeypatch):
         assert len(outer._rich.tasks) == 1
         outer.advance()
     assert Bar._live is None
+
+
+def test_compare_repeats_a_short_answer_until_both_sides_have_decoded_long_enough():
+    """`make run`'s default job decodes ~60 tokens in ~0.3 s: one run each was mostly noise and
+    printed its own caveat. Short sides now run again (at most COMPARE_MAX_RUNS times) and the
+    speedup is total tokens over total time."""
+    import json
+    import subprocess
+    import sys
+
+    from selfspec.cli.generate import COMPARE_MAX_RUNS
+
+    r = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--model", "smollm2-135m", "--prompt", "Hi",
+                        "-n", "3", "--draft", "ngram", "--compare", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    compare = json.loads(r.stdout.strip().splitlines()[-1])["compare"]
+    # three tokens decode in milliseconds: both sides hit the cap, and still say they were short
+    assert compare["runs"] == {"spec": COMPARE_MAX_RUNS, "plain": COMPARE_MAX_RUNS}, compare
+    assert compare["same_as_plain"] and "decoded for only" in compare["warning"]
+    assert compare["speedup"] == pytest.approx(compare["tokens_per_s"] / compare["plain_tokens_per_s"])
+    assert f"over {COMPARE_MAX_RUNS} and {COMPARE_MAX_RUNS} runs" in r.stderr
