@@ -5,9 +5,9 @@ with no drafter (every round proposes nothing).
 A round of `decode_tokens` reads as its steps: propose (the drafter), forward (pending token +
 drafts, one pass), `target_choice` (logits -> the target's greedy tokens or distributions, the one
 place; plain greedy asks the forward for its rows' argmax instead, which a native model finds
-without computing every logit exactly: models/greedy_head.py), a pure verdict (`verify_chain` / `verify_tree`), then one `commit` that owns what the
-verdict changes in the cache (rollback or tree compaction) and the hidden state kept for draft
-heads. Each round yields a `Round` record; `Generation` turns rounds into text (selfspec/text.py).
+without computing every logit exactly: models/greedy_head.py), a pure verdict (`verify_chain` /
+`verify_tree`), then one `commit` that owns what the verdict changes in the cache (rollback or
+tree compaction) and the hidden state kept for draft heads. Each round yields a `Round` record; `Generation` turns rounds into text (selfspec/text.py).
 
 `stream(...)` is an iterator of `Chunk`s; when it is exhausted its `.result` holds the whole text,
 the token ids and the `SpecStats`. `generate(...)` runs it to the end. The library never prints.
