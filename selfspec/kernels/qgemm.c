@@ -631,9 +631,7 @@ static float quantise_block(const float *p, int n, int8_t *q) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_setzero_ps();
     for (int t = 0; t < n; t += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + t)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    float amax = hmax8(mx);
     const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     for (int t = 0; t < n; t += 32) {
         __m256i iv[4];
@@ -845,9 +843,7 @@ static int wide_rows(const float *x, int64_t M, int64_t K, wact *xa) {
             mx = _mm256_max_ps(mx, v);
             bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ)); /* > FLT_MAX or NaN */
         }
-        float lanes[8], amax = 0.0f;
-        _mm256_storeu_ps(lanes, mx);
-        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        const float amax = hmax8(mx); /* not used when `bad` (a NaN lane) */
         int16_t *hb = xa->hi + 256 * b, *lb = xa->lo + 256 * b;
         float *sb = xa->su + 8 * b;
         if (_mm256_movemask_ps(bad) || amax == 0.0f) {
@@ -1083,33 +1079,27 @@ int64_t selfspec_argmax_candidates(const float *a, const float *norms, const flo
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     const int64_t N8 = N & ~(int64_t)7;
     float *floor_t = malloc(sizeof(float) * (size_t)T);
+    int64_t n = -1;
     if (!floor_t) return -1;
     for (int64_t t = 0; t < T; t++) {
         const float *at = a + t * N, rad = radius[t];
         const __m256 r8 = _mm256_set1_ps(rad);
         __m256 mx = _mm256_set1_ps(-FLT_MAX), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
         for (int64_t i = 0; i < N8; i += 8) {
-            __m256 v = _mm256_loadu_ps(at + i), n = _mm256_loadu_ps(norms + i);
-            ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_fmadd_ps(n, r8, _mm256_and_ps(v, absmask)), big, _CMP_LE_OQ));
-            mx = _mm256_max_ps(mx, _mm256_fnmadd_ps(n, r8, v));
+            __m256 v = _mm256_loadu_ps(at + i), w = _mm256_loadu_ps(norms + i);
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_fmadd_ps(w, r8, _mm256_and_ps(v, absmask)), big, _CMP_LE_OQ));
+            mx = _mm256_max_ps(mx, _mm256_fnmadd_ps(w, r8, v));
         }
-        if (_mm256_movemask_ps(ok) != 0xFF) { /* NaN, or past FLT_MAX */
-            free(floor_t);
-            return -1;
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        int finite = _mm256_movemask_ps(ok) == 0xFF; /* no NaN, nothing past FLT_MAX */
+        float m = hmax8(mx);
         for (int64_t i = N8; i < N; i++) {
-            if (!(fabsf(at[i]) + norms[i] * rad <= FLT_MAX)) {
-                free(floor_t);
-                return -1;
-            }
+            finite &= fabsf(at[i]) + norms[i] * rad <= FLT_MAX;
             if (at[i] - norms[i] * rad > m) m = at[i] - norms[i] * rad;
         }
+        if (!finite) goto done;
         floor_t[t] = m;
     }
-    int64_t n = 0;
+    n = 0;
     for (int64_t i = 0; i < N8; i += 8) {
         int keep = 0;
         for (int64_t t = 0; t < T; t++) {
@@ -1126,6 +1116,7 @@ int64_t selfspec_argmax_candidates(const float *a, const float *norms, const flo
         for (int64_t t = 0; t < T; t++) keep |= a[t * N + i] + norms[i] * radius[t] >= floor_t[t];
         if (keep) ids[n++] = (int32_t)i;
     }
+done:
     free(floor_t);
     return n;
 }

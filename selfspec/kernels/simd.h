@@ -11,6 +11,12 @@ static inline float hsum_tree8(__m256 s) { /* lanes l += l + 4, l += l + 2, l +=
     return _mm_cvtss_f32(s1);
 }
 
+static inline float hmax8(__m256 m) { /* the largest lane (exact: a maximum rounds nothing) */
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+}
+
 /* exp(x) for x <= 0 (scores minus their maximum), 8 at a time: 2^n p(r), r = x - n ln2,
  * degree-6 polynomial, ~2 ulp; 0 below -87. */
 static inline __m256 exp_nonpos8(__m256 x) {
