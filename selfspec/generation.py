@@ -169,7 +169,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
     ids = torch.empty(cache.max_len + 1, dtype=torch.long, device=device)
     ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
     # Plain greedy decoding needs no verdict: the next token is the target's choice at the one row.
-    fast_greedy = sampling.greedy and sampling.repetition_penalty == 1.0
+    fast_greedy = sampling.plain_greedy
     # Draft heads (drafters/heads.py) read the final hidden state of the row that produced the
     # pending token: each forward then returns the rows' hidden states too, and commit keeps one.
     wants_hidden = drafter is not None and bool(declared(drafter, "wants_hidden"))
@@ -204,7 +204,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
 
     stats.extras.update(cached_prompt_tokens=reused, prefill_tokens=len(tokens) - reused, device=str(device))
     greedy_head = getattr(tr, "argmax_head", None) if fast_greedy else None
-    head_before = (greedy_head.calls, greedy_head.exact_rows, greedy_head.full_head) if greedy_head else None
+    head_before = greedy_head.tally() if greedy_head is not None else None
     t0 = time.perf_counter()
     # The prefill is the verify of an empty draft after the prompt's last token (the pending one).
     start = len(tokens) - 1
@@ -282,10 +282,7 @@ def decode_tokens(model: Model, prompt_ids: Sequence[int], drafter: Drafter | No
         if drafter is not None:
             stats.extras.update(drafter.extra_stats())
         if greedy_head is not None:  # the native LM head's greedy path (models/greedy_head.py)
-            calls, rows, full = (now - before for now, before in zip(
-                (greedy_head.calls, greedy_head.exact_rows, greedy_head.full_head), head_before))
-            stats.extras.update(greedy_head={"passes": calls, "exact_rows_per_pass": round(rows / max(calls, 1), 1),
-                                             "full_head_passes": full})
+            stats.extras.update(greedy_head=greedy_head.since(head_before))
         native_fallback = getattr(model, "load_info", {}).get("native_fallback")
         if native_fallback is not None:  # --dtype native: formats dequantised to fp32 (none: all native)
             stats.extras.update(native_fallback=native_fallback)

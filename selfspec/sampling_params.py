@@ -101,4 +101,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a repetition penalty: each next token is the argmax of its row's raw
+        logits, which a forward can return itself (Transformer.forward's `argmax`)."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 

@@ -95,9 +95,13 @@ def generate(
         # alternating), and each side's speed is its total tokens over its total time.
         runs = {"spec": [result], "plain": []}
         drafters = {"spec": drafter, "plain": None}
+
+        def decoded(side: str) -> float:
+            return sum(r.stats.decode_seconds for r in runs[side])
+
         while True:
-            short = [k for k in ("spec", "plain") if not runs[k] or (
-                sum(r.stats.decode_seconds for r in runs[k]) < COMPARE_SECONDS and len(runs[k]) < COMPARE_MAX_RUNS)]
+            short = [k for k in ("spec", "plain")
+                     if not runs[k] or (decoded(k) < COMPARE_SECONDS and len(runs[k]) < COMPARE_MAX_RUNS)]
             if not short:
                 break
             for k in short:
@@ -107,10 +111,10 @@ def generate(
                 runs[k].append(again.result)
         loads.append(load_average())
         base = runs["plain"][0]
-        seconds = {k: sum(r.stats.decode_seconds for r in side) for k, side in runs.items()}
+        seconds = {k: decoded(k) for k in runs}
         rate = {k: sum(r.stats.new_tokens for r in side) / seconds[k] if seconds[k] else 0.0
                 for k, side in runs.items()}
-        caveat = comparison_caveat(loads, list(seconds.values()))
+        caveat = comparison_caveat(loads, list(seconds.values()), min_seconds=COMPARE_SECONDS)
         speedup = rate["spec"] / rate["plain"] if rate["plain"] else 0.0
         same = result.token_ids == base.token_ids  # greedy: every repeat too (sampling may differ by run)
         if sampling.greedy:

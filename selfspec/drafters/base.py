@@ -44,12 +44,6 @@ class DraftContext:
     hidden: torch.Tensor | None = None
     hidden_for: int = -1
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy without a repetition penalty: a draft token is the argmax of its row, which a
-        forward can return itself (Transformer.forward's `argmax`: cheaper on native models)."""
-        return self.sampling.greedy and self.sampling.repetition_penalty == 1.0
-
     def choose(self, logits: torch.Tensor, drafts: list[int]) -> tuple[int, torch.Tensor | None]:
         """Pick the next draft token from draft logits `[1, vocab]` with the same transform the
         target uses (repetition penalty sees the earlier drafts of this round). Returns the token and,

@@ -51,7 +51,7 @@ class DraftModelDrafter(Drafter):
         self.cache.rollback(keep)
         self.seen = self.seen[:keep]  # still true if the forward below is interrupted
         feed = torch.tensor(seq[keep:], dtype=torch.long, device=tr.device)
-        greedy = ctx.plain_greedy  # the forward returns the argmax itself (no logits needed)
+        greedy = ctx.sampling.plain_greedy  # the forward returns the argmax itself (no logits needed)
         out = tr.forward(feed, keep, self.cache, last_only=True, argmax=greedy)
         self.seen = list(seq)
         tokens: list[int] = []

@@ -297,7 +297,7 @@ class OnlineSkipDrafter(LayerSkipDrafter):
         if tops is None or len(tops) < end:
             tops = self._full_top = torch.full((max(end, ctx.cache.max_len),), -1, dtype=torch.long,
                                               device=ctx.model.transformer.device)
-        if ctx.sampling.greedy and ctx.sampling.repetition_penalty == 1.0:
+        if ctx.sampling.plain_greedy:
             first = max(start, self._prompt_len - 1)  # from here on, the next token is the verify's argmax
             if first < end:
                 tops[first:end] = torch.tensor(tokens[first + 1: end + 1], device=tops.device)

@@ -89,6 +89,14 @@ class ExactArgmax:
         # left to the full head (a non-finite or tiny row); `--json` reports a generation's share
         self.calls = self.exact_rows = self.full_head = 0
 
+    def tally(self) -> tuple[int, int, int]:
+        return self.calls, self.exact_rows, self.full_head
+
+    def since(self, before: tuple[int, int, int]) -> dict:
+        """What the calls since `tally()` returned `before` did (`--json`'s `greedy_head`)."""
+        calls, rows, full = (now - then for now, then in zip(self.tally(), before))
+        return {"passes": calls, "exact_rows_per_pass": round(rows / max(calls, 1), 1), "full_head_passes": full}
+
     def radius(self, x: torch.Tensor) -> torch.Tensor | None:
         """`[T]`: |exact - approx| <= norms[r] * radius[t] for rows x `[T, K]` (fp32, contiguous);
         None when a value is not finite or too small for the int8 kernel (qgemm.c)."""
