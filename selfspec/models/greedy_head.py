@@ -8,8 +8,8 @@ logits E in three steps:
 1. A = the same head on activations rounded to int8 (the `native-q8` kernel: 1.5-1.8x faster
    per row on these heads, measured with scripts/native_gemv.py).
 2. A bound with |E_r - A_r| <= B_r for every vocabulary row r, from Cauchy-Schwarz:
-   B_r = ||w_r|| * (D + rel * (||x|| + D)), where ||w_r|| is the row's L2 norm (computed once
-   at load from the file's weights), D >= ||x_q8 - x|| (the int8 rounding moves each value of an
+   B_r = ||w_r|| * (D + rel * (||x|| + D)), where ||w_r|| is the row's L2 norm (computed once,
+   on first use, from the file's weights), D >= ||x_q8 - x|| (the int8 rounding moves each value of an
    activation block by at most half its step, amax / 254) and rel = (K + 256) 2^-20 covers the
    floating-point rounding of both kernels (each within a few times (K / 8 + 8) 2^-24 of
    Σ|w||x| <= ||w_r|| ||x||, bounds in the comments below, so rel holds them 16 times over).
@@ -69,7 +69,7 @@ class ExactArgmax:
         self.approx = NativeLinear(head.parts, None, head.maps, q8=True)
         # the activation blocks the int8 kernel quantises by (qgemm.c, quantise_rows)
         self.block = 256 if head.types[0] in ("Q4_K", "Q6_K") else 32
-        self.norms = row_norms(head)
+        self._norms: torch.Tensor | None = None  # row_norms, on the first call (norms)
         # the kernels' rounding against Σ|w||x|: the fp32 kernel's lane chains are K / 8 long plus
         # a tree of 3, and its K-quant path rounds activations to 24 bits (each value within
         # 2^-23 of its block's amax: <= 16 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's
@@ -88,6 +88,14 @@ class ExactArgmax:
         # since load: calls that found the argmax here, their rows computed exactly, and calls
         # left to the full head (a non-finite or tiny row); `--json` reports a generation's share
         self.calls = self.exact_rows = self.full_head = 0
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """Each row's L2 norm, bounded above (row_norms): one pass over the head (16-78 ms on the
+        registry models), made on first use, so a load that never decodes greedily skips it."""
+        if self._norms is None:
+            self._norms = row_norms(self.head)
+        return self._norms
 
     def tally(self) -> tuple[int, int, int]:
         return self.calls, self.exact_rows, self.full_head
