@@ -626,6 +626,12 @@ typedef struct {
     int16_t *kb;  /* [M, K/16] */
 } qact;
 
+/* 4 x 8 int32 lanes in [-128, 127] as 32 bytes, in order */
+static AI __m256i bytes_of(const __m256i v[4]) {
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* undo the packs' lanes */
+}
+
 /* amax/127 and xq = round-to-nearest-even(x * (127 / amax)) of n floats (n % 32 == 0) */
 static float quantise_block(const float *p, int n, int8_t *q) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -636,9 +642,7 @@ static float quantise_block(const float *p, int n, int8_t *q) {
     for (int t = 0; t < n; t += 32) {
         __m256i iv[4];
         for (int v = 0; v < 4; v++) iv[v] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + t + 8 * v), id));
-        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
-        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* undo the packs' lanes */
-        _mm256_storeu_si256((__m256i *)(q + t), b);
+        _mm256_storeu_si256((__m256i *)(q + t), bytes_of(iv));
     }
     return amax / 127.0f;
 }
@@ -686,11 +690,11 @@ static void free_rows(qact *xa) {
  * weights 2i, 2i+1), d and, Q4_K, dmin and the 8 mins; Q6_K, its 16 scales for the -32 offset. */
 typedef struct {
     __m256i c[8], sc[8], sc16;
-    __m128i mins;
+    __m128i s8, mins; /* Q4_K: the 8 scales and the 8 mins as int16 */
     float d, dmin;
 } ksb;
 
-/* Q4_K's scales (as b->sc), mins, d and dmin: all but the codes */
+/* Q4_K's scales, mins, d and dmin: all but the codes */
 static AI void q4k_scales_mins(const uint8_t *blk, ksb *b) {
     uint32_t u0, u1, u2;
     memcpy(&u0, blk + 4, 4), memcpy(&u1, blk + 8, 4), memcpy(&u2, blk + 12, 4);
@@ -701,14 +705,20 @@ static AI void q4k_scales_mins(const uint8_t *blk, ksb *b) {
     const uint32_t sc_lo = u0 & 0x3f3f3f3f, m_lo = u1 & 0x3f3f3f3f;
     const uint32_t sc_hi = (u2 & 0x0f0f0f0f) | ((u0 >> 2) & 0x30303030);
     const uint32_t m_hi = ((u2 >> 4) & 0x0f0f0f0f) | ((u1 >> 2) & 0x30303030);
-    const __m256i S = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+    b->s8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
     b->mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo));
     b->d = f16(blk), b->dmin = f16(blk + 2);
+}
+
+/* ... and each unit's scale in every int16 lane (b->sc) */
+static AI void q4k_lane_scales(const uint8_t *blk, ksb *b) {
+    q4k_scales_mins(blk, b);
+    const __m256i S = _mm256_broadcastsi128_si256(b->s8);
     for (int k = 0; k < 8; k++) b->sc[k] = _mm256_shuffle_epi8(S, _mm256_set1_epi16((short)(0x0100 + 0x0202 * k)));
 }
 
 static AI void q4k_decode(const uint8_t *blk, ksb *b) {
-    q4k_scales_mins(blk, b);
+    q4k_lane_scales(blk, b);
     const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
@@ -811,30 +821,56 @@ static VNNI AI __m256i madd_vnni(__m256i acc, __m256i a, __m256i b) { return _mm
  * (multiplying by a power of two is exact, so the only rounding is to the integer: a value in the
  * block's top binade keeps its 24 significant bits, as fp32 holds them; a smaller one is within
  * 2^(E-24) <= amax * 2^-23 of x, the size of the rounding error fp32 summation makes when it adds
- * a value to partial sums of the block's largest products). Split as a = 4096 hi + lo (lo in
- * [-2048, 2047], |hi| <= 2048), each super-block's products with the weights' integer parts are
- * exact integers (qgemm_wide.h), rounded once per lane. su = Σ a per 32 (Q4_K's mins). A block
- * with a NaN or an infinity gets dx = NaN (the outputs it feeds are NaN, as with fp32
- * activations); an all-zero block dx = 0; a block whose amax is below 2^-126 (subnormal
- * activations) a dx that may round to 0. */
+ * a value to partial sums of the block's largest products). a is held as three bytes,
+ *   a = 65536 d2 + 256 d1 + d0,  d0 in [0, 255], d1 and d2 in [-128, 127]
+ * which holds every |a| <= DIGIT_MAX: a block whose amax rounds above that (amax within 0.4% below
+ * a power of two) takes the next exponent, one bit less (dx = 2^(E-22)). Each digit plane meets
+ * the weights' codes as native-q8's int8 activations do (maddubs, then the int16 scales), so a
+ * super-block's products are exact integers (qgemm_wide.h), combined in floats once per lane.
+ * The planes' layout: dg, three planes of 256 bytes per block, units in the order of WPOS (M = 1
+ * and Q6_K); w16, Q4_K at M > 1, a01 = 256 d1 + d0 (in [-32768, 32767]) and d2 as int16 for
+ * vpmaddwd against codes times scales. su = float(Σ a per 32) (Q4_K's mins), s16 = each plane's
+ * Σ per 16 (Q6_K's offset of 32). A block with a NaN or an infinity gets dx = NaN (the outputs it
+ * feeds are NaN, as with fp32 activations); an all-zero block dx = 0; a block whose amax is below
+ * 2^-126 (subnormal activations) a dx that may round to 0. */
 typedef struct {
     int64_t K;
-    int16_t *hi, *lo; /* [M, K] */
-    float *dx;        /* [M, K/256] */
-    float *su;        /* [M, K/32]: float(Σ a over each 32), for Q4_K's mins */
+    uint8_t *dg;  /* [M, K/256, 3, 256]: d0 (unsigned), d1, d2 (signed); units in the order of WPOS */
+    int16_t *w16; /* [M, K/256, 2, 256] or NULL: a01 and d2, each unit's 32 as WPAIR orders them */
+    int16_t *s16; /* [M, K/256, 3, 16] or NULL: each plane's Σ per 16 weights, in order */
+    float *dx;    /* [M, K/256] */
+    float *su;    /* [M, K/32]: float(Σ a over each 32), for Q4_K's mins */
 } wact;
 
-static void free_wide(wact *xa) { free(xa->hi), free(xa->lo), free(xa->dx), free(xa->su); }
+/* where unit u (32 weights) of a super-block lies in a digit plane: 0, 2, 1, 3, 4, 6, 5, 7, so
+ * that Q4_K's low (high) nibbles of 64 bytes, units u and u + 2, meet 64 contiguous digits */
+#define WPOS(u) (((u) & 4) | (((u) & 1) << 1) | (((u) >> 1) & 1))
+/* where weight j of a unit lies in w16's 32 int16: the even bytes of the codes' dwords first
+ * (j = 4i, 4i + 2 at 2i, 2i + 1), then the odd ones (4i + 1, 4i + 3 at 16 + 2i, 17 + 2i): int16
+ * lane pairs that vpmaddwd adds into the dword lane i that maddubs + madd give weights 4i..4i+3 */
+#define WPAIR(j) (((j) & 1) * 16 + ((j) >> 2) * 2 + (((j) >> 1) & 1))
+#define DIGIT_MAX (65536 * 127 + 256 * 127 + 255)
 
-static int wide_rows(const float *x, int64_t M, int64_t K, wact *xa) {
+static void free_wide(wact *xa) { free(xa->dg), free(xa->w16), free(xa->s16), free(xa->dx), free(xa->su); }
+
+/* x * 2^sh in floats (exact: two steps when sh > 127) */
+static AI __m256 pow2_scale(__m256 x, int sh) {
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(ldexpf(1.0f, sh > 127 ? 127 : sh))),
+                         _mm256_set1_ps(ldexpf(1.0f, sh > 127 ? sh - 127 : 0)));
+}
+
+/* the digits of M rows; s16 where q6 (a Q6_K segment), w16 where pairs (Q4_K at M > 1) */
+static int wide_rows(const float *x, int64_t M, int64_t K, int q6, int pairs, wact *xa) {
     const int64_t nb = M * K / 256;
     xa->K = K;
-    xa->hi = malloc(sizeof(int16_t) * (size_t)(M * K));
-    xa->lo = malloc(sizeof(int16_t) * (size_t)(M * K));
+    xa->dg = malloc((size_t)(3 * M * K));
     xa->dx = malloc(sizeof(float) * (size_t)nb);
     xa->su = malloc(sizeof(float) * (size_t)(M * K / 32));
-    if (!xa->hi || !xa->lo || !xa->dx || !xa->su) return -3;
+    if (q6) xa->s16 = malloc(sizeof(int16_t) * (size_t)(48 * nb));
+    if (pairs) xa->w16 = malloc(sizeof(int16_t) * (size_t)(2 * M * K));
+    if (!xa->dg || !xa->dx || !xa->su || (q6 && !xa->s16) || (pairs && !xa->w16)) return -3;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+    const __m256i c128 = _mm256_set1_epi32(128), c255 = _mm256_set1_epi32(255);
     for (int64_t b = 0; b < nb; b++) { /* rows are K apart and K % 256 == 0: blocks are contiguous */
         const float *xb = x + 256 * b;
         __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
@@ -844,33 +880,51 @@ static int wide_rows(const float *x, int64_t M, int64_t K, wact *xa) {
             bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ)); /* > FLT_MAX or NaN */
         }
         const float amax = hmax8(mx); /* not used when `bad` (a NaN lane) */
-        int16_t *hb = xa->hi + 256 * b, *lb = xa->lo + 256 * b;
+        uint8_t *db = xa->dg + 768 * b;
         float *sb = xa->su + 8 * b;
         if (_mm256_movemask_ps(bad) || amax == 0.0f) {
-            memset(hb, 0, 512), memset(lb, 0, 512), memset(sb, 0, 32);
+            memset(db, 0, 768), memset(sb, 0, 32);
+            if (q6) memset(xa->s16 + 48 * b, 0, 96);
+            if (pairs) memset(xa->w16 + 512 * b, 0, 1024);
             xa->dx[b] = _mm256_movemask_ps(bad) ? NAN : 0.0f;
             continue;
         }
         int E;
         frexpf(amax, &E);
-        const int sh = 23 - E; /* >= -105; above 127 (amax < 2^-104) in two exact steps */
-        const __m256 s1 = _mm256_set1_ps(ldexpf(1.0f, sh > 127 ? 127 : sh)), s2 = _mm256_set1_ps(ldexpf(1.0f, sh > 127 ? sh - 127 : 0));
+        int sh = 23 - E; /* >= -105; above 127 (amax < 2^-104) in two exact steps (pow2_scale) */
+        if (_mm_cvtss_si32(_mm256_castps256_ps128(pow2_scale(_mm256_set1_ps(amax), sh))) > DIGIT_MAX) sh--;
         xa->dx[b] = ldexpf(1.0f, -sh);
-        const __m256i h = _mm256_set1_epi32(2048), m12 = _mm256_set1_epi32(4095);
         for (int u = 0; u < 8; u++) { /* 32 values: 4 vectors of 8 */
-            __m256i hv[4], lv[4], sum = _mm256_setzero_si256();
+            int32_t d[3][32];
+            __m256i dv[3][4], sum = _mm256_setzero_si256();
             for (int v = 0; v < 4; v++) {
-                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * u + 8 * v), s1), s2));
-                sum = _mm256_add_epi32(sum, a);
-                lv[v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(a, h), m12), h);
-                hv[v] = _mm256_srai_epi32(_mm256_sub_epi32(a, lv[v]), 12);
+                __m256i t = _mm256_cvtps_epi32(pow2_scale(_mm256_loadu_ps(xb + 32 * u + 8 * v), sh));
+                sum = _mm256_add_epi32(sum, t);
+                dv[0][v] = _mm256_and_si256(t, c255); /* d0 = a mod 256; the rest shifted down exactly */
+                t = _mm256_srai_epi32(t, 8);
+                dv[1][v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(t, c128), c255), c128);
+                dv[2][v] = _mm256_srai_epi32(_mm256_sub_epi32(t, dv[1][v]), 8);
+                for (int p = 0; p < 3; p++) _mm256_storeu_si256((__m256i *)(d[p] + 8 * v), dv[p][v]);
             }
-            for (int v = 0; v < 4; v += 2) { /* packs interleaves 64-bit quarters: 0, 2, 1, 3 undoes it */
-                _mm256_storeu_si256((__m256i *)(hb + 32 * u + 8 * v),
-                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(hv[v], hv[v + 1]), 0xD8));
-                _mm256_storeu_si256((__m256i *)(lb + 32 * u + 8 * v),
-                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(lv[v], lv[v + 1]), 0xD8));
+            for (int p = 0; p < 3; p++) { /* d0 in [0, 255]: packed as d0 - 128 (the packs saturate to int8), flipped back */
+                __m256i v4[4];
+                for (int v = 0; v < 4; v++) v4[v] = p ? dv[p][v] : _mm256_sub_epi32(dv[0][v], c128);
+                __m256i bytes = bytes_of(v4);
+                if (!p) bytes = _mm256_xor_si256(bytes, _mm256_set1_epi8((char)0x80));
+                _mm256_storeu_si256((__m256i *)(db + 256 * p + 32 * WPOS(u)), bytes);
             }
+            if (q6)
+                for (int p = 0; p < 3; p++)
+                    for (int h = 0; h < 2; h++) {
+                        int t = 0; /* |t| <= 16 * 255 */
+                        for (int i = 0; i < 16; i++) t += d[p][16 * h + i];
+                        xa->s16[48 * b + 16 * p + 2 * u + h] = (int16_t)t;
+                    }
+            if (pairs)
+                for (int j = 0; j < 32; j++) {
+                    xa->w16[512 * b + 32 * u + WPAIR(j)] = (int16_t)(256 * d[1][j] + d[0][j]);
+                    xa->w16[512 * b + 256 + 32 * u + WPAIR(j)] = (int16_t)d[2][j];
+                }
             int32_t s8[8];
             _mm256_storeu_si256((__m256i *)s8, sum);
             int32_t t = 0; /* |Σ| <= 32 * 2^23: exact in int32 */
@@ -895,7 +949,9 @@ static int wide_rows(const float *x, int64_t M, int64_t K, wact *xa) {
 #define W_ISA wide_vnni
 #define W_ATTR VNNI
 #define W_MADD madd_vnni
+#define W_ZMM 1
 #include "qgemm_wide.h"
+#undef W_ZMM
 
 
 static int in_registers(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q6_K; }
@@ -978,14 +1034,17 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
     }
     const int64_t N = first_row[nseg], G = groups[nseg];
     qact xa = {0};
-    int any_k = 0, any_small = 0;
-    for (int s = 0; s < nseg; s++) *(fmt[s] == Q4_K || fmt[s] == Q6_K ? &any_k : &any_small) = 1;
+    int any_k = 0, any_small = 0, any_q6 = 0, any_q4k = 0;
+    for (int s = 0; s < nseg; s++) {
+        *(fmt[s] == Q4_K || fmt[s] == Q6_K ? &any_k : &any_small) = 1;
+        any_q6 |= fmt[s] == Q6_K, any_q4k |= fmt[s] == Q4_K;
+    }
     if (q8 && quantise_rows(x, M, K, any_small, any_k, &xa)) {
         free_rows(&xa);
         return -3;
     }
     wact xw = {0}; /* native's K-quants: 24-bit fixed-point activations */
-    if (!q8 && any_k && wide_rows(x, M, K, &xw)) {
+    if (!q8 && any_k && wide_rows(x, M, K, any_q6, M > 1 && any_q4k, &xw)) {
         free_wide(&xw);
         return -3;
     }

@@ -72,7 +72,7 @@ class ExactArgmax:
         self._norms: torch.Tensor | None = None  # row_norms, on the first call (norms)
         # the kernels' rounding against Σ|w||x|: the fp32 kernel's lane chains are K / 8 long plus
         # a tree of 3, and its K-quant path rounds activations to 24 bits (each value within
-        # 2^-23 of its block's amax: <= 16 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's
+        # 1.004 2^-23 of its block's amax: <= 16.1 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's
         # chains are K / 32 long with two roundings per step. Terms that split a weight (Q4_K's
         # and Q4_1's offsets) are each at most three times the block's largest weight: all of it
         # stays well inside (K + 256) 2^-20.

@@ -107,42 +107,79 @@ def test_q8_kernel_matches_quantised_reference(tname):
     assert err <= 1e-6 and off <= 5e-3
 
 
-def wide_rows(x: torch.Tensor) -> torch.Tensor:
-    """`native`'s activations for the K-quants, float64: per row and block of 256, with
-    2^(E-1) <= amax < 2^E, round-half-even(x * 2^(23-E)) * 2^(E-23), as qgemm.c's wide_rows
-    computes them (the product by a power of two is exact in both)."""
+DIGIT_MAX = 65536 * 127 + 256 * 127 + 255  # the largest |a| qgemm.c's three digits hold
+
+
+def wide_scale(x: torch.Tensor) -> np.ndarray:
+    """`native`'s fixed-point scale for the K-quants per row and block of 256, as qgemm.c's
+    wide_rows picks it: 2^(23-E) with 2^(E-1) <= amax < 2^E, or 2^(22-E) where amax * 2^(23-E)
+    rounds above DIGIT_MAX (amax within 0.4% below a power of two)."""
     xb = x.double().numpy().reshape(x.shape[0], -1, 256)
     amax = np.abs(xb).max(-1, keepdims=True)
     scale = np.ldexp(1.0, 23 - np.frexp(amax)[1])
+    return np.where(np.rint(amax * scale) > DIGIT_MAX, scale / 2, scale)
+
+
+def wide_rows(x: torch.Tensor) -> torch.Tensor:
+    """`native`'s activations for the K-quants, float64: round-half-even(x * scale) / scale per
+    block (wide_scale; the product by a power of two is exact in both)."""
+    xb = x.double().numpy().reshape(x.shape[0], -1, 256)
+    scale = wide_scale(x)
     return torch.from_numpy(np.rint(xb * scale) / scale).reshape(x.shape)
+
+
+def check_kquant_exact(tname: str, x: torch.Tensor, seed: int, label: str) -> None:
+    """y against the float64 product of the file's weights and `native`'s own activations (off by
+    the float steps only), each row alone bit for bit as in the batch, and against fp32 activations by at most half a unit of each block's
+    fixed point per activation (<= amax * 2^-23, x 1.004 where a block took the next exponent)."""
+    rows, K = 13, x.shape[1]
+    raw, t = random_blocks(tname, rows, K, np.random.default_rng(seed))
+    lin = linear_of(raw, t, rows, K)
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float64)).reshape(rows, K)
+    scale = (x.double().abs() @ w.abs().t()).max(dim=1, keepdim=True).values  # per activation row
+    y = lin(x).double()
+    for m in range(x.shape[0]):  # the M = 1 path (codes in registers) gives the same bits as M > 1's
+        assert torch.equal(lin(x[m:m + 1]).double()[0], y[m])
+    own = ((y - wide_rows(x) @ w.t()).abs() / scale).max().item()
+    half_unit = torch.from_numpy(np.broadcast_to(0.5 / wide_scale(x), (x.shape[0], K // 256, 256)).reshape(x.shape[0], K))
+    moved = half_unit @ w.abs().t()
+    fp = ((y - x.double() @ w.t()).abs() - moved - 5e-7 * scale).max().item()
+    print(f"{tname} {label}: |y - own model| {own:.2g} of Σ|w||x|; |y - fp32-activation product| "
+          f"{((y - x.double() @ w.t()).abs() / scale).max().item():.2g}, within the rounding bound: {fp <= 0}")
+    assert own <= 5e-7 and fp <= 0
 
 
 @needs_kernel
 @pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("magnitude", [1.0, 1e-36, 1e30])
 def test_kquant_kernel_is_exact_on_its_activations(tname, magnitude):
-    """`native` on Q4_K/Q6_K holds each activation block of 256 as 23-bit fixed point on a
-    power-of-two scale and computes the super-block's products in integers, exactly: against the
-    float64 product of the file's weights and those activations it is off by the float steps
-    only (the lanes' float(), one fma per super-block); against fp32 activations by at most
-    amax * 2^-23 per activation. Scales far from 1 (tiny activations need two exact steps to
-    their fixed point) keep both."""
-    rows, K = 13, 768
-    raw, t = random_blocks(tname, rows, K, np.random.default_rng(5))
-    lin = linear_of(raw, t, rows, K)
-    x = torch.randn(9, K, generator=torch.Generator().manual_seed(4)) * magnitude
+    """`native` on Q4_K/Q6_K holds each activation block of 256 as 24-bit fixed point on a
+    power-of-two scale (three digits) and computes the super-block's products in integers,
+    exactly: against the float64 product of the file's weights and those activations it is off
+    by the float steps only (the lanes' float(), the fmas per super-block); against fp32
+    activations by at most amax * 2^-23 per activation. Scales far from 1 (tiny activations
+    need two exact steps to their fixed point) keep both."""
+    x = torch.randn(9, 768, generator=torch.Generator().manual_seed(4)) * magnitude
     x[1, 300] *= 1e4  # one block whose largest value dwarfs the rest
-    w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t), dtype=np.float64)).reshape(rows, K)
-    scale = (x.double().abs() @ w.abs().t()).max(dim=1, keepdim=True).values  # per activation row
-    y = lin(x).double()
-    own = ((y - wide_rows(x) @ w.t()).abs() / scale).max().item()
-    # rounding each activation to its block's fixed point moves it by at most amax * 2^-23
-    amax = x.double().abs().reshape(9, -1, 256).amax(-1, keepdim=True).expand(9, K // 256, 256).reshape(9, K)
-    moved = (amax @ w.abs().t()) * 2.0 ** -23
-    fp = ((y - x.double() @ w.t()).abs() - moved - 5e-7 * scale).max().item()
-    print(f"{tname} x{magnitude:g}: |y - own model| {own:.2g} of Σ|w||x|; |y - fp32-activation product| "
-          f"{((y - x.double() @ w.t()).abs() / scale).max().item():.2g}, within the rounding bound: {fp <= 0}")
-    assert own <= 5e-7 and fp <= 0
+    check_kquant_exact(tname, x, 5, f"x{magnitude:g}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+def test_kquant_kernel_top_of_binade(tname):
+    """Blocks whose largest value lies just below a power of two (their fixed point would pass
+    the three digits' range; they take the next exponent) or exactly at one, of either sign, and
+    a block at the range's edge: still the exact model (a digit that wrapped around would be off
+    by 2^24 units)."""
+    x = torch.randn(6, 1024, generator=torch.Generator().manual_seed(8))
+    below = [1 - 2.0 ** -24, 1 - 2.0 ** -12, 1 - 2.0 ** -9, 0.999, DIGIT_MAX / 2.0 ** 23, 1.0]
+    for r, top in enumerate(below):
+        for b in range(4):
+            blk = x[r, 256 * b:256 * b + 256]
+            blk *= 2.0 ** (b - 1) * top / blk.abs().max()  # amax = top * 2^(b-1), a value of either sign
+            blk[17 + 13 * r] = (-1) ** (r + b) * blk.abs().max()  # the largest value at both signs
+            blk[200] = -blk[17 + 13 * r]
+    check_kquant_exact(tname, x, 9, "top of binade")
 
 
 @needs_kernel
