@@ -836,7 +836,7 @@ static VNNI AI __m256i madd_vnni(__m256i acc, __m256i a, __m256i b) { return _mm
 typedef struct {
     int64_t K;
     uint8_t *dg;  /* [M, K/256, 3, 256]: d0 (unsigned), d1, d2 (signed); units in the order of WPOS */
-    int16_t *w16; /* [M, K/256, 2, 256] or NULL: a01 and d2, each unit's 32 as WPAIR orders them */
+    int16_t *w16; /* [M, K/256, 2, 256] or NULL: a01 and d2, each unit's 32 even weights first */
     int16_t *s16; /* [M, K/256, 3, 16] or NULL: each plane's Σ per 16 weights, in order */
     float *dx;    /* [M, K/256] */
     float *su;    /* [M, K/32]: float(Σ a over each 32), for Q4_K's mins */
@@ -845,10 +845,9 @@ typedef struct {
 /* where unit u (32 weights) of a super-block lies in a digit plane: 0, 2, 1, 3, 4, 6, 5, 7, so
  * that Q4_K's low (high) nibbles of 64 bytes, units u and u + 2, meet 64 contiguous digits */
 #define WPOS(u) (((u) & 4) | (((u) & 1) << 1) | (((u) >> 1) & 1))
-/* where weight j of a unit lies in w16's 32 int16: the even bytes of the codes' dwords first
- * (j = 4i, 4i + 2 at 2i, 2i + 1), then the odd ones (4i + 1, 4i + 3 at 16 + 2i, 17 + 2i): int16
- * lane pairs that vpmaddwd adds into the dword lane i that maddubs + madd give weights 4i..4i+3 */
-#define WPAIR(j) (((j) & 1) * 16 + ((j) >> 2) * 2 + (((j) >> 1) & 1))
+/* w16 holds each unit's even weights (4i, 4i + 2 at 2i, 2i + 1), then its odd ones (4i + 1, 4i + 3
+ * at 16 + 2i, 17 + 2i): int16 pairs that vpmaddwd adds into dword lane i, the lane where maddubs
+ * and madd put weights 4i..4i+3 */
 #define DIGIT_MAX (65536 * 127 + 256 * 127 + 255)
 
 static void free_wide(wact *xa) { free(xa->dg), free(xa->w16), free(xa->s16), free(xa->dx), free(xa->su); }
@@ -895,7 +894,6 @@ static int wide_rows(const float *x, int64_t M, int64_t K, int q6, int pairs, wa
         if (_mm_cvtss_si32(_mm256_castps256_ps128(pow2_scale(_mm256_set1_ps(amax), sh))) > DIGIT_MAX) sh--;
         xa->dx[b] = ldexpf(1.0f, -sh);
         for (int u = 0; u < 8; u++) { /* 32 values: 4 vectors of 8 */
-            int32_t d[3][32];
             __m256i dv[3][4], sum = _mm256_setzero_si256();
             for (int v = 0; v < 4; v++) {
                 __m256i t = _mm256_cvtps_epi32(pow2_scale(_mm256_loadu_ps(xb + 32 * u + 8 * v), sh));
@@ -904,7 +902,6 @@ static int wide_rows(const float *x, int64_t M, int64_t K, int q6, int pairs, wa
                 t = _mm256_srai_epi32(t, 8);
                 dv[1][v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(t, c128), c255), c128);
                 dv[2][v] = _mm256_srai_epi32(_mm256_sub_epi32(t, dv[1][v]), 8);
-                for (int p = 0; p < 3; p++) _mm256_storeu_si256((__m256i *)(d[p] + 8 * v), dv[p][v]);
             }
             for (int p = 0; p < 3; p++) { /* d0 in [0, 255]: packed as d0 - 128 (the packs saturate to int8), flipped back */
                 __m256i v4[4];
@@ -914,16 +911,25 @@ static int wide_rows(const float *x, int64_t M, int64_t K, int q6, int pairs, wa
                 _mm256_storeu_si256((__m256i *)(db + 256 * p + 32 * WPOS(u)), bytes);
             }
             if (q6)
-                for (int p = 0; p < 3; p++)
-                    for (int h = 0; h < 2; h++) {
-                        int t = 0; /* |t| <= 16 * 255 */
-                        for (int i = 0; i < 16; i++) t += d[p][16 * h + i];
-                        xa->s16[48 * b + 16 * p + 2 * u + h] = (int16_t)t;
+                for (int p = 0; p < 3; p++) { /* Σ per 16: vectors 0-1 and 2-3; |Σ| <= 16 * 255 */
+                    __m256i h = _mm256_hadd_epi32(_mm256_add_epi32(dv[p][0], dv[p][1]), _mm256_add_epi32(dv[p][2], dv[p][3]));
+                    h = _mm256_hadd_epi32(h, h);
+                    __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+                    xa->s16[48 * b + 16 * p + 2 * u] = (int16_t)_mm_cvtsi128_si32(s2);
+                    xa->s16[48 * b + 16 * p + 2 * u + 1] = (int16_t)_mm_extract_epi32(s2, 1);
+                }
+            if (pairs) /* a01 = 256 d1 + d0 and d2 as int16, each unit's even weights, then its odd ones */
+                for (int p = 0; p < 2; p++) {
+                    const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+                    __m256i w[4];
+                    for (int v = 0; v < 4; v++) {
+                        __m256i val = p ? dv[2][v] : _mm256_add_epi32(_mm256_slli_epi32(dv[1][v], 8), dv[0][v]);
+                        w[v] = _mm256_permutevar8x32_epi32(val, eo); /* evens | odds of 8 */
                     }
-            if (pairs)
-                for (int j = 0; j < 32; j++) {
-                    xa->w16[512 * b + 32 * u + WPAIR(j)] = (int16_t)(256 * d[1][j] + d[0][j]);
-                    xa->w16[512 * b + 256 + 32 * u + WPAIR(j)] = (int16_t)d[2][j];
+                    __m256i y0 = _mm256_packs_epi32(w[0], w[1]), y1 = _mm256_packs_epi32(w[2], w[3]); /* no saturation */
+                    int16_t *o = xa->w16 + 512 * b + 256 * p + 32 * u;
+                    _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(y0, y1, 0x20));
+                    _mm256_storeu_si256((__m256i *)(o + 16), _mm256_permute2x128_si256(y0, y1, 0x31));
                 }
             int32_t s8[8];
             _mm256_storeu_si256((__m256i *)s8, sum);

@@ -19,7 +19,7 @@
  * offset of 32 taken off with the planes' sums per 16). At M = 1 each row's codes are decoded and
  * used in registers (W_ZMM: Q4_K two units per instruction, the halves added at the end); at M > 1
  * Q4_K's codes times scales are int16 weights meeting L's a01 = 256 d1 + d0 and d2 with vpmaddwd
- * (the same lanes: WPAIR), Q6_K's decoded codes the digits: the same integers on every path. */
+ * (the same lanes: w16's order), Q6_K's decoded codes the digits: the same integers on every path. */
 #define WCAT2(a, b) a##_##b
 #define WCAT(a, b) WCAT2(a, b)
 #define W(name) WCAT(name, W_ISA)
@@ -117,7 +117,7 @@ static W_ATTR AI void W(ktile1)(int fmt, int gr, const uint8_t *const *rp, int64
 }
 
 /* M > 1: the RG rows' weights decoded once (Q4_K: int16 codes times scales, even and odd bytes
- * apart as WPAIR orders the activations; Q6_K: the codes), then per activation row each unit's
+ * apart as w16 orders the activations; Q6_K: the codes), then per activation row each unit's
  * activations are loaded once and meet the RG rows */
 static W_ATTR AI void W(ktile4)(int fmt, int ms, const uint8_t *const *rp, int64_t sb, const wact *xa, int64_t m0,
                                 __m256 *acc) {
