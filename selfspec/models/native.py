@@ -8,7 +8,8 @@ fixed sequence of operations whatever the number of rows: row-invariant by const
 row probe (selfspec/models/rows.py) is skipped for it. The dequantised weights are those of the
 `gguf` package's dequantisers bit for bit; only the summation order differs from the fp32 path,
 and on Q4_K/Q6_K the activations' rounding to 24-bit fixed point per block of 256 (each within
-2^-23 times its block's largest value; the super-block's products then exact integers, qgemm_wide.h).
+about 2^-23 times its block's largest value, held as three bytes; the super-block's products then
+exact integers, qgemm_wide.h).
 
 A tensor whose format the kernel lacks (or every tensor, when no C compiler built the kernels)
 is dequantised to fp32 at load and takes the fp32 path; `fallback_types` lists those formats
