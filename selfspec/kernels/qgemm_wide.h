@@ -142,16 +142,31 @@ static W_ATTR AI void W(ktile4)(int fmt, int ms, const uint8_t *const *rp, int64
         for (int r = 0; r < RG; r++) A[r][0] = A[r][1] = A[r][2] = _mm256_setzero_si256();
         if (fmt == Q4_K) { /* A[0] = L, A[2]; |w| <= 945, |a01| <= 32768: |L| < 2^30 */
             const int16_t *a01 = xa->w16 + 512 * bi, *d2 = a01 + 256;
+#ifdef W_ZMM /* 32 registers: the odd weights' sums apart (twice the chains, each half as long):
+              * 9 rows 1.1-1.2x faster on Zen 4; with AVX2's 16 they spill, 1.3x slower */
+            __m256i B[RG][2];
+            for (int r = 0; r < RG; r++) B[r][0] = B[r][1] = _mm256_setzero_si256();
+#define W_ODD(r, p) B[r][p]
+#else
+#define W_ODD(r, p) A[r][2 * (p)]
+#endif
             for (int k = 0; k < 8; k++) {
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a01 + 32 * k)),
                               x1 = _mm256_loadu_si256((const __m256i *)(a01 + 32 * k + 16)),
                               z0 = _mm256_loadu_si256((const __m256i *)(d2 + 32 * k)),
                               z1 = _mm256_loadu_si256((const __m256i *)(d2 + 32 * k + 16));
                 for (int r = 0; r < RG; r++) {
-                    A[r][0] = _mm256_add_epi32(A[r][0], _mm256_add_epi32(_mm256_madd_epi16(q[r][2 * k], x0), _mm256_madd_epi16(q[r][2 * k + 1], x1)));
-                    A[r][2] = _mm256_add_epi32(A[r][2], _mm256_add_epi32(_mm256_madd_epi16(q[r][2 * k], z0), _mm256_madd_epi16(q[r][2 * k + 1], z1)));
+                    A[r][0] = W_MADD(A[r][0], q[r][2 * k], x0);
+                    W_ODD(r, 0) = W_MADD(W_ODD(r, 0), q[r][2 * k + 1], x1);
+                    A[r][2] = W_MADD(A[r][2], q[r][2 * k], z0);
+                    W_ODD(r, 1) = W_MADD(W_ODD(r, 1), q[r][2 * k + 1], z1);
                 }
             }
+#undef W_ODD
+#ifdef W_ZMM
+            for (int r = 0; r < RG; r++)
+                A[r][0] = _mm256_add_epi32(A[r][0], B[r][0]), A[r][2] = _mm256_add_epi32(A[r][2], B[r][1]);
+#endif
         } else {
             const uint8_t *dg = xa->dg + 768 * bi;
             for (int k = 0; k < 8; k++)
