@@ -827,8 +827,8 @@ static VNNI AI __m256i madd_vnni(__m256i acc, __m256i a, __m256i b) { return _mm
  * a power of two) takes the next exponent, one bit less (dx = 2^(E-22)). Each digit plane meets
  * the weights' codes as native-q8's int8 activations do (maddubs, then the int16 scales), so a
  * super-block's products are exact integers (qgemm_wide.h), combined in floats once per lane.
- * The planes' layout: dg, three planes of 256 bytes per block, units in the order of WPOS (M = 1
- * and Q6_K); w16, Q4_K at M > 1, a01 = 256 d1 + d0 (in [-32768, 32767]) and d2 as int16 for
+ * The planes' layout: dg, three planes of 256 bytes per block, units in the order of WPOS (one
+ * activation row, and Q6_K); w16, Q4_K at M > 1, a01 = 256 d1 + d0 (in [-32768, 32767]) and d2 as int16 for
  * vpmaddwd against codes times scales. su = float(Σ a per 32) (Q4_K's mins), s16 = each plane's
  * Σ per 16 (Q6_K's offset of 32). A block with a NaN or an infinity gets dx = NaN (the outputs it
  * feeds are NaN, as with fp32 activations); an all-zero block dx = 0; a block whose amax is below
@@ -836,7 +836,10 @@ static VNNI AI __m256i madd_vnni(__m256i acc, __m256i a, __m256i b) { return _mm
 typedef struct {
     int64_t K;
     uint8_t *dg;  /* [M, K/256, 3, 256]: d0 (unsigned), d1, d2 (signed); units in the order of WPOS */
-    int16_t *w16; /* [M, K/256, 2, 256] or NULL: a01 and d2, each unit's 32 even weights first */
+    /* [M, K/256, 2, 256] or NULL: a01 and d2 as int16, each unit's even weights (4i, 4i + 2 at 2i,
+     * 2i + 1), then its odd ones (4i + 1, 4i + 3 at 16 + 2i, 17 + 2i): the int16 pairs vpmaddwd adds
+     * into dword lane i, the lane where maddubs and madd put weights 4i..4i+3 */
+    int16_t *w16;
     int16_t *s16; /* [M, K/256, 3, 16] or NULL: each plane's Σ per 16 weights, in order */
     float *dx;    /* [M, K/256] */
     float *su;    /* [M, K/32]: float(Σ a over each 32), for Q4_K's mins */
@@ -845,9 +848,7 @@ typedef struct {
 /* where unit u (32 weights) of a super-block lies in a digit plane: 0, 2, 1, 3, 4, 6, 5, 7, so
  * that Q4_K's low (high) nibbles of 64 bytes, units u and u + 2, meet 64 contiguous digits */
 #define WPOS(u) (((u) & 4) | (((u) & 1) << 1) | (((u) >> 1) & 1))
-/* w16 holds each unit's even weights (4i, 4i + 2 at 2i, 2i + 1), then its odd ones (4i + 1, 4i + 3
- * at 16 + 2i, 17 + 2i): int16 pairs that vpmaddwd adds into dword lane i, the lane where maddubs
- * and madd put weights 4i..4i+3 */
+/* the largest |a| the three digits hold */
 #define DIGIT_MAX (65536 * 127 + 256 * 127 + 255)
 
 static void free_wide(wact *xa) { free(xa->dg), free(xa->w16), free(xa->s16), free(xa->dx), free(xa->su); }
