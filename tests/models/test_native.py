@@ -310,12 +310,14 @@ def test_truncated_tensor_is_a_clear_error():
 
 
 @pytest.mark.parametrize("tname", ["Q4_1", "Q6_K"])
-def test_bad_scale_is_a_clear_error(tname):
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_bad_scale_is_a_clear_error(tname, value):
     raw, t = random_blocks(tname, 3, 512, np.random.default_rng(6))
     raw = raw.copy()
-    off = native.SCALE_FIELDS[tname][0]
+    off, n = native.SCALE_FIELDS[tname]
+    off += 2 * (n - 1)  # the block's last scale (Q4_1: its offset m)
     block_bytes = gguf.GGML_QUANT_SIZES[t][1]
-    raw.reshape(-1, block_bytes)[5, off: off + 2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    raw.reshape(-1, block_bytes)[5, off: off + 2] = np.array([value], dtype=np.float16).view(np.uint8)
     with pytest.raises(SelfspecError, match="non-finite scale in block 5"):
         native.Blocks(native.RawTensor("blk.1.attn_q.weight", t, [512, 3], raw))
 
