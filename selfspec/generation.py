@@ -7,7 +7,8 @@ drafts, one pass), `target_choice` (logits -> the target's greedy tokens or dist
 place; plain greedy asks the forward for its rows' argmax instead, which a native model finds
 without computing every logit exactly: models/greedy_head.py), a pure verdict (`verify_chain` /
 `verify_tree`), then one `commit` that owns what the verdict changes in the cache (rollback or
-tree compaction) and the hidden state kept for draft heads. Each round yields a `Round` record; `Generation` turns rounds into text (selfspec/text.py).
+tree compaction) and the hidden state kept for draft heads. Each round yields a `Round` record;
+`Generation` turns rounds into text (selfspec/text.py).
 
 `stream(...)` is an iterator of `Chunk`s; when it is exhausted its `.result` holds the whole text,
 the token ids and the `SpecStats`. `generate(...)` runs it to the end. The library never prints.

@@ -9,8 +9,8 @@ logits E in three steps:
    per row on these heads, measured with scripts/native_gemv.py).
 2. A bound with |E_r - A_r| <= B_r for every vocabulary row r, from Cauchy-Schwarz:
    B_r = ||w_r|| * (D + rel * (||x|| + D)), where ||w_r|| is the row's L2 norm (computed once,
-   on first use, from the file's weights), D >= ||x_q8 - x|| (the int8 rounding moves each value of an
-   activation block by at most half its step, amax / 254) and rel = (K + 256) 2^-20 covers the
+   on first use, from the file's weights), D >= ||x_q8 - x|| (the int8 rounding moves each value
+   of an activation block by at most half its step, amax / 254) and rel = (K + 256) 2^-20 covers the
    floating-point rounding of both kernels (each within a few times (K / 8 + 8) 2^-24 of
    Σ|w||x| <= ||w_r|| ||x||, bounds in the comments below, so rel holds them 16 times over).
 3. L = max_r (A_r - B_r) is at most the largest exact logit, so every row with A_r + B_r < L
@@ -72,10 +72,10 @@ class ExactArgmax:
         self._norms: torch.Tensor | None = None  # row_norms, on the first call (norms)
         # the kernels' rounding against Σ|w||x|: the fp32 kernel's lane chains are K / 8 long plus
         # a tree of 3, and its K-quant path rounds activations to 24 bits (each value within
-        # 1.004 2^-23 of its block's amax: <= 16.1 2^-23 ||w|| ||x|| over blocks of 256); the int8 kernel's
-        # chains are K / 32 long with two roundings per step. Terms that split a weight (Q4_K's
-        # and Q4_1's offsets) are each at most three times the block's largest weight: all of it
-        # stays well inside (K + 256) 2^-20.
+        # 1.004 2^-23 of its block's amax: <= 16.1 2^-23 ||w|| ||x|| over blocks of 256); the int8
+        # kernel's chains are K / 32 long with two roundings per step. Terms that split a weight
+        # (Q4_K's and Q4_1's offsets) are each at most three times the block's largest weight: all
+        # of it stays well inside (K + 256) 2^-20.
         self.rel = (self.head.in_features + 256) * 2 ** -20
         # the exact pass: the head's kernel call on the candidate rows, read through a row map
         part = head.parts[0]
