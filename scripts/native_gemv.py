@@ -7,7 +7,7 @@ for M = 2, 4, 9 (also for `--dtype native-q8`'s int8-activation kernel), and PyT
 comparison. `--compare-with before=OLD.so` times another build of the kernels (e.g. the previous
 qgemm.c) interleaved with this checkout's, so before and after share the run and its load.
 Usage: python scripts/native_gemv.py [--threads 2] [--cpu-time] [--compare-with NAME=OLD.so,...]
-[--native-only], or --rss for the peak resident memory of native, fp32 and int4 loads (fresh
+[--native-only] [--resident] (weights read from the caches: the compute bound), or --rss for the peak resident memory of native, fp32 and int4 loads (fresh
 processes).
 """
 from __future__ import annotations
@@ -51,11 +51,11 @@ def timed(fn, xs, reps: int) -> float:
     return best
 
 
-def native_linears(tname: str, n: int, k: int):
+def native_linears(tname: str, n: int, k: int, resident: bool = False):
     from test_native import linear_of, random_blocks
 
     raw, t = random_blocks(tname, n, k, np.random.default_rng(0))
-    copies = max(1, COPIES_BYTES // raw.nbytes)
+    copies = 1 if resident else max(1, COPIES_BYTES // raw.nbytes)
     lins = [linear_of(raw.copy(), t, n, k) for _ in range(copies)]
     q8 = [linear_of(lin.parts[0].data.numpy(), t, n, k, q8=True) for lin in lins]  # the same copies
     return lins, q8, raw.nbytes
@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--compare-with", metavar="NAME=SO,...", help="also time the native kernel of these built "
                     "libraries (e.g. the previous qgemm.c), interleaved with this checkout's in the same run")
     ap.add_argument("--native-only", action="store_true", help="skip PyTorch's kernels")
+    ap.add_argument("--resident", action="store_true", help="one copy of each weight, read from the caches after "
+                    "the first call: what the cores compute when DRAM is not the limit (pick shapes that fit "
+                    "the L3 and take far longer than a call's overhead, e.g. Q4_K:8960x1536)")
     ap.add_argument("--shapes", metavar="FMT:NxK,...", help="time these shapes instead of the default list, "
                     "e.g. Q8_0:151936x896 (the 0.5B's LM head),Q5_0:4864x896")
     args = ap.parse_args()
@@ -121,7 +124,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bw = bandwidth()
     print(f"read bandwidth (torch sum of 1 GiB, {args.threads} threads, wall clock): {bw:.1f} GB/s; "
-          f"timing by {CLOCK.__name__}; load average {os.getloadavg()[0]:.2f}")
+          f"timing by {CLOCK.__name__}; weights {'cache-resident' if args.resident else 'streamed'}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     shapes = [("Q4_1", 1536, 576), ("Q4_1", 576, 1536), ("Q8_0", 49152, 576), ("Q4_K", 8960, 1536),
               ("Q4_K", 1536, 8960), ("Q6_K", 1536, 8960), ("Q4_0", 8960, 1536), ("Q8_0", 8960, 1536)]
     if args.shapes:
@@ -142,7 +146,7 @@ def main() -> None:
     print("| kernel | format | N x K | MB | t(1) µs | GB/s | % of bw | t(2)/t(1) | t(4)/t(1) | t(9)/t(1) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for tname, n, k in shapes:
-        lins, q8, nbytes = native_linears(tname, n, k)
+        lins, q8, nbytes = native_linears(tname, n, k, args.resident)
         runs = {}
         for name, lib in libs.items():  # each build's fp32-activation kernel, then its native-q8 one
             runs[name] = (lib, lins)
