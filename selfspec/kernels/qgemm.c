@@ -414,6 +414,26 @@ static AI void nib32(const uint8_t *p, int off, __m256 q[4]) {
     q[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), o));
 }
 
+/* A Q5_0 block's 32 codes minus 16 as 4 float vectors in weight order (the same exact small
+ * integers as q5_0_bytes - 16), computed in 32-bit lanes as nib32 does: lane i of vector t holds
+ * weight 8t + i; its fifth bit, bit 8t + i of the high bits, shifted into the lane's sign picks
+ * the nibble (set) or the nibble - 16 (clear). Two byte shuffles per block instead of nine: the
+ * AVX2 path's Q5_0 at M = 1 1.19-1.22x faster on a Zen 3 core (cache-resident, CPU time). */
+static AI void q5_0_floats(const uint8_t *blk, __m256 q[4]) {
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    const __m256i bq = _mm256_set1_epi32((int)qh), mask = _mm256_set1_epi32(0x0F), sixteen = _mm256_set1_epi32(16);
+    const __m256i v0 = widen8(blk + 6), v1 = widen8(blk + 14);
+    const __m256i n[4] = {_mm256_and_si256(v0, mask), _mm256_and_si256(v1, mask), _mm256_srli_epi32(v0, 4),
+                          _mm256_srli_epi32(v1, 4)};
+    for (int t = 0; t < 4; t++) {
+        const __m256i cnt = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 m = _mm256_castsi256_ps(_mm256_sllv_epi32(bq, cnt)); /* sign = bit 8t + i */
+        const __m256 lo = _mm256_castsi256_ps(_mm256_sub_epi32(n[t], sixteen));
+        q[t] = _mm256_cvtepi32_ps(_mm256_castps_si256(_mm256_blendv_ps(lo, _mm256_castsi256_ps(n[t]), m)));
+    }
+}
+
 /* A Q5_0 block's 32 weights as unsigned 5-bit values (0..31) in 32 bytes, in weight order: the
  * low nibbles (bytes 6..21 of the block) plus 16 where bit j of the high bits (bytes 2..5) is set */
 static AI __m256i q5_0_bytes(const uint8_t *blk) {
@@ -505,7 +525,7 @@ static AI void unit_weights(int fmt, const uint8_t *row, int64_t u, __m256 w[4])
     }
     case Q5_0: {
         const uint8_t *blk = row + u * 22;
-        bytes32(_mm256_sub_epi8(q5_0_bytes(blk), _mm256_set1_epi8(16)), q);
+        q5_0_floats(blk, q);
         __m256 d = f16x8(blk);
         for (int v = 0; v < 4; v++) w[v] = _mm256_mul_ps(d, q[v]);
         break;
