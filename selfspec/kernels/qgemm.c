@@ -58,15 +58,38 @@ static inline float f16(const uint8_t *p) {
 /* 8 unsigned bytes -> 8 floats */
 static inline __m256 u8f(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 
-/* 16 bytes of nibbles -> out[0..3] = the 32 nibble values (low nibbles first) as int32 */
-static inline void nibbles32(const uint8_t *q, __m256i out[4]) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i b = _mm_loadu_si128((const __m128i *)q);
-    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    out[0] = _mm256_cvtepu8_epi32(lo);
-    out[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
-    out[2] = _mm256_cvtepu8_epi32(hi);
-    out[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+/* 8 bytes at p, each widened to a 32-bit lane (one load-and-extend instruction) */
+static inline __attribute__((always_inline)) __m256i widen8(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+/* 16 bytes of nibbles -> out[0..3] = the 32 nibble values (low nibbles first) as int32, from two
+ * load-and-extends (a lane per byte, both its nibbles) */
+static inline __attribute__((always_inline)) void nibbles32(const uint8_t *q, __m256i out[4]) {
+    const __m256i mask = _mm256_set1_epi32(0x0F), v0 = widen8(q), v1 = widen8(q + 8);
+    out[0] = _mm256_and_si256(v0, mask), out[1] = _mm256_and_si256(v1, mask);
+    out[2] = _mm256_srli_epi32(v0, 4), out[3] = _mm256_srli_epi32(v1, 4);
+}
+
+/* A Q5_0 block's 32 codes minus 16 as 4 float vectors in weight order (the same exact small
+ * integers as q5_0_bytes - 16), computed in 32-bit lanes as nib32 does: lane i of vector t holds
+ * weight 8t + i; its fifth bit, bit 8t + i of the high bits, shifted into the lane's sign picks
+ * the nibble (set) or the nibble - 16 (clear). Two byte shuffles per block instead of nine (the
+ * bytes, then four sign extensions): on a Zen 3 core (cache-resident, CPU time) the AVX2 path's
+ * Q5_0 1.19-1.25x faster at M = 1, and the tile path (deq_q5_0: M > 1) 1.15-1.25x at M = 9. */
+static inline __attribute__((always_inline)) void q5_0_floats(const uint8_t *blk, __m256 q[4]) {
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    const __m256i bq = _mm256_set1_epi32((int)qh), mask = _mm256_set1_epi32(0x0F), sixteen = _mm256_set1_epi32(16);
+    const __m256i v0 = widen8(blk + 6), v1 = widen8(blk + 14);
+    const __m256i n[4] = {_mm256_and_si256(v0, mask), _mm256_and_si256(v1, mask), _mm256_srli_epi32(v0, 4),
+                          _mm256_srli_epi32(v1, 4)};
+    for (int t = 0; t < 4; t++) {
+        const __m256i cnt = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 m = _mm256_castsi256_ps(_mm256_sllv_epi32(bq, cnt)); /* sign = bit 8t + i */
+        const __m256 lo = _mm256_castsi256_ps(_mm256_sub_epi32(n[t], sixteen));
+        q[t] = _mm256_cvtepi32_ps(_mm256_castps_si256(_mm256_blendv_ps(lo, _mm256_castsi256_ps(n[t]), m)));
+    }
 }
 
 /* ---- dequantisers: n weights (a multiple of the block size, <= TK) of one row from k0 ---- */
@@ -95,21 +118,11 @@ static void deq_q4_1(const uint8_t *row, int k0, int n, float *out) {
 }
 
 static void deq_q5_0(const uint8_t *row, int k0, int n, float *out) {
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     for (int b = 0; b < n / 32; b++) {
         const uint8_t *blk = row + (size_t)(k0 / 32 + b) * 22;
-        __m256 d = _mm256_set1_ps(f16(blk));
-        uint32_t qh;
-        memcpy(&qh, blk + 2, 4);
-        __m256i q[4];
-        nibbles32(blk + 6, q);
-        for (int v = 0; v < 4; v++) {
-            /* weight 8v + i gets 16 when bit 8v + i of qh is set */
-            __m256i h = _mm256_and_si256(_mm256_set1_epi32((int)(qh >> (8 * v))), bit);
-            __m256i hi16 = _mm256_and_si256(_mm256_cmpeq_epi32(h, bit), _mm256_set1_epi32(16));
-            __m256i qv = _mm256_sub_epi32(_mm256_or_si256(q[v], hi16), _mm256_set1_epi32(16));
-            _mm256_storeu_ps(out + 32 * b + 8 * v, _mm256_mul_ps(d, _mm256_cvtepi32_ps(qv)));
-        }
+        __m256 d = _mm256_set1_ps(f16(blk)), q[4];
+        q5_0_floats(blk, q);
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + 32 * b + 8 * v, _mm256_mul_ps(d, q[v]));
     }
 }
 
@@ -400,9 +413,6 @@ static AI void bytes32(__m256i b, __m256 q[4]) {
     q[0] = cvt8(lo), q[1] = cvt8(_mm_srli_si128(lo, 8)), q[2] = cvt8(hi), q[3] = cvt8(_mm_srli_si128(hi, 8));
 }
 
-/* 8 bytes at p, each widened to a 32-bit lane (one load-and-extend instruction) */
-static AI __m256i widen8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
-
 /* 16 bytes of nibbles minus `off` -> 32 values (low nibbles first) as 4 float vectors: bytes 0..7
  * hold weights 0..7 (low nibbles) and 16..23 (high), bytes 8..15 weights 8..15 and 24..31 */
 static AI void nib32(const uint8_t *p, int off, __m256 q[4]) {
@@ -412,26 +422,6 @@ static AI void nib32(const uint8_t *p, int off, __m256 q[4]) {
     q[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, mask), o));
     q[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), o));
     q[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), o));
-}
-
-/* A Q5_0 block's 32 codes minus 16 as 4 float vectors in weight order (the same exact small
- * integers as q5_0_bytes - 16), computed in 32-bit lanes as nib32 does: lane i of vector t holds
- * weight 8t + i; its fifth bit, bit 8t + i of the high bits, shifted into the lane's sign picks
- * the nibble (set) or the nibble - 16 (clear). Two byte shuffles per block instead of nine: the
- * AVX2 path's Q5_0 at M = 1 1.19-1.22x faster on a Zen 3 core (cache-resident, CPU time). */
-static AI void q5_0_floats(const uint8_t *blk, __m256 q[4]) {
-    uint32_t qh;
-    memcpy(&qh, blk + 2, 4);
-    const __m256i bq = _mm256_set1_epi32((int)qh), mask = _mm256_set1_epi32(0x0F), sixteen = _mm256_set1_epi32(16);
-    const __m256i v0 = widen8(blk + 6), v1 = widen8(blk + 14);
-    const __m256i n[4] = {_mm256_and_si256(v0, mask), _mm256_and_si256(v1, mask), _mm256_srli_epi32(v0, 4),
-                          _mm256_srli_epi32(v1, 4)};
-    for (int t = 0; t < 4; t++) {
-        const __m256i cnt = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 m = _mm256_castsi256_ps(_mm256_sllv_epi32(bq, cnt)); /* sign = bit 8t + i */
-        const __m256 lo = _mm256_castsi256_ps(_mm256_sub_epi32(n[t], sixteen));
-        q[t] = _mm256_cvtepi32_ps(_mm256_castps_si256(_mm256_blendv_ps(lo, _mm256_castsi256_ps(n[t]), m)));
-    }
 }
 
 /* A Q5_0 block's 32 weights as unsigned 5-bit values (0..31) in 32 bytes, in weight order: the
