@@ -7,8 +7,8 @@ for M = 2, 4, 9 (also for `--dtype native-q8`'s int8-activation kernel), and PyT
 comparison. `--compare-with before=OLD.so` times another build of the kernels (e.g. the previous
 qgemm.c) interleaved with this checkout's, so before and after share the run and its load.
 Usage: python scripts/native_gemv.py [--threads 2] [--cpu-time] [--compare-with NAME=OLD.so,...]
-[--native-only] [--resident] (weights read from the caches: the compute bound), or --rss for the peak resident memory of native, fp32 and int4 loads (fresh
-processes).
+[--native-only] [--resident] (weights read from the caches: the compute bound), or --rss for the
+peak resident memory of native, fp32 and int4 loads (fresh processes).
 """
 from __future__ import annotations
 
