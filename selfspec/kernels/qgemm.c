@@ -42,6 +42,8 @@
 
 #include "simd.h"
 
+#define AI inline __attribute__((always_inline))
+
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
 
 #define TK 256   /* weights per row and tile: one K-quant super-block, or 8 blocks of 32 */
@@ -59,31 +61,30 @@ static inline float f16(const uint8_t *p) {
 static inline __m256 u8f(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 
 /* 8 bytes at p, each widened to a 32-bit lane (one load-and-extend instruction) */
-static inline __attribute__((always_inline)) __m256i widen8(const uint8_t *p) {
+static AI __m256i widen8(const uint8_t *p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
 }
 
 /* 16 bytes of nibbles -> out[0..3] = the 32 nibble values (low nibbles first) as int32, from two
  * load-and-extends (a lane per byte, both its nibbles) */
-static inline __attribute__((always_inline)) void nibbles32(const uint8_t *q, __m256i out[4]) {
+static AI void nibbles32(const uint8_t *q, __m256i out[4]) {
     const __m256i mask = _mm256_set1_epi32(0x0F), v0 = widen8(q), v1 = widen8(q + 8);
     out[0] = _mm256_and_si256(v0, mask), out[1] = _mm256_and_si256(v1, mask);
     out[2] = _mm256_srli_epi32(v0, 4), out[3] = _mm256_srli_epi32(v1, 4);
 }
 
 /* A Q5_0 block's 32 codes minus 16 as 4 float vectors in weight order (the same exact small
- * integers as q5_0_bytes - 16), computed in 32-bit lanes as nib32 does: lane i of vector t holds
+ * integers as q5_0_bytes - 16), computed in the 32-bit lanes of nibbles32: lane i of vector t holds
  * weight 8t + i; its fifth bit, bit 8t + i of the high bits, shifted into the lane's sign picks
  * the nibble (set) or the nibble - 16 (clear). Two byte shuffles per block instead of nine (the
  * bytes, then four sign extensions): on a Zen 3 core (cache-resident, CPU time) the AVX2 path's
  * Q5_0 1.19-1.25x faster at M = 1, and the tile path (deq_q5_0: M > 1) 1.15-1.25x at M = 9. */
-static inline __attribute__((always_inline)) void q5_0_floats(const uint8_t *blk, __m256 q[4]) {
+static AI void q5_0_floats(const uint8_t *blk, __m256 q[4]) {
     uint32_t qh;
     memcpy(&qh, blk + 2, 4);
-    const __m256i bq = _mm256_set1_epi32((int)qh), mask = _mm256_set1_epi32(0x0F), sixteen = _mm256_set1_epi32(16);
-    const __m256i v0 = widen8(blk + 6), v1 = widen8(blk + 14);
-    const __m256i n[4] = {_mm256_and_si256(v0, mask), _mm256_and_si256(v1, mask), _mm256_srli_epi32(v0, 4),
-                          _mm256_srli_epi32(v1, 4)};
+    const __m256i bq = _mm256_set1_epi32((int)qh), sixteen = _mm256_set1_epi32(16);
+    __m256i n[4];
+    nibbles32(blk + 6, n);
     for (int t = 0; t < 4; t++) {
         const __m256i cnt = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         const __m256 m = _mm256_castsi256_ps(_mm256_sllv_epi32(bq, cnt)); /* sign = bit 8t + i */
@@ -360,7 +361,7 @@ static int format_info(int fmt, int64_t K, int64_t *row_bytes, deq_fn *fn) {
  * streams weights from DRAM 10-40% faster than per-row prefetches on the fp32-activation paths
  * and up to 2x on native-q8's (docs/kernels.md); 0 when they do not (a row map), and the caller
  * prefetches per row. */
-static inline __attribute__((always_inline)) int64_t next_span(const uint8_t *const *next, int gr, int64_t row_bytes) {
+static AI int64_t next_span(const uint8_t *const *next, int gr, int64_t row_bytes) {
     if (!next) return 0;
     for (int r = 1; r < gr; r++)
         if (next[r] != next[0] + r * row_bytes) return 0;
@@ -373,17 +374,17 @@ static inline __attribute__((always_inline)) int64_t next_span(const uint8_t *co
  * inlined: left to gcc, the native-q8 groups lost their prefetches and ran 2x slower. */
 #define SWEEP_PART(p, span, t, tiles, hint) \
     for (int64_t b = (t) * (span) / (tiles); b < ((t) + 1) * (span) / (tiles); b += 64) __builtin_prefetch((p) + b, 0, hint)
-static inline __attribute__((always_inline)) void sweep(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
+static AI void sweep(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
     SWEEP_PART(p, span, t, tiles, 0);
 }
-static inline __attribute__((always_inline)) void sweep_l2(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
+static AI void sweep_l2(const uint8_t *p, int64_t span, int64_t t, int64_t tiles) {
     SWEEP_PART(p, span, t, tiles, 2);
 }
 
 /* The integer paths' prefetch before tile k0 of a group (native-q8, native's K-quants): the next
  * group's rows as one sweep during the first slab (span: next_span), else two tiles ahead per
  * row, into the next group's rows past this row's end */
-static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *const *rp, const uint8_t *const *next, int gr,
+static AI void prefetch_ahead(const uint8_t *const *rp, const uint8_t *const *next, int gr,
                                                                  int64_t span, int64_t row_bytes, int64_t K, int64_t k0,
                                                                  int first_slab) {
     const int64_t tiles = (K + TK - 1) / TK, tile_bytes = row_bytes * TK / K, k2 = k0 + 2 * TK;
@@ -402,7 +403,6 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *
  * row of the slab (up to QSLAB): no tile buffer, no store and reload, one decode per weight and
  * call. The accumulation is the tile path's, operation for operation: lane l = k mod 8 of each
  * output's accumulator takes fma(w_k, x_k) in increasing k (qgemm_group.h). */
-#define AI inline __attribute__((always_inline))
 #define QSLAB 9 /* activation rows per pass over the weights (a 9-token verify: one pass) */
 
 static AI __m256 cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
@@ -416,12 +416,10 @@ static AI void bytes32(__m256i b, __m256 q[4]) {
 /* 16 bytes of nibbles minus `off` -> 32 values (low nibbles first) as 4 float vectors: bytes 0..7
  * hold weights 0..7 (low nibbles) and 16..23 (high), bytes 8..15 weights 8..15 and 24..31 */
 static AI void nib32(const uint8_t *p, int off, __m256 q[4]) {
-    const __m256i mask = _mm256_set1_epi32(0x0F), o = _mm256_set1_epi32(off);
-    __m256i v0 = widen8(p), v1 = widen8(p + 8);
-    q[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, mask), o));
-    q[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, mask), o));
-    q[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), o));
-    q[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), o));
+    const __m256i o = _mm256_set1_epi32(off);
+    __m256i n[4];
+    nibbles32(p, n);
+    for (int v = 0; v < 4; v++) q[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(n[v], o));
 }
 
 /* A Q5_0 block's 32 weights as unsigned 5-bit values (0..31) in 32 bytes, in weight order: the
@@ -974,7 +972,7 @@ static int wide_rows(const float *x, int64_t M, int64_t K, int q6, int pairs, wa
 static int in_registers(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q6_K; }
 
 /* The FMA pass over one tile for RG rows and MG (compile-time) activation rows. */
-static inline __attribute__((always_inline)) void
+static AI void
 tile_fma(const float *w, int n, const float *x, int64_t K, int m0, __m256 *acc, int MG) {
     __m256 a[RG][3];
     for (int r = 0; r < RG; r++)
