@@ -130,8 +130,9 @@ def wide_rows(x: torch.Tensor) -> torch.Tensor:
 
 def check_kquant_exact(tname: str, x: torch.Tensor, seed: int, label: str) -> None:
     """y against the float64 product of the file's weights and `native`'s own activations (off by
-    the float steps only), each row alone bit for bit as in the batch, and against fp32 activations by at most half a unit of each block's
-    fixed point per activation (<= amax * 2^-23, x 1.004 where a block took the next exponent)."""
+    the float steps only), each row alone bit for bit as in the batch, and against fp32
+    activations by at most half a unit of each block's fixed point per activation (<= amax *
+    2^-23, x 1.004 where a block took the next exponent)."""
     rows, K = 13, x.shape[1]
     raw, t = random_blocks(tname, rows, K, np.random.default_rng(seed))
     lin = linear_of(raw, t, rows, K)
