@@ -324,6 +324,9 @@ static AVX512 void deq_q4_k_512(const uint8_t *row, int k0, int n, float *out) {
 }
 
 static int use_avx512 = 0, use_vnni = 0;
+/* Q8_0 rows shorter than 700 on fp32 activations at M = 1: 1 = the tile path, 0 = in registers
+ * like every other block format (selfspec_qgemm_short_q8_0). */
+static int short_q8_0_tiles = 1;
 
 /* 1 asks for the AVX-512 dequantisers (taken only where the CPU has them); returns what is used. */
 int selfspec_qgemm_isa(int avx512) {
@@ -332,6 +335,15 @@ int selfspec_qgemm_isa(int avx512) {
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     use_vnni = use_avx512 && __builtin_cpu_supports("avx512vnni");
     return use_avx512;
+}
+
+/* Which path Q8_0 rows shorter than 700 take at M = 1 on fp32 activations (qgemm's GR): 1 the
+ * tile path, 0 registers, anything else leaves it; returns the path in use. The two run the same
+ * operations in the same order per output, so the choice never shows in the bits (tested); which
+ * is faster differs by machine, so selfspec/kernels/__init__.py measures it (short_q8_0_path). */
+int selfspec_qgemm_short_q8_0(int tiles) {
+    if (tiles == 0 || tiles == 1) short_q8_0_tiles = tiles;
+    return short_q8_0_tiles;
 }
 
 typedef void (*deq_fn)(const uint8_t *, int, int, float *);
@@ -1037,12 +1049,14 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
     if (q8 && !all_blocks) return -2;
     /* rows per group: 8 where one activation row meets block formats in registers (eight FMA
      * chains), else 4 (the tile path). Which rows share a group never changes an output's order.
-     * Q8_0 rows shorter than 700 on fp32 activations take the tile path at M = 1 too:
-     * SmolLM2's 49152x576 LM head 4.8 -> 3.0 ms (AVX-512 path) and 4.6 -> 3.1 ms (AVX2 path), 1
-     * thread on an EPYC; even at K = 640; from K = 768 the register path is faster (Qwen 0.5B's
-     * 151936x896 head: 23.2 against 27.8 ms on the AVX-512 path, 22.6 against 25.9 on the AVX2
-     * path), and every other format is faster in registers at M = 1 (Q6_K 1.9 against 3.2 ms). */
-    const int GR = all_blocks && M == 1 && (q8 || !(any_q8_0 && K < 700)) ? 8 : 4;
+     * Q8_0 rows shorter than 700 on fp32 activations may take the tile path at M = 1 too, as
+     * measured per machine (selfspec_qgemm_short_q8_0): on a Zen 4 EPYC, 1 thread, SmolLM2's
+     * 49152x576 LM head 4.8 -> 3.0 ms (AVX-512 path) and 4.6 -> 3.1 ms (AVX2 path), even at
+     * K = 640; on a Zen 3 EPYC (AVX2) the other way, 6.2 -> 3.6 ms, and 1.9-2.0x at K = 512-640.
+     * From K = 768 the register path is faster on both (Qwen 0.5B's 151936x896 head on Zen 4:
+     * 23.2 against 27.8 ms on the AVX-512 path, 22.6 against 25.9 on the AVX2 path), and every
+     * other format is faster in registers at M = 1 (Q6_K 1.9 against 3.2 ms). */
+    const int GR = all_blocks && M == 1 && (q8 || !(any_q8_0 && K < 700 && short_q8_0_tiles)) ? 8 : 4;
     for (int s = 0; s < nseg; s++) {
         groups[s + 1] = groups[s] + (rows[s] + GR - 1) / GR;
         first_row[s + 1] = first_row[s] + rows[s];

@@ -4,6 +4,7 @@ invariance for M = 1..9 (and past the kernel's 12-row slab), odd shapes, and the
 against its fp32 load: logits, greedy tokens, every drafter lossless on top."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import gguf
@@ -251,6 +252,72 @@ def test_isa_paths_give_the_same_bits(tname, q8, isa_paths):
         out[path] = [lin(x[:m].clone()) for m in (1, 2, 9, 13)] + [emb.lookup(torch.arange(rows))]
     for path in paths[1:]:
         assert all(torch.equal(a, b) for a, b in zip(out["avx2"], out[path])), f"{tname}: {path} != avx2"
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [576, 640])
+def test_short_q8_0_paths_give_the_same_bits(K):
+    """Q8_0 rows shorter than 700 take the tile path or the register path at M = 1, whichever
+    this machine runs faster (kernels.short_q8_0_path): both give the same bits, alone and in a
+    fused linear beside Q5_0 parts (Gemma-3's q|k|v), so the choice never changes an output."""
+    lib = kernels.library()
+    rng = np.random.default_rng(11)
+    q8_raw, q8_t = random_blocks("Q8_0", 37, K, rng)
+    q5_raw, q5_t = random_blocks("Q5_0", 21, K, rng)
+    alone = linear_of(q8_raw, q8_t, 37, K)
+    fused = native.NativeLinear([native.Blocks(native.RawTensor("q", q5_t, [K, 21], q5_raw)),
+                                 native.Blocks(native.RawTensor("v", q8_t, [K, 37], q8_raw))])
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(12))
+    out = {}
+    try:
+        for tiles in (1, 0):
+            assert lib.selfspec_qgemm_short_q8_0(tiles) == tiles
+            assert lib.selfspec_qgemm_short_q8_0(-1) == tiles  # a query leaves it
+            out[tiles] = (alone(x.clone()), fused(x.clone()))
+    finally:
+        kernels.short_q8_0_path(lib)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert torch.equal(out[0][1][:, 21:], out[0][0])  # the Q8_0 part of the fused call: the same rows
+    ref = reference(q8_raw, q8_t, 37, K, x)
+    assert (out[0][0] - ref).abs().max().item() < 1e-4
+
+
+@needs_kernel
+def test_short_q8_0_path_is_measured_once_and_cached(monkeypatch, tmp_path):
+    """The path short Q8_0 rows take is timed once per machine, ISA, build and thread count and
+    cached (not while the machine is busy); the library runs the cached choice; a damaged entry
+    is measured again."""
+    from selfspec import hardware
+
+    lib = kernels.library()
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    store = tmp_path / "kernel-paths.json"
+    try:
+        monkeypatch.setattr(hardware, "machine_busy", lambda: True)
+        first = kernels.short_q8_0_path(lib)
+        assert first["path"] in ("tiles", "registers") and first["tiles_us"] > 0 and first["registers_us"] > 0
+        assert first["path"] == min(("tiles", "registers"), key=lambda p: first[f"{p}_us"])
+        assert not store.exists()  # busy: measured again next time
+        monkeypatch.setattr(hardware, "machine_busy", lambda: False)
+        kernels.short_q8_0_path(lib)
+        (key, entry), = json.loads(store.read_text()).items()
+        # the cached verdict decides, without timing again (here the opposite of what was measured)
+        other = "tiles" if entry["path"] == "registers" else "registers"
+        store.write_text(json.dumps({key: {**entry, "path": other}}))
+
+        def no_timing(*a, **k):
+            raise AssertionError("timed again instead of reading the cache")
+
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "_time_short_q8_0", no_timing)
+            assert kernels.short_q8_0_path(lib)["path"] == other
+            assert lib.selfspec_qgemm_short_q8_0(-1) == int(other == "tiles")
+        store.write_text(json.dumps({key: {"path": "sideways"}}))
+        assert kernels.short_q8_0_path(lib)["path"] in ("tiles", "registers")
+        assert json.loads(store.read_text())[key]["path"] in ("tiles", "registers")
+    finally:
+        monkeypatch.undo()
+        kernels.short_q8_0_path(lib)  # the real cache's choice again
 
 
 @needs_kernel
