@@ -131,8 +131,9 @@ def _library():
     c.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.selfspec_qgemm_isa.restype = ctypes.c_int
     lib.selfspec_qgemm_isa.argtypes = [ctypes.c_int]
-    lib.selfspec_qgemm_short_q8_0.restype = ctypes.c_int
-    lib.selfspec_qgemm_short_q8_0.argtypes = [ctypes.c_int]
+    for f in (lib.selfspec_qgemm_short_q8_0, lib.selfspec_qgemm_few_rows):
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_int]
     set_qgemm_isa(lib)
     _status["attention"] = "fixed-order-c"
     return lib
@@ -148,22 +149,25 @@ def set_qgemm_isa(lib=None) -> str:
     if lib is None:
         return "none"
     _status["qgemm"] = "avx512" if lib.selfspec_qgemm_isa(int(isa() == "avx512")) else "avx2"
-    short_q8_0_path(lib)
+    kernel_paths(lib)
     return _status["qgemm"]
 
 
-_Q8_0 = 8  # GGML's id of the format (qgemm.c's enum)
-# The shape short_q8_0_path times: SmolLM2's LM head rows (K = 576), 2.5 MB of Q8_0, in the caches.
-_PROBE_ROWS, _PROBE_K = 4096, 576
+# GGML's ids of the formats the path timings use (qgemm.c's enum), with their block bytes
+_Q5_0, _Q8_0 = (6, 22), (8, 34)
 
 
-def short_q8_0_path(lib=None) -> dict:
-    """Set the path Q8_0 rows shorter than 700 take at M = 1 (`selfspec_qgemm_short_q8_0`: the
-    LM heads of SmolLM2 and Gemma-3, Gemma-3's v parts) to the faster on this machine, measured
+def kernel_paths(lib=None) -> dict:
+    """Choose, among kernel paths that give the same bits, the faster on this machine, measured
     once per machine, instruction set, kernel build and thread count and cached
-    (`SELFSPEC_CACHE/kernel-paths.json`). Both paths give the same bits, so this decides speed
-    only: on a Zen 4 EPYC the tile path was 1.5x faster, on a Zen 3 the register path 1.9x.
-    Returns {"path": "tiles" | "registers", "tiles_us": .., "registers_us": ..}."""
+    (`SELFSPEC_CACHE/kernel-paths.json`; not written while other programs load the CPU):
+    - `short_q8_0`: Q8_0 rows shorter than 700 at M = 1 (the LM heads of SmolLM2 and Gemma-3,
+      Gemma-3's v parts) on the tile path or in registers (`selfspec_qgemm_short_q8_0`): the tile
+      path was 1.5x faster on a Zen 4 EPYC, the register path 1.9x on a Zen 3;
+    - `few_rows`: up to how many activation rows (1 = none, ..., 4) the 32-block formats are
+      decoded into registers per weight row instead of the tile path (`selfspec_qgemm_few_rows`:
+      verify passes of 1-3 drafts), 1.1-1.6x at M = 2-4 on a Zen 3.
+    Returns {"short_q8_0": "tiles" | "registers", "few_rows": 1..4, "us": the timings}."""
     import hashlib
     import json
     import time
@@ -182,43 +186,76 @@ def short_q8_0_path(lib=None) -> dict:
         cached = {}
     cached = cached if isinstance(cached, dict) else {}
     choice = cached.get(key)
-    if not (isinstance(choice, dict) and choice.get("path") in ("tiles", "registers")):
-        choice = _time_short_q8_0(lib, time.perf_counter)
+    if not (isinstance(choice, dict) and choice.get("short_q8_0") in ("tiles", "registers")
+            and choice.get("few_rows") in (1, 2, 3, 4)):
+        choice = _time_paths(lib, time.perf_counter)
         if not machine_busy():  # timings taken beside other programs would decide every later run
             try:
                 store.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(store, {**cached, key: choice}, indent=None)
             except OSError:
                 pass
-    lib.selfspec_qgemm_short_q8_0(int(choice["path"] == "tiles"))
-    _status["short_q8_0"] = choice["path"]
+    lib.selfspec_qgemm_short_q8_0(int(choice["short_q8_0"] == "tiles"))
+    lib.selfspec_qgemm_few_rows(choice["few_rows"])
+    _status["paths"] = f"short Q8_0 rows: {choice['short_q8_0']}, few rows in registers up to {choice['few_rows']}"
     return choice
 
 
-def _time_short_q8_0(lib, clock) -> dict:
-    """Both paths on random Q8_0 rows of K = 576 against one activation row, interleaved, the
-    best of 7 rounds of 3 calls each (a few ms in all)."""
-    blocks = _PROBE_K // 32
-    g = torch.Generator().manual_seed(0)
-    raw = torch.randint(-127, 128, (_PROBE_ROWS, blocks, 34), dtype=torch.int8, generator=g).view(torch.uint8)
-    scales = (torch.rand(_PROBE_ROWS, blocks, 1, generator=g) * 0.01 + 0.005).to(torch.float16)
+def _random_blocks(fmt: tuple[int, int], rows: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """[rows, K/32 blocks] of a 32-block format (fmt: id, bytes per block): random codes and a
+    small f16 scale in each block's first two bytes."""
+    raw = torch.randint(0, 256, (rows, K // 32, fmt[1]), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(rows, K // 32, 1, generator=g) * 0.01 + 0.005).to(torch.float16)
     raw[:, :, :2] = scales.view(torch.uint8)
-    raw = raw.contiguous()
-    x = torch.randn(1, _PROBE_K, generator=g)
-    y = torch.empty(1, _PROBE_ROWS)
-    fmt, ptr = (ctypes.c_int * 1)(_Q8_0), (ctypes.c_void_p * 1)(raw.data_ptr())
-    rows, maps = (ctypes.c_int64 * 1)(_PROBE_ROWS), (ctypes.c_void_p * 1)(None)
-    best = {"tiles": float("inf"), "registers": float("inf")}
-    for _ in range(7):
-        for path in best:
-            lib.selfspec_qgemm_short_q8_0(int(path == "tiles"))
+    return raw.contiguous()
+
+
+def _time_paths(lib, clock, rounds: int = 7) -> dict:
+    """kernel_paths' timings: each choice's alternatives interleaved, the best of `rounds` rounds
+    of 3 calls (some 50 ms in all). Short Q8_0 rows: 4096 rows of K = 576 (SmolLM2's head) against
+    one activation row. Few rows: Q5_0 1024x896 and Q8_0 1024x1536 (the Qwen 0.5B's and Gemma-3's
+    32-block parts) against 2, 3, 4 rows, summed over both: registers run up to the largest M at
+    which they, and at every smaller M, beat the tile path."""
+    g = torch.Generator().manual_seed(0)
+    maps = (ctypes.c_void_p * 1)(None)
+
+    def timer(fmt, raw, K, M):
+        rows = raw.shape[0]
+        x, y = torch.randn(M, K, generator=g), torch.empty(M, rows)
+        args = ((ctypes.c_int * 1)(fmt[0]), (ctypes.c_void_p * 1)(raw.data_ptr()), (ctypes.c_int64 * 1)(rows), maps,
+                K, x.data_ptr(), M, y.data_ptr())
+
+        def run(keep=(raw, x, y)) -> float:  # the tensors behind the pointers live as long as run
             t = clock()
             for _ in range(3):
-                if lib.selfspec_qgemm(1, fmt, ptr, rows, maps, _PROBE_K, x.data_ptr(), 1, y.data_ptr()) != 0:
-                    raise RuntimeError("the native kernel rejected Q8_0 rows")
-            best[path] = min(best[path], (clock() - t) / 3)
-    path = min(best, key=best.get)
-    return {"path": path, "tiles_us": round(best["tiles"] * 1e6, 1), "registers_us": round(best["registers"] * 1e6, 1)}
+                if lib.selfspec_qgemm(1, *args) != 0:
+                    raise RuntimeError("the native kernel rejected its own probe blocks")
+            return (clock() - t) / 3
+        return run
+
+    def best(setups: dict) -> dict:
+        """{name: (setter, run)} -> {name: best seconds}, the alternatives interleaved"""
+        out = dict.fromkeys(setups, float("inf"))
+        for _ in range(rounds):
+            for name, (setter, run) in setups.items():
+                setter()
+                out[name] = min(out[name], run())
+        return out
+
+    short = timer(_Q8_0, _random_blocks(_Q8_0, 4096, 576, g), 576, 1)
+    t = best({"tiles": (lambda: lib.selfspec_qgemm_short_q8_0(1), short),
+              "registers": (lambda: lib.selfspec_qgemm_short_q8_0(0), short)})
+    us = {"short_q8_0": {k: round(v * 1e6, 1) for k, v in t.items()}}
+    probes = [(_Q5_0, _random_blocks(_Q5_0, 1024, 896, g), 896), (_Q8_0, _random_blocks(_Q8_0, 1024, 1536, g), 1536)]
+    few = 1
+    for M in (2, 3, 4):
+        runs = [timer(fmt, raw, K, M) for fmt, raw, K in probes]
+        t = best({"tiles": (lambda: lib.selfspec_qgemm_few_rows(1), lambda: sum(r() for r in runs)),
+                  "registers": (lambda M=M: lib.selfspec_qgemm_few_rows(M), lambda: sum(r() for r in runs))})
+        us[f"M={M}"] = {k: round(v * 1e6, 1) for k, v in t.items()}
+        if few == M - 1 and t["registers"] < t["tiles"]:
+            few = M
+    return {"short_q8_0": min(us["short_q8_0"], key=us["short_q8_0"].get), "few_rows": few, "us": us}
 
 
 def qgemm_isa() -> str:

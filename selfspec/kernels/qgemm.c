@@ -327,6 +327,10 @@ static int use_avx512 = 0, use_vnni = 0;
 /* Q8_0 rows shorter than 700 on fp32 activations at M = 1: 1 = the tile path, 0 = in registers
  * like every other block format (selfspec_qgemm_short_q8_0). */
 static int short_q8_0_tiles = 1;
+/* M = 2 .. few_rows_max activation rows on the 32-block formats (fp32 activations) are decoded
+ * into registers per weight row (gemm4), more take the tile path; 1: always tiles (and the
+ * default; selfspec_qgemm_few_rows sets it) */
+static int few_rows_max = 1;
 
 /* 1 asks for the AVX-512 dequantisers (taken only where the CPU has them); returns what is used. */
 int selfspec_qgemm_isa(int avx512) {
@@ -340,10 +344,19 @@ int selfspec_qgemm_isa(int avx512) {
 /* Which path Q8_0 rows shorter than 700 take at M = 1 on fp32 activations (qgemm's GR): 1 the
  * tile path, 0 registers, anything else leaves it; returns the path in use. The two run the same
  * operations in the same order per output, so the choice never shows in the bits (tested); which
- * is faster differs by machine, so selfspec/kernels/__init__.py measures it (short_q8_0_path). */
+ * is faster differs by machine, so selfspec/kernels/__init__.py measures it (kernel_paths). */
 int selfspec_qgemm_short_q8_0(int tiles) {
     if (tiles == 0 || tiles == 1) short_q8_0_tiles = tiles;
     return short_q8_0_tiles;
+}
+
+/* Up to how many activation rows (1..4; 1: none) the 32-block formats are decoded into registers
+ * per weight row (gemm4: verify passes of 1-3 drafts) instead of the tile path; anything else
+ * leaves it; returns the value in use.
+ * Same bits either way (tested); kernels/__init__.py measures it per machine (kernel_paths). */
+int selfspec_qgemm_few_rows(int max_rows) {
+    if (max_rows >= 1 && max_rows <= 4) few_rows_max = max_rows;
+    return few_rows_max;
 }
 
 typedef void (*deq_fn)(const uint8_t *, int, int, float *);
@@ -1098,6 +1111,9 @@ static int qgemm(int q8, int nseg, const int *fmt, const uint8_t *const *ptr, co
                                                           first_row[s] + r0);
         else if (GR == 8)
             (use_avx512 ? gemv8_avx512 : gemv8_avx2)(fmt[s], rp, next, (int)nr, row_bytes[s], x, K, y, first_row[s] + r0);
+        else if (M >= 2 && M <= few_rows_max && in_registers(fmt[s]))
+            (use_avx512 ? gemm4_avx512 : gemm4_avx2)(fmt[s], rp, next, (int)nr, row_bytes[s], x, K, (int)M, y, N,
+                                                     first_row[s] + r0);
         else
             tile_group(fn[s], rp, next, (int)nr, row_bytes[s], x, K, M, y, N, first_row[s] + r0);
     }

@@ -77,6 +77,56 @@ static GROUP_ATTR void G(gemv8)(int fmt, const uint8_t *const *rp, const uint8_t
     for (int r = 0; r < nr; r++) y[n0 + r] = hsum_tree8(acc[r * QSLAB]);
 }
 
+/* Two to four activation rows against a 4-row group of a 32-block format, each weight unit
+ * decoded into registers once per row of the group and multiplied there by every activation row
+ * (the tile path stores the decoded weights to an L1 buffer and loads them back per activation
+ * row). NR weight rows at a time against the M activation rows, NR * M >= 8 accumulator chains
+ * (the FMA latency). Every output is still one chain in increasing k, added by the same tree, so
+ * this path and the tile path give the same bits (tested); which one runs at M = 2, 3, 4 is
+ * measured per machine (selfspec_qgemm_few_rows). */
+static GROUP_ATTR AI void G(pass4)(int fmt, int NR, int MG, const uint8_t *const *rp, const uint8_t *const *next,
+                                   int64_t span, int64_t row_bytes, const float *x, int64_t K, __m256 *acc) {
+    const int64_t tiles = (K + TK - 1) / TK, tile_bytes = row_bytes * TK / K;
+    int64_t part = 0;
+    for (int r0 = 0; r0 < 4; r0 += NR)
+        for (int64_t k0 = 0; k0 < K; k0 += TK) {
+            const int n = K - k0 < TK ? (int)(K - k0) : TK;
+            if (span) { /* the next group's rows as one sweep over this group's passes */
+                sweep(next[0], span, part++, 4 / NR * tiles);
+            } else if (k0 + 2 * TK < K) { /* a row map: two tiles ahead in this pass's rows */
+                for (int r = r0; r < r0 + NR; r++)
+                    for (int64_t b = 0; b < tile_bytes; b += 64)
+                        __builtin_prefetch(rp[r] + row_bytes * (k0 + 2 * TK) / K + b, 0, 0);
+            }
+            G(units_fma)(fmt, NR, MG, rp + r0, k0 / 32, n / 32, x + k0, K, acc + r0 * QSLAB);
+        }
+}
+
+#define PASS4(F)                                                                                   \
+    switch (M) {                                                                                   \
+    case 2: G(pass4)(F, 4, 2, rp, next, span, row_bytes, x, K, acc); break;                        \
+    case 3: G(pass4)(F, 4, 3, rp, next, span, row_bytes, x, K, acc); break;                        \
+    default: G(pass4)(F, 2, 4, rp, next, span, row_bytes, x, K, acc); break;                       \
+    }
+
+/* The group's 4 rows rp (nr of them stored) against M = 2..4 activation rows, into y's columns
+ * n0 .. n0+nr-1 (y: M rows of N); `next`: the next group's rows, prefetched. */
+static GROUP_ATTR void G(gemm4)(int fmt, const uint8_t *const *rp, const uint8_t *const *next, int nr,
+                                int64_t row_bytes, const float *x, int64_t K, int M, float *y, int64_t N, int64_t n0) {
+    __m256 acc[4 * QSLAB];
+    const int64_t span = next_span(next, 4, row_bytes);
+    for (int i = 0; i < 4 * QSLAB; i++) acc[i] = _mm256_setzero_ps();
+    switch (fmt) {
+    case Q4_0: PASS4(Q4_0) break;
+    case Q4_1: PASS4(Q4_1) break;
+    case Q5_0: PASS4(Q5_0) break;
+    case Q8_0: PASS4(Q8_0) break;
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < M; j++) y[j * N + n0 + r] = hsum_tree8(acc[r * QSLAB + j]);
+}
+#undef PASS4
+
 #undef G
 #undef GCAT
 #undef GCAT2

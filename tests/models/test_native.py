@@ -258,7 +258,7 @@ def test_isa_paths_give_the_same_bits(tname, q8, isa_paths):
 @pytest.mark.parametrize("K", [576, 640])
 def test_short_q8_0_paths_give_the_same_bits(K):
     """Q8_0 rows shorter than 700 take the tile path or the register path at M = 1, whichever
-    this machine runs faster (kernels.short_q8_0_path): both give the same bits, alone and in a
+    this machine runs faster (kernels.kernel_paths): both give the same bits, alone and in a
     fused linear beside Q5_0 parts (Gemma-3's q|k|v), so the choice never changes an output."""
     lib = kernels.library()
     rng = np.random.default_rng(11)
@@ -275,7 +275,7 @@ def test_short_q8_0_paths_give_the_same_bits(K):
             assert lib.selfspec_qgemm_short_q8_0(-1) == tiles  # a query leaves it
             out[tiles] = (alone(x.clone()), fused(x.clone()))
     finally:
-        kernels.short_q8_0_path(lib)
+        kernels.kernel_paths(lib)
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert torch.equal(out[0][1][:, 21:], out[0][0])  # the Q8_0 part of the fused call: the same rows
     ref = reference(q8_raw, q8_t, 37, K, x)
@@ -283,10 +283,46 @@ def test_short_q8_0_paths_give_the_same_bits(K):
 
 
 @needs_kernel
-def test_short_q8_0_path_is_measured_once_and_cached(monkeypatch, tmp_path):
-    """The path short Q8_0 rows take is timed once per machine, ISA, build and thread count and
-    cached (not while the machine is busy); the library runs the cached choice; a damaged entry
-    is measured again."""
+@pytest.mark.parametrize("tname", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
+def test_few_rows_paths_give_the_same_bits(tname):
+    """Two to four activation rows on a 32-block format: decoded into registers per weight row or
+    through the tile path, whichever this machine runs faster (kernels.kernel_paths), the same
+    bits, and each row the 1-row call's; on rows read in order, through a row map (a draft head's
+    rows, llama's q and k), in a fused linear, with a last group of fewer than 4 rows and K not a
+    multiple of 256."""
+    lib = kernels.library()
+    K, rows = 9 * 32, 23  # a full tile of 256 and one unit
+    rng = np.random.default_rng(13)
+    raw, t = random_blocks(tname, rows, K, rng)
+    q5_raw, q5_t = random_blocks("Q5_0", 10, K, rng)
+    lin = linear_of(raw, t, rows, K)
+    mapped = lin.select_rows(torch.tensor([22, 0, 5, 5, 17, 3, 9]))
+    fused = native.NativeLinear([native.Blocks(native.RawTensor("a", t, [K, rows], raw)),
+                                 native.Blocks(native.RawTensor("b", q5_t, [K, 10], q5_raw))])
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(14))
+    out = {}
+    try:
+        for most in (1, 4):  # 1: the tile path for every M > 1; 4: registers up to M = 4
+            assert lib.selfspec_qgemm_few_rows(most) == most and lib.selfspec_qgemm_few_rows(0) == most
+            out[most] = [[f(x[:m].clone()) for m in (2, 3, 4)] for f in (lin, mapped, fused)]
+            singles = [[f(x[i: i + 1].clone()) for i in range(4)] for f in (lin, mapped, fused)]
+            for f_out, f_single in zip(out[most], singles):
+                for y in f_out:  # row i of an M-row call: the 1-row call on that row
+                    for i in range(y.shape[0]):
+                        assert torch.equal(y[i: i + 1], f_single[i]), f"{tname}: row {i} of {y.shape[0]} (paths {most})"
+    finally:
+        kernels.kernel_paths(lib)
+    for a, b in zip(out[1], out[4]):
+        assert all(torch.equal(ya, yb) for ya, yb in zip(a, b)), f"{tname}: the two paths differ"
+    ref = reference(raw, t, rows, K, x)
+    assert (out[4][0][2] - ref).abs().max().item() < 1e-4
+
+
+@needs_kernel
+def test_kernel_paths_are_measured_once_and_cached(monkeypatch, tmp_path):
+    """Which of two same-bits paths runs (short Q8_0 rows, a few activation rows) is timed once
+    per machine, ISA, build and thread count and cached (not while the machine is busy); the
+    library runs the cached choice; a damaged entry is timed again."""
     from selfspec import hardware
 
     lib = kernels.library()
@@ -294,30 +330,38 @@ def test_short_q8_0_path_is_measured_once_and_cached(monkeypatch, tmp_path):
     store = tmp_path / "kernel-paths.json"
     try:
         monkeypatch.setattr(hardware, "machine_busy", lambda: True)
-        first = kernels.short_q8_0_path(lib)
-        assert first["path"] in ("tiles", "registers") and first["tiles_us"] > 0 and first["registers_us"] > 0
-        assert first["path"] == min(("tiles", "registers"), key=lambda p: first[f"{p}_us"])
-        assert not store.exists()  # busy: measured again next time
+        first = kernels.kernel_paths(lib)
+        us = first["us"]
+        assert first["short_q8_0"] == min(("tiles", "registers"), key=lambda p: us["short_q8_0"][p])
+        assert all(us[f"M={m}"]["tiles"] > 0 and us[f"M={m}"]["registers"] > 0 for m in (2, 3, 4))
+        # registers up to the first M at which they lose (1: already at M = 2)
+        wins = [us[f"M={m}"]["registers"] < us[f"M={m}"]["tiles"] for m in (2, 3, 4)] + [False]
+        assert first["few_rows"] == 1 + wins.index(False)
+        assert not store.exists()  # busy: timed again next time
         monkeypatch.setattr(hardware, "machine_busy", lambda: False)
-        kernels.short_q8_0_path(lib)
+        kernels.kernel_paths(lib)
         (key, entry), = json.loads(store.read_text()).items()
         # the cached verdict decides, without timing again (here the opposite of what was measured)
-        other = "tiles" if entry["path"] == "registers" else "registers"
-        store.write_text(json.dumps({key: {**entry, "path": other}}))
+        other = {**entry, "short_q8_0": "tiles" if entry["short_q8_0"] == "registers" else "registers",
+                 "few_rows": 3 if entry["few_rows"] != 3 else 2}
+        store.write_text(json.dumps({key: other}))
 
         def no_timing(*a, **k):
             raise AssertionError("timed again instead of reading the cache")
 
         with monkeypatch.context() as m:
-            m.setattr(kernels, "_time_short_q8_0", no_timing)
-            assert kernels.short_q8_0_path(lib)["path"] == other
-            assert lib.selfspec_qgemm_short_q8_0(-1) == int(other == "tiles")
-        store.write_text(json.dumps({key: {"path": "sideways"}}))
-        assert kernels.short_q8_0_path(lib)["path"] in ("tiles", "registers")
-        assert json.loads(store.read_text())[key]["path"] in ("tiles", "registers")
+            m.setattr(kernels, "_time_paths", no_timing)
+            got = kernels.kernel_paths(lib)
+            assert (got["short_q8_0"], got["few_rows"]) == (other["short_q8_0"], other["few_rows"])
+            assert lib.selfspec_qgemm_short_q8_0(-1) == int(other["short_q8_0"] == "tiles")
+            assert lib.selfspec_qgemm_few_rows(0) == other["few_rows"]
+        store.write_text(json.dumps({key: {"short_q8_0": "sideways", "few_rows": 9}}))
+        again = kernels.kernel_paths(lib)
+        assert again["short_q8_0"] in ("tiles", "registers") and again["few_rows"] in (1, 2, 3, 4)
+        assert json.loads(store.read_text())[key]["few_rows"] == again["few_rows"]
     finally:
         monkeypatch.undo()
-        kernels.short_q8_0_path(lib)  # the real cache's choice again
+        kernels.kernel_paths(lib)  # the real cache's choice again
 
 
 @needs_kernel
