@@ -102,8 +102,8 @@ KINDS = {  # name -> (paths relative to the cache folder, what it holds)
     "openvino": (("openvino",), "OpenVINO IR folders converted once from GGUF files by OpenVINO GenAI (bench peers)"),
     "llama-cpp": (("llama-cpp",), "llama-cpp-python wheels built once per instruction set (`make extras`)"),
     "rows": (("rows.json",), "per-machine probe of which linears need single rows padded to stay row-invariant"),
-    "kernel-paths": (("kernel-paths.json",), "per-machine timing of kernel paths that give the same bits (which one "
-                                             "short Q8_0 rows take)"),
+    "kernel-paths": (("kernel-paths.json",), "per-machine timing of kernel paths that give the same bits (short Q8_0 "
+                                             "rows, verify passes of a few rows)"),
 }
 
 
