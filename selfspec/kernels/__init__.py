@@ -188,9 +188,13 @@ def kernel_paths(lib=None) -> dict:
     choice = cached.get(key)
     if not (isinstance(choice, dict) and choice.get("short_q8_0") in ("tiles", "registers")
             and choice.get("few_rows") in (1, 2, 3, 4)):
-        choice = _time_paths(lib, time.perf_counter)
-        if not machine_busy():  # timings taken beside other programs would decide every later run
-            try:
+        try:
+            choice = _time_paths(lib, time.perf_counter)
+        except (RuntimeError, MemoryError) as e:  # the paths of before, untimed: the same bits
+            log.warning("could not time the kernel paths (%s); using the default ones", e)
+            choice = {"short_q8_0": "tiles", "few_rows": 1, "us": None}
+        if choice["us"] is not None and not machine_busy():  # timings taken beside other programs
+            try:  # would decide every later run
                 store.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(store, {**cached, key: choice}, indent=None)
             except OSError:

@@ -256,10 +256,11 @@ def test_isa_paths_give_the_same_bits(tname, q8, isa_paths):
 
 @needs_kernel
 @pytest.mark.parametrize("K", [576, 640])
-def test_short_q8_0_paths_give_the_same_bits(K):
+def test_short_q8_0_paths_give_the_same_bits(K, isa_paths):
     """Q8_0 rows shorter than 700 take the tile path or the register path at M = 1, whichever
-    this machine runs faster (kernels.kernel_paths): both give the same bits, alone and in a
-    fused linear beside Q5_0 parts (Gemma-3's q|k|v), so the choice never changes an output."""
+    this machine runs faster (kernels.kernel_paths): both give the same bits, on both instruction
+    sets' decoders where the CPU has both, alone and in a fused linear beside Q5_0 parts
+    (Gemma-3's q|k|v), so the choice never changes an output."""
     lib = kernels.library()
     rng = np.random.default_rng(11)
     q8_raw, q8_t = random_blocks("Q8_0", 37, K, rng)
@@ -268,28 +269,33 @@ def test_short_q8_0_paths_give_the_same_bits(K):
     fused = native.NativeLinear([native.Blocks(native.RawTensor("q", q5_t, [K, 21], q5_raw)),
                                  native.Blocks(native.RawTensor("v", q8_t, [K, 37], q8_raw))])
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(12))
+    paths, use = isa_paths
     out = {}
     try:
-        for tiles in (1, 0):
-            assert lib.selfspec_qgemm_short_q8_0(tiles) == tiles
-            assert lib.selfspec_qgemm_short_q8_0(-1) == tiles  # a query leaves it
-            out[tiles] = (alone(x.clone()), fused(x.clone()))
+        for isa in paths:  # both instruction sets' decoders where the CPU has both
+            use(isa)
+            for tiles in (1, 0):
+                assert lib.selfspec_qgemm_short_q8_0(tiles) == tiles
+                assert lib.selfspec_qgemm_short_q8_0(-1) == tiles  # a query leaves it
+                out[isa, tiles] = (alone(x.clone()), fused(x.clone()))
     finally:
         kernels.kernel_paths(lib)
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-    assert torch.equal(out[0][1][:, 21:], out[0][0])  # the Q8_0 part of the fused call: the same rows
+    first = out["avx2", 1]
+    assert all(torch.equal(first[0], o[0]) and torch.equal(first[1], o[1]) for o in out.values())
+    assert torch.equal(first[1][:, 21:], first[0])  # the Q8_0 part of the fused call: the same rows
     ref = reference(q8_raw, q8_t, 37, K, x)
-    assert (out[0][0] - ref).abs().max().item() < 1e-4
+    assert (first[0] - ref).abs().max().item() < 1e-4
 
 
 @needs_kernel
 @pytest.mark.parametrize("tname", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
-def test_few_rows_paths_give_the_same_bits(tname):
+def test_few_rows_paths_give_the_same_bits(tname, isa_paths):
     """Two to four activation rows on a 32-block format: decoded into registers per weight row or
     through the tile path, whichever this machine runs faster (kernels.kernel_paths), the same
-    bits, and each row the 1-row call's; on rows read in order, through a row map (a draft head's
-    rows, llama's q and k), in a fused linear, with a last group of fewer than 4 rows and K not a
-    multiple of 256."""
+    bits, and each row the 1-row call's, on both instruction sets' decoders where the CPU has
+    both; on rows read in order, through a row map (a draft head's rows, llama's q and k), in a
+    fused linear, with a last group of fewer than 4 rows and K not a multiple of 256."""
+    paths, use = isa_paths
     lib = kernels.library()
     K, rows = 9 * 32, 23  # a full tile of 256 and one unit
     rng = np.random.default_rng(13)
@@ -302,20 +308,24 @@ def test_few_rows_paths_give_the_same_bits(tname):
     x = torch.randn(4, K, generator=torch.Generator().manual_seed(14))
     out = {}
     try:
-        for most in (1, 4):  # 1: the tile path for every M > 1; 4: registers up to M = 4
-            assert lib.selfspec_qgemm_few_rows(most) == most and lib.selfspec_qgemm_few_rows(0) == most
-            out[most] = [[f(x[:m].clone()) for m in (2, 3, 4)] for f in (lin, mapped, fused)]
-            singles = [[f(x[i: i + 1].clone()) for i in range(4)] for f in (lin, mapped, fused)]
-            for f_out, f_single in zip(out[most], singles):
-                for y in f_out:  # row i of an M-row call: the 1-row call on that row
-                    for i in range(y.shape[0]):
-                        assert torch.equal(y[i: i + 1], f_single[i]), f"{tname}: row {i} of {y.shape[0]} (paths {most})"
+        for isa in paths:
+            use(isa)
+            for most in (1, 4):  # 1: the tile path for every M > 1; 4: registers up to M = 4
+                assert lib.selfspec_qgemm_few_rows(most) == most and lib.selfspec_qgemm_few_rows(0) == most
+                got = out[isa, most] = [[f(x[:m].clone()) for m in (2, 3, 4)] for f in (lin, mapped, fused)]
+                singles = [[f(x[i: i + 1].clone()) for i in range(4)] for f in (lin, mapped, fused)]
+                for f_out, f_single in zip(got, singles):
+                    for y in f_out:  # row i of an M-row call: the 1-row call on that row
+                        for i in range(y.shape[0]):
+                            assert torch.equal(y[i: i + 1], f_single[i]), f"{tname} {isa}: row {i} of {y.shape[0]}"
     finally:
         kernels.kernel_paths(lib)
-    for a, b in zip(out[1], out[4]):
-        assert all(torch.equal(ya, yb) for ya, yb in zip(a, b)), f"{tname}: the two paths differ"
+    first = out["avx2", 1]
+    for key, other in out.items():
+        for a, b in zip(first, other):
+            assert all(torch.equal(ya, yb) for ya, yb in zip(a, b)), f"{tname}: {key} differs from avx2 tiles"
     ref = reference(raw, t, rows, K, x)
-    assert (out[4][0][2] - ref).abs().max().item() < 1e-4
+    assert (first[0][2] - ref).abs().max().item() < 1e-4
 
 
 @needs_kernel
@@ -359,6 +369,16 @@ def test_kernel_paths_are_measured_once_and_cached(monkeypatch, tmp_path):
         again = kernels.kernel_paths(lib)
         assert again["short_q8_0"] in ("tiles", "registers") and again["few_rows"] in (1, 2, 3, 4)
         assert json.loads(store.read_text())[key]["few_rows"] == again["few_rows"]
+        # timing that fails leaves the paths of before (the same bits), and caches nothing
+        store.unlink()
+
+        def failing(*a, **k):
+            raise RuntimeError("no memory for the probe")
+
+        monkeypatch.setattr(kernels, "_time_paths", failing)
+        assert kernels.kernel_paths(lib) == {"short_q8_0": "tiles", "few_rows": 1, "us": None}
+        assert lib.selfspec_qgemm_short_q8_0(-1) == 1 and lib.selfspec_qgemm_few_rows(0) == 1
+        assert not store.exists()
     finally:
         monkeypatch.undo()
         kernels.kernel_paths(lib)  # the real cache's choice again
