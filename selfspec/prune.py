@@ -9,7 +9,8 @@ made for something that no longer exists here:
 - rows: rows.json entries of another PROBE_VERSION, selfspec or torch version (the file is rewritten
   with the rest);
 - kernels: libraries built from other kernel sources, flags or compiler than today's (kept when no
-  compiler is found: then nothing says which one is current);
+  compiler is found: then nothing says which one is current), and kernel-paths.json entries timed
+  on such a library (the file is rewritten with the rest);
 - temporary files and folders of interrupted atomic writes (`paths.atomic_output`, the weight
   cache's staging folder, older versions' `NAME.PID.tmp`), whose writing process is gone; a `.tmp`
   without a process id once it is an hour old.
@@ -40,7 +41,7 @@ class Stale:
     path: str
     bytes: int
     reason: str
-    rows: tuple[str, ...] = ()  # for rows.json: the entries that go (the file stays)
+    rows: tuple[str, ...] = ()  # for rows.json and kernel-paths.json: the entries that go (the file stays)
 
 
 def _temporaries(root: Path) -> list[Stale]:
@@ -146,10 +147,39 @@ def _kernels(root: Path) -> list[Stale]:
             for p in sorted((root / "kernels").glob("*")) if p.name != current and not _temporary(p)]
 
 
+def _kernel_paths(root: Path) -> list[Stale]:
+    """kernel-paths.json entries (kernels.kernel_paths) timed on another build than today's; none
+    when no compiler is found (nothing says which build is current)."""
+    from selfspec.kernels import compiler, library_path
+
+    path = root / "kernel-paths.json"
+    cc = compiler()
+    if cc is None or not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        return [Stale("kernel-paths", str(path), disk_size(path), "unreadable")]
+    current = library_path(cc).name
+    gone = tuple(sorted(k for k, v in data.items() if not isinstance(v, dict) or v.get("build") != current))
+    if not gone:
+        return []
+    if len(gone) == len(data):
+        return [Stale("kernel-paths", str(path), disk_size(path), "every entry was timed on another kernel build",
+                      gone)]
+    kept = {k: v for k, v in data.items() if k not in gone}
+    freed = disk_size(path) - len(json.dumps(kept, indent=1, sort_keys=True)) - 1
+    return [Stale("kernel-paths", str(path), max(freed, 0),
+                  f"{len(gone)} of {len(data)} entries timed on another kernel build", gone)]
+
+
 def find() -> list[Stale]:
     """What `prune` would delete."""
     root = cache_dir()
-    return _temporaries(root) + _weights(root) + _costs(root) + _rows(root) + _kernels(root)
+    return (_temporaries(root) + _weights(root) + _costs(root) + _rows(root) + _kernels(root)
+            + _kernel_paths(root))
 
 
 def prune(dry_run: bool = False) -> tuple[list[Stale], int]:
@@ -158,7 +188,7 @@ def prune(dry_run: bool = False) -> tuple[list[Stale], int]:
     if not dry_run:
         for s in stale:
             path = Path(s.path)
-            if s.kind == "rows" and path.is_file() and s.rows:
+            if s.kind in ("rows", "kernel-paths") and path.is_file() and s.rows:
                 kept = {k: v for k, v in json.loads(path.read_text()).items() if k not in s.rows}
                 if kept:
                     atomic_write_json(path, kept, sort_keys=True)

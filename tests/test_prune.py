@@ -62,6 +62,10 @@ def cache(tmp_path, monkeypatch):
         keep.append(current)
         gone.append(root / "kernels" / "libselfspec-0123456789abcdef.so")
         gone[-1].write_bytes(b"\x7fELF old")
+        # kernel-paths.json: an entry timed on today's library, one on the old one, one without
+        entry = {"short_q8_0": "tiles", "few_rows": 2, "us": None}
+        (root / "kernel-paths.json").write_text(json.dumps({
+            "today": {**entry, "build": current.name}, "old": {**entry, "build": gone[-1].name}, "unnamed": entry}))
     # temporary files: of a process that is gone (atomic_output's name, the weight cache's staging
     # folder, an older version's costs name), and of one still running (its write is in progress).
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -96,16 +100,22 @@ def test_prune_deletes_only_unusable_entries(cache):
     listed = _prune("--dry-run")
     assert listed["dry_run"] is True
     paths = {e["path"] for e in listed["entries"]}
-    assert paths == {str(p) for p in gone} | {str(root / "rows.json")}
+    timed = {str(root / "kernel-paths.json")} if (root / "kernel-paths.json").exists() else set()
+    assert paths == {str(p) for p in gone} | {str(root / "rows.json")} | timed
     assert all(p.exists() for p in gone)  # a dry run deletes nothing
     rows_entry = next(e for e in listed["entries"] if e["kind"] == "rows")
     assert len(rows_entry["rows"]) == 1 and "probe=1|" in rows_entry["rows"][0]
+    if timed:
+        paths_entry = next(e for e in listed["entries"] if e["kind"] == "kernel-paths")
+        assert paths_entry["rows"] == ["old", "unnamed"]
 
     done = _prune()
     assert done["entries"] == listed["entries"] and done["bytes"] == listed["bytes"] >= size
     assert not any(p.exists() for p in gone)
     assert all(p.exists() for p in keep), [str(p) for p in keep if not p.exists()]
     assert list(json.loads((root / "rows.json").read_text()).values()) == ["direct"]
+    if timed:
+        assert list(json.loads((root / "kernel-paths.json").read_text())) == ["today"]
     assert _prune()["entries"] == []  # nothing left to prune
 
 

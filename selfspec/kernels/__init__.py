@@ -167,7 +167,8 @@ def kernel_paths(lib=None) -> dict:
     - `few_rows`: up to how many activation rows (1 = none, ..., 4) the 32-block formats are
       decoded into registers per weight row instead of the tile path (`selfspec_qgemm_few_rows`:
       verify passes of 1-3 drafts), 1.1-1.6x at M = 2-4 on a Zen 3.
-    Returns {"short_q8_0": "tiles" | "registers", "few_rows": 1..4, "us": the timings}."""
+    Returns {"short_q8_0": "tiles" | "registers", "few_rows": 1..4, "us": the timings, "build": the
+    library's file name}."""
     import hashlib
     import json
     import time
@@ -188,8 +189,8 @@ def kernel_paths(lib=None) -> dict:
     choice = cached.get(key)
     if not (isinstance(choice, dict) and choice.get("short_q8_0") in ("tiles", "registers")
             and choice.get("few_rows") in (1, 2, 3, 4)):
-        try:
-            choice = _time_paths(lib, time.perf_counter)
+        try:  # the build is recorded for `selfspec cache prune`
+            choice = {**_time_paths(lib, time.perf_counter), "build": Path(lib._name).name}
         except (RuntimeError, MemoryError) as e:  # the paths of before, untimed: the same bits
             log.warning("could not time the kernel paths (%s); using the default ones", e)
             choice = {"short_q8_0": "tiles", "few_rows": 1, "us": None}
