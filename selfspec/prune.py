@@ -125,15 +125,19 @@ def _rows(root: Path) -> list[Stale]:
         return [Stale("rows", str(path), disk_size(path), "unreadable")]
     want = (f"probe={PROBE_VERSION}|", f"selfspec={__version__}|", f"torch={torch.__version__}|")
     gone = tuple(sorted(k for k in data if not all(w in k + "|" for w in want)))
+    return _entries("rows", path, data, gone, "of another probe, selfspec or torch version")
+
+
+def _entries(kind: str, path: Path, data: dict, gone: tuple[str, ...], why: str) -> list[Stale]:
+    """The entries `gone` of a JSON file of keyed entries (`data`): the whole file when every
+    entry goes, else those entries (prune rewrites the file with the rest)."""
     if not gone:
         return []
     if len(gone) == len(data):
-        return [Stale("rows", str(path), disk_size(path), "every entry is of another probe, selfspec or torch version",
-                      gone)]
+        return [Stale(kind, str(path), disk_size(path), f"every entry is {why}", gone)]
     kept = {k: v for k, v in data.items() if k not in gone}
     freed = disk_size(path) - len(json.dumps(kept, indent=1, sort_keys=True)) - 1
-    return [Stale("rows", str(path), max(freed, 0),
-                  f"{len(gone)} of {len(data)} entries of another probe, selfspec or torch version", gone)]
+    return [Stale(kind, str(path), max(freed, 0), f"{len(gone)} of {len(data)} entries {why}", gone)]
 
 
 def _kernels(root: Path) -> list[Stale]:
@@ -164,15 +168,7 @@ def _kernel_paths(root: Path) -> list[Stale]:
         return [Stale("kernel-paths", str(path), disk_size(path), "unreadable")]
     current = library_path(cc).name
     gone = tuple(sorted(k for k, v in data.items() if not isinstance(v, dict) or v.get("build") != current))
-    if not gone:
-        return []
-    if len(gone) == len(data):
-        return [Stale("kernel-paths", str(path), disk_size(path), "every entry was timed on another kernel build",
-                      gone)]
-    kept = {k: v for k, v in data.items() if k not in gone}
-    freed = disk_size(path) - len(json.dumps(kept, indent=1, sort_keys=True)) - 1
-    return [Stale("kernel-paths", str(path), max(freed, 0),
-                  f"{len(gone)} of {len(data)} entries timed on another kernel build", gone)]
+    return _entries("kernel-paths", path, data, gone, "timed on another kernel build")
 
 
 def find() -> list[Stale]:
