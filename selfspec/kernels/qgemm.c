@@ -409,9 +409,8 @@ static AI void sweep_l2(const uint8_t *p, int64_t span, int64_t t, int64_t tiles
 /* The integer paths' prefetch before tile k0 of a group (native-q8, native's K-quants): the next
  * group's rows as one sweep during the first slab (span: next_span), else two tiles ahead per
  * row, into the next group's rows past this row's end */
-static AI void prefetch_ahead(const uint8_t *const *rp, const uint8_t *const *next, int gr,
-                                                                 int64_t span, int64_t row_bytes, int64_t K, int64_t k0,
-                                                                 int first_slab) {
+static AI void prefetch_ahead(const uint8_t *const *rp, const uint8_t *const *next, int gr, int64_t span,
+                              int64_t row_bytes, int64_t K, int64_t k0, int first_slab) {
     const int64_t tiles = (K + TK - 1) / TK, tile_bytes = row_bytes * TK / K, k2 = k0 + 2 * TK;
     const uint8_t *const *pf = k2 < K ? rp : next;
     const int64_t ahead = row_bytes * (k2 < K ? k2 : k2 - tiles * TK) / K;
