@@ -56,6 +56,33 @@ def atomic_write_json(path: str | Path, obj, *, indent: int | None = 1, sort_key
     atomic_write_text(path, text + "\n" if indent is not None else text)
 
 
+def read_entries(path: str | Path) -> dict:
+    """The entries of a cache file of keyed entries (a JSON object): {} when it is absent,
+    unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def add_measurement(path: str | Path, key: str, value) -> None:
+    """Add one timing-based verdict to a cache file of keyed entries (merged with what the file
+    holds, written atomically). Not while other programs load the CPU (`hardware.machine_busy`):
+    timings taken then would decide every later run; nothing either where the folder cannot be
+    written (the next run measures again)."""
+    from selfspec.hardware import machine_busy
+
+    if machine_busy():
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**read_entries(path), key: value}, indent=None)
+    except OSError:
+        pass
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process of this machine with this id is running (an interrupted write's, a
     search worker's)."""

@@ -170,23 +170,17 @@ def kernel_paths(lib=None) -> dict:
     Returns {"short_q8_0": "tiles" | "registers", "few_rows": 1..4, "us": the timings, "build": the
     library's file name}."""
     import hashlib
-    import json
     import time
 
-    from selfspec.hardware import cpu_info, isa_key, machine_busy
-    from selfspec.paths import atomic_write_json, cache_dir
+    from selfspec.hardware import cpu_info, isa_key
+    from selfspec.paths import add_measurement, cache_dir, read_entries
 
     lib = lib or _library()
     info = cpu_info()
     key = hashlib.sha256("|".join([info["cpu"], isa_key(), Path(lib._name).name, str(torch.get_num_threads())])
                          .encode()).hexdigest()[:20]
     store = cache_dir() / "kernel-paths.json"
-    try:
-        cached = json.loads(store.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    cached = cached if isinstance(cached, dict) else {}
-    choice = cached.get(key)
+    choice = read_entries(store).get(key)
     if not (isinstance(choice, dict) and choice.get("short_q8_0") in ("tiles", "registers")
             and choice.get("few_rows") in (1, 2, 3, 4)):
         try:  # the build is recorded for `selfspec cache prune`
@@ -194,12 +188,8 @@ def kernel_paths(lib=None) -> dict:
         except (RuntimeError, MemoryError) as e:  # the paths of before, untimed: the same bits
             log.warning("could not time the kernel paths (%s); using the default ones", e)
             choice = {"short_q8_0": "tiles", "few_rows": 1, "us": None}
-        if choice["us"] is not None and not machine_busy():  # timings taken beside other programs
-            try:  # would decide every later run
-                store.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(store, {**cached, key: choice}, indent=None)
-            except OSError:
-                pass
+        if choice["us"] is not None:
+            add_measurement(store, key, choice)
     lib.selfspec_qgemm_short_q8_0(int(choice["short_q8_0"] == "tiles"))
     lib.selfspec_qgemm_few_rows(choice["few_rows"])
     _status["paths"] = f"short Q8_0 rows: {choice['short_q8_0']}, few rows in registers up to {choice['few_rows']}"

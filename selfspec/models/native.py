@@ -322,21 +322,18 @@ def measured_choice(path: Path, tensors: dict) -> dict:
     import time
 
     from selfspec import __version__, kernels
-    from selfspec.hardware import isa_key, machine_busy
+    from selfspec.hardware import isa_key
     from selfspec.models.loading import file_key
-    from selfspec.paths import atomic_write_json, cache_dir
+    from selfspec.paths import add_measurement, cache_dir, read_entries
 
     name = next((n for n in ("L0.w_gate", "L0.w_up", "L0.wq") if n in tensors), None)
     lib = _lib()
     key = hashlib.sha256("|".join([file_key(Path(path)), isa_key(), __version__, torch.__version__,
                                    kernels.build_name(), str(torch.get_num_threads())]).encode()).hexdigest()[:20]
     store = cache_dir() / "dtype-choice.json"
-    try:
-        cached = json.loads(store.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if isinstance(cached, dict) and isinstance(cached.get(key), dict):
-        return cached[key]
+    cached = read_entries(store).get(key)
+    if isinstance(cached, dict):
+        return cached
     if name is None or lib is None:
         return {"dtype": "fp32", "native_ms": None, "fp32_ms": None, "tensor": name}
     blocks = Blocks(tensors[name])
@@ -365,12 +362,7 @@ def measured_choice(path: Path, tensors: dict) -> dict:
     native_ms, fp32_ms = (1e3 * statistics.median(times[k]) for k in ("native", "fp32"))
     choice = {"dtype": "native" if native_ms <= fp32_ms else "fp32", "native_ms": round(native_ms, 3),
               "fp32_ms": round(fp32_ms, 3), "tensor": f"{name} ({blocks.type_name} {blocks.rows}x{blocks.K})"}
-    if not machine_busy():  # timings taken beside other programs would decide every later load
-        try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(store, {**(cached if isinstance(cached, dict) else {}), key: choice}, indent=None)
-        except OSError:
-            pass
+    add_measurement(store, key, choice)
     return choice
 
 

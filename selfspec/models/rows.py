@@ -25,13 +25,12 @@ Results are cached in `SELFSPEC_CACHE/rows.json`, keyed by `machine.isa_key()`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections import Counter
 
 import torch
 
-from selfspec.paths import atomic_write_json
+from selfspec.paths import atomic_write_json, read_entries
 from selfspec.models.transformer import CHUNK, Linear, Transformer
 
 log = logging.getLogger("selfspec.rows")
@@ -99,11 +98,7 @@ def _cache_file():
 
 
 def _read_cache() -> dict:
-    try:
-        data = json.loads(_cache_file().read_text())
-        return {k: v for k, v in data.items() if v in POLICIES} if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return {k: v for k, v in read_entries(_cache_file()).items() if v in POLICIES}
 
 
 def _write_cache(data: dict) -> None:
